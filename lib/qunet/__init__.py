@@ -1,0 +1,28 @@
+"""QU-net++: choose the few slices of a 3D stack worth annotating (Roychowdhury, arXiv 2110.14181)."""
+
+from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig, TrainConfig
+from qunet.disagreement import disagreement_scores, segment
+from qunet.io import Stack, StackError, load_label, load_stack
+from qunet.network import build_network, deep_supervision_loss
+from qunet.quality import SliceQuality, slice_quality
+from qunet.selection import select_by_disagreement, select_initial
+
+__all__ = [
+    "DEFAULT_FEATURES",
+    "ModelConfig",
+    "QualityConfig",
+    "SelectionConfig",
+    "SliceQuality",
+    "Stack",
+    "StackError",
+    "TrainConfig",
+    "build_network",
+    "deep_supervision_loss",
+    "disagreement_scores",
+    "load_label",
+    "load_stack",
+    "segment",
+    "select_by_disagreement",
+    "select_initial",
+    "slice_quality",
+]

@@ -1,0 +1,54 @@
+"""QU-net++'s quality index Q = Jaccard(L3 > 0.5, L4 > 0.5) per slice, and level-4 segmentation of a stack."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from qunet.slices import from_network, normalise_stack, to_network
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jaccard of two boolean (N, ...) masks; two empty masks agree fully (Q = 1)."""
+    a, b = a.flatten(1), b.flatten(1)
+    inter = (a & b).sum(1).double()
+    union = (a | b).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def prepare(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Evaluation mode on `device`, channels-last (faster convolutions on CPU and GPU)."""
+    return network.to(device=device, memory_format=torch.channels_last).eval()
+
+
+def _batches(volume: np.ndarray, image_size: int, batch_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    unit = normalise_stack(volume)
+    for start in range(0, unit.shape[2], batch_size):
+        x = to_network(unit[:, :, start : start + batch_size], image_size)
+        yield start, x.to(device=device, memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def disagreement_scores(
+    network: torch.nn.Module, volume: np.ndarray, image_size: int, batch_size: int = 16, device: torch.device | None = None
+) -> np.ndarray:
+    """Q for every slice of a (X, Y, Z) stack from one forward pass per batch of slices (levels 3 and 4)."""
+    device = device or next(network.parameters()).device
+    q = np.empty(volume.shape[2])
+    for start, x in _batches(volume, image_size, batch_size, device):
+        heads = network(x)
+        q[start : start + len(x)] = jaccard(heads[2] > 0, heads[3] > 0).cpu().numpy()  # logit > 0 == sigmoid > 0.5
+    return q
+
+
+@torch.inference_mode()
+def segment(
+    network: torch.nn.Module, volume: np.ndarray, image_size: int, batch_size: int = 16, device: torch.device | None = None
+) -> np.ndarray:
+    """Level-4 label volume with the stack's own (X, Y, Z) shape."""
+    device = device or next(network.parameters()).device
+    out = np.zeros(volume.shape, np.uint8)
+    for start, x in _batches(volume, image_size, batch_size, device):
+        probs = torch.sigmoid(network(x)[3])
+        out[:, :, start : start + len(x)] = from_network(probs, volume.shape[:2])
+    return out

@@ -1,0 +1,78 @@
+"""Loading 3D stacks and their labels through MONAI's LoadImage.
+
+Slice-axis convention, used everywhere in this project: a stack is the array MONAI's LoadImage returns,
+indexed (i, j, k) in the file's own voxel order with no reorientation, and slice k is `array[:, :, k]`.
+That is the third voxel index (K) of the file, which 3D Slicer's Data Probe shows as the last IJK
+coordinate, so slice k names the same pixels in a NIfTI, an NRRD or a DICOM copy of one stack.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from monai.transforms import LoadImage
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class StackError(ValueError):
+    """A file that cannot serve as a 3D stack (or as its label); the message names the file and the problem."""
+
+
+@dataclass
+class Stack:
+    array: np.ndarray  # float32, (X, Y, Z)
+    affine: np.ndarray  # 4x4 voxel-to-RAS
+    path: str
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.array.shape[2])
+
+
+def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(path)
+    if not path.exists():
+        raise StackError(f"{path}: no such file or folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise StackError(f"{path}: empty file")
+    try:
+        image = LoadImage(image_only=True)(str(path))
+    except Exception as e:  # readers raise many kinds of errors for truncated or foreign files
+        raise StackError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    array = np.asarray(image)
+    while array.ndim > 3 and array.shape[-1] == 1:  # NIfTI often stores 3D as (X, Y, Z, 1)
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise StackError(f"{path}: need a single-channel 3D stack, got an array of shape {array.shape}")
+    return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def load_stack(path: str | Path) -> Stack:
+    """Read a 3D image (NIfTI, NRRD, MetaImage or a DICOM series folder) as float32 (X, Y, Z)."""
+    array, affine = _read(path)
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise StackError(f"{path}: {int(np.size(array) - np.isfinite(array).sum())} voxels are NaN or infinite")
+    return Stack(array, affine, str(path))
+
+
+def load_label(path: str | Path, like: Stack) -> np.ndarray:
+    """Read a label volume on the grid of `like`; values are non-negative integers (0 = background)."""
+    array, affine = _read(path)
+    if array.shape != like.array.shape:
+        raise StackError(f"{path}: label shape {array.shape} differs from image shape {like.array.shape}")
+    if not np.allclose(affine, like.affine, atol=1e-3):
+        raise StackError(f"{path}: label geometry (affine) differs from the image's")
+    if not np.isfinite(array).all() or (array < 0).any() or (array != np.round(array)).any():
+        raise StackError(f"{path}: label values must be non-negative integers")
+    return array.astype(np.uint8)
+
+
+def stack_id(path: str | Path) -> str:
+    """File name without its image suffix, as MONAI Label names datastore images."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -1,0 +1,55 @@
+"""Choosing slices: the model-free initial set S0 (paper II-B) and Algorithm 1's disagreement pick (II-C)."""
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from qunet.quality import SliceQuality
+
+
+def _cutoff(values: np.ndarray, percentile: float | None) -> float:
+    return float(values.mean() if percentile is None else np.percentile(values, percentile))
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    span = values.max() - values.min()
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values, dtype=float)
+
+
+def select_initial(
+    quality: SliceQuality,
+    epsilon0: float = 0.05,
+    max_initial: int = 10,
+    blur_percentile: float | None = None,
+    psnr_percentile: float | None = None,
+) -> list[int]:
+    """S0: sharp, high-contrast slices with distinct ROI statistics, best first.
+
+    A valid slice is a candidate when its blurriness and PSNR-inv are both at or below the stack's cut-off
+    (the mean of valid slices, or the given percentile). Candidates are ranked by the sum of their two
+    normalised quality values (ties by index) and taken greedily; one within `epsilon0` (Euclidean, in
+    (CoV, mean) space min-max normalised over the stack's valid slices) of an already kept slice is dropped.
+    """
+    valid = np.flatnonzero(quality.valid)
+    if valid.size == 0 or max_initial <= 0:
+        return []
+    blur, psnr = quality.blurriness[valid], quality.psnr_inv[valid]
+    keep = (blur <= _cutoff(blur, blur_percentile)) & (psnr <= _cutoff(psnr, psnr_percentile))
+    features = np.stack([_normalise(quality.cov[valid]), _normalise(quality.mean[valid])], axis=1)
+    badness = _normalise(blur) + _normalise(psnr)
+    order = sorted(np.flatnonzero(keep), key=lambda i: (badness[i], valid[i]))
+    chosen: list[int] = []
+    for i in order:
+        if all(np.linalg.norm(features[i] - features[j]) > epsilon0 for j in chosen):
+            chosen.append(i)
+            if len(chosen) == max_initial:
+                break
+    return [int(valid[i]) for i in chosen]
+
+
+def select_by_disagreement(q: np.ndarray, q0: float = 0.5, exclude: Iterable[int] = (), limit: int | None = None) -> list[int]:
+    """Algorithm 1: slices whose Q = J(L3, L4) is below q0, lowest Q first, skipping `exclude`."""
+    q = np.asarray(q, dtype=float)
+    excluded = set(int(i) for i in exclude)
+    flagged = [int(i) for i in np.argsort(q, kind="stable") if q[i] < q0 and int(i) not in excluded]
+    return flagged if limit is None else flagged[:limit]
