@@ -21,23 +21,32 @@ def prepare(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return network.to(device=device, memory_format=torch.channels_last).eval()
 
 
-def _batches(volume: np.ndarray, image_size: int, batch_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def _batches(
+    volume: np.ndarray, slices: list[int], image_size: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[int], torch.Tensor]]:
     unit = normalise_stack(volume)
-    for start in range(0, unit.shape[2], batch_size):
-        x = to_network(unit[:, :, start : start + batch_size], image_size)
-        yield start, x.to(device=device, memory_format=torch.channels_last)
+    for start in range(0, len(slices), batch_size):
+        chunk = slices[start : start + batch_size]
+        x = to_network(unit[:, :, chunk], image_size)
+        yield chunk, x.to(device=device, memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
 def disagreement_scores(
-    network: torch.nn.Module, volume: np.ndarray, image_size: int, batch_size: int = 16, device: torch.device | None = None
+    network: torch.nn.Module,
+    volume: np.ndarray,
+    image_size: int,
+    batch_size: int = 16,
+    slices: list[int] | None = None,
+    device: torch.device | None = None,
 ) -> np.ndarray:
-    """Q for every slice of a (X, Y, Z) stack from one forward pass per batch of slices (levels 3 and 4)."""
+    """Q per slice of a (X, Y, Z) stack, from one forward pass per batch (levels 3 and 4); NaN where not scored."""
     device = device or next(network.parameters()).device
-    q = np.empty(volume.shape[2])
-    for start, x in _batches(volume, image_size, batch_size, device):
+    q = np.full(volume.shape[2], np.nan)
+    todo = list(range(volume.shape[2])) if slices is None else list(slices)
+    for chunk, x in _batches(volume, todo, image_size, batch_size, device):
         heads = network(x)
-        q[start : start + len(x)] = jaccard(heads[2] > 0, heads[3] > 0).cpu().numpy()  # logit > 0 == sigmoid > 0.5
+        q[chunk] = jaccard(heads[2] > 0, heads[3] > 0).cpu().numpy()  # logit > 0 is sigmoid > 0.5
     return q
 
 
@@ -48,7 +57,6 @@ def segment(
     """Level-4 label volume with the stack's own (X, Y, Z) shape."""
     device = device or next(network.parameters()).device
     out = np.zeros(volume.shape, np.uint8)
-    for start, x in _batches(volume, image_size, batch_size, device):
-        probs = torch.sigmoid(network(x)[3])
-        out[:, :, start : start + len(x)] = from_network(probs, volume.shape[:2])
+    for chunk, x in _batches(volume, list(range(volume.shape[2])), image_size, batch_size, device):
+        out[:, :, chunk] = from_network(torch.sigmoid(network(x)[3]), volume.shape[:2])
     return out

@@ -6,6 +6,7 @@ That is the third voxel index (K) of the file, which 3D Slicer's Data Probe show
 coordinate, so slice k names the same pixels in a NIfTI, an NRRD or a DICOM copy of one stack.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,9 @@ def stack_id(path: str | Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def file_signature(path: str | Path) -> str:
+    """Size and modification time: changes whenever the file's content is replaced."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"

@@ -33,3 +33,11 @@ def from_network(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     best, index = probs.max(dim=1)
     label = torch.where(best > 0.5, index + 1, 0).to(torch.uint8)
     return np.moveaxis(label.cpu().numpy(), 0, 2)
+
+
+def training_pairs(
+    volume: np.ndarray, label: np.ndarray, slices: list[int], image_size: int, num_labels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network inputs (n, 1, S, S) and binary targets (n, num_labels, S, S) for the given slices of one stack."""
+    unit = normalise_stack(volume)
+    return to_network(unit[:, :, slices], image_size), labels_to_network(label[:, :, slices], image_size, num_labels)

@@ -119,10 +119,10 @@ def _oct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndar
     x = np.linspace(-1, 1, nx, dtype=np.float32)[:, None, None]
     y = np.arange(ny, dtype=np.float32)[None, :, None]
     k = np.arange(nz)
-    # Bowl-shaped retina whose curvature drifts smoothly from slice to slice.
+    # Retina sagging in the middle like the posterior eye wall; curvature drifts across slices.
     curv = rng.uniform(0.06, 0.12) + rng.uniform(0.02, 0.05) * np.sin(
         2 * np.pi * rng.uniform(0.3, 1.0) * k / nz + rng.uniform(0, 2 * np.pi))
-    top = ny * (rng.uniform(0.15, 0.22) + rng.uniform(-0.04, 0.04) * x + curv * x**2)
+    top = ny * (rng.uniform(0.12, 0.2) + rng.uniform(-0.04, 0.04) * x + curv * (1 - x**2))
     thick = ny * rng.uniform(0.32, 0.4)
     depth = (y - top) / thick  # 0 at the inner surface, 1 at the RPE
     clean = np.interp(depth, _OCT_DEPTH, _OCT_LEVEL).astype(np.float32)
@@ -132,8 +132,8 @@ def _oct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndar
         size = _taper(nz, centre, half)
         # Cysts sit in the inner/outer nuclear layers; radii in px, at least ~3 px so the
         # smallest (tapered) cross-section still covers a pixel.
-        rx = max(3.0, nx * rng.uniform(0.03, 0.08)) / (nx / 2)
-        rd = max(3.0, thick * rng.uniform(0.08, 0.14)) / thick
+        rx = max(3.0, nx * rng.uniform(0.04, 0.1)) / (nx / 2)
+        rd = max(3.0, thick * rng.uniform(0.1, 0.18)) / thick
         r = np.sqrt(_radius2(x - rng.uniform(-0.6, 0.6), depth - rng.uniform(0.4, 0.6), rx, rd, size))
         label |= r <= 1
         clean *= 1 - 0.85 * np.clip((1.15 - r) / 0.3, 0, 1)  # fluid is dark, soft rim
@@ -156,11 +156,15 @@ def _ct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarr
     grow = 0.8 + 0.2 * np.sin(np.pi * (k + 0.5) / nz)  # lungs widest mid-stack
     lungs = [(side * ax * rng.uniform(0.4, 0.46), rng.uniform(-0.08, 0.02),
               ax * rng.uniform(0.26, 0.3), ay * rng.uniform(0.6, 0.7)) for side in (-1, 1)]
+    # Lobulated outline: the ellipse radius is wobbled by a smooth field; the heart dents the lungs.
+    wobble = 1 + 0.08 * _smooth_noise(rng, shape, (6.0, 6.0, 2.0))
     lung = np.zeros(shape, dtype=bool)
     for cx, cy, rx, ry in lungs:
-        lung |= _radius2(u - cx, v - cy, rx, ry, grow) <= 1
+        lung |= _radius2(u - cx, v - cy, rx, ry, grow) <= wobble**2
+    lung &= ((u - 0.12 * ax) / (0.3 * ax)) ** 2 + ((v + 0.35 * ay) / (0.4 * ay)) ** 2 > 1
+    lung &= body < 0.7  # keep a chest wall between lung and outside air
     # Vessels: peaks of a smooth 3D random field are tubes running through the slices.
-    vessels = 1 / (1 + np.exp(-(_smooth_noise(rng, shape, (2.0, 2.0, 1.0)) - 2.0) / 0.15))
+    vessels = 1 / (1 + np.exp(-(_smooth_noise(rng, shape, (1.5, 1.5, 1.0)) - 1.6) / 0.1))
     parenchyma = -850.0 + 15 * _smooth_noise(rng, shape, (1.5, 1.5, 0.5)) + 800 * vessels
     img = np.where(lung, parenchyma, img)
 
@@ -181,12 +185,15 @@ def _ct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarr
 def _degrade(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, span: float) -> SyntheticStack:
     """Apply per-slice contrast loss, blur and noise, then plant near-duplicate slices."""
     nx, ny, nz = image.shape
+    # Blur and contrast loss hit disjoint slices, so each metric has a clean defect to find
+    # (noise added to a washed-out, blurred slice would mask its blur).
+    order = rng.permutation(nz)
+    n_blur = max(1, round(nz * rng.uniform(0.2, 0.3)))
+    n_flat = max(1, round(nz * rng.uniform(0.1, 0.2)))
     blur = np.zeros(nz)
-    idx = rng.choice(nz, max(1, round(nz * rng.uniform(0.2, 0.3))), replace=False)
-    blur[idx] = rng.uniform(1.5, 4.0, idx.size)
+    blur[order[:n_blur]] = rng.uniform(1.5, 4.0, n_blur)
     contrast = np.ones(nz)
-    idx = rng.choice(nz, max(1, round(nz * rng.uniform(0.1, 0.2))), replace=False)
-    contrast[idx] = rng.uniform(0.3, 0.6, idx.size)
+    contrast[order[n_blur:n_blur + n_flat]] = rng.uniform(0.3, 0.6, n_flat)
     noise = rng.uniform(0.005, 0.03, nz)
 
     mean = image.mean(axis=(0, 1))

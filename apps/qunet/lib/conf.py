@@ -1,0 +1,60 @@
+"""The app's `--conf KEY VALUE` settings (all strings on the command line), with the library's defaults."""
+
+from dataclasses import dataclass, fields
+
+from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() in ("", "none", "mean") else float(value)
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(","))
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise ValueError("labels needs at least one name")
+    return names
+
+
+@dataclass(frozen=True)
+class AppConf:
+    labels: tuple[str, ...] = ModelConfig.labels
+    q0: float = SelectionConfig.q0
+    slices_per_sample: int = SelectionConfig.slices_per_sample
+    score_batch_size: int = SelectionConfig.score_batch_size
+    image_size: int = ModelConfig.image_size
+    features: tuple[int, ...] = DEFAULT_FEATURES
+    max_initial: int = QualityConfig.max_initial
+    epsilon0: float = QualityConfig.epsilon0
+    median_window: int = QualityConfig.median_window
+    blur_percentile: float | None = QualityConfig.blur_percentile
+    psnr_percentile: float | None = QualityConfig.psnr_percentile
+    pretrained_path: str = ""
+    auto_train_after: int = 0  # train after every N submitted labels; 0 = never on its own
+    hold_seconds: int = 600  # a served slice is not offered to another client for this long
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str]) -> "AppConf":
+        parsers = {"labels": _names, "features": _int_list, "pretrained_path": str,
+                   "blur_percentile": _optional_float, "psnr_percentile": _optional_float}
+        values = {}
+        for f in fields(cls):
+            if f.name in conf:
+                parse = parsers.get(f.name, type(f.default))
+                try:
+                    values[f.name] = parse(str(conf[f.name]))
+                except ValueError as e:
+                    raise ValueError(f"--conf {f.name} {conf[f.name]!r}: {e}") from e
+        result = cls(**values)
+        if len(result.features) != 6:
+            raise ValueError(f"--conf features needs six comma-separated integers, got {result.features}")
+        if result.image_size < 16 or result.image_size % 16:
+            raise ValueError(f"--conf image_size must be a multiple of 16 (four poolings), got {result.image_size}")
+        return result
+
+    def label_map(self) -> dict[str, int]:
+        return {name: i + 1 for i, name in enumerate(self.labels)}
