@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qunet.synthetic import KINDS, SyntheticStack, generate_stack, write_dataset
+from qunet.synthetic import KINDS, SPAN, SyntheticStack, generate_stack, write_dataset
 
 SEEDS = (0, 1, 2, 3)
 SHAPE = (128, 128, 32)
@@ -65,6 +65,22 @@ def test_degradation_records(kind, stacks):
         assert 2 <= (s.duplicate_of >= 0).sum() <= 3
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_contrast_reduced_slices_have_less_spread(kind, stacks):
+    for seed in SEEDS:
+        s = stacks[kind, seed]
+        spread = s.image.std(axis=(0, 1))
+        flat = s.contrast < 1
+        assert spread[flat].max() < 0.8 * np.median(spread[_clean_slices(s)]), seed
+
+
+def test_ct_noise_matches_record(stacks):
+    for seed in SEEDS:
+        s = stacks["ct", seed]
+        air = s.image[:, :10]  # anterior strip outside the body: flat -1000 HU plus the added noise
+        assert np.allclose(air.std(axis=(0, 1)), s.noise_std * SPAN["ct"], rtol=0.1)
+
+
 def _laplacian_variance(sl: np.ndarray) -> float:
     sl = (sl - sl.min()) / (sl.max() - sl.min())
     return float(ndimage.laplace(sl.astype(np.float64)).var())
@@ -115,14 +131,15 @@ def test_ct_opacities_lie_in_lungs(stacks):
         assert soft[lesion].mean() < 0.15  # only vessels crossing the opacity
         assert img[lung].mean() + 100 < img[lesion].mean() < img[soft].mean() - 300
         fields = np.stack([_lung_fields(img[:, :, k]) for k in range(img.shape[2])], axis=2)
-        assert fields[lesion].mean() > 0.97
+        assert fields[lesion].mean() > 0.9  # opacities touching the heart or pleura blend in
 
 
 def _lung_fields(sl: np.ndarray) -> np.ndarray:
-    """Dark regions enclosed by the body, with vessels and opacities (holes) filled in."""
-    regions, _ = ndimage.label(sl < -250)
+    """Dark regions enclosed by the body; closing and hole filling take in vessels and opacities."""
+    regions, _ = ndimage.label(sl < -400)
     border = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
-    return ndimage.binary_fill_holes((regions > 0) & ~np.isin(regions, border))
+    inner = (regions > 0) & ~np.isin(regions, border)
+    return ndimage.binary_fill_holes(ndimage.binary_closing(inner, np.ones((5, 5)), border_value=0))
 
 
 def test_ct_values_are_hu_like(stacks):

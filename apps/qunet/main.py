@@ -8,12 +8,10 @@ The work is done by the `qunet` library; this module only wires its tasks into M
 import logging
 import os
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.activelearning.random import Random
-
-from qunet.annotation import annotated_slices
-from qunet.io import load_label, load_stack
 
 from lib import records
 from lib.conf import AppConf
@@ -53,8 +51,6 @@ class QUNetApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        from monailabel.config import settings
-
         return QUNetDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -77,31 +73,18 @@ class QUNetApp(MONAILabelApp):
             "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path),
         }
 
-    def async_scoring(self, method, params=None):
-        # The training subprocess asks the server for each method without queueing, so a scoring run already in
-        # progress drops the re-score of the new model; POST /scoring/ queues every method instead.
-        if self._server_mode or method:
-            return super().async_scoring(method, params)
-        return self._local_request("/scoring/", params, "Scoring")
+    def train(self, request: dict) -> dict:
+        result = super().train(request)
+        if not self._server_mode:
+            # MONAI Label's training subprocess asks the server to re-score one method at a time without
+            # queueing, so a scoring run already in progress drops the new model's re-score; POST /scoring/ queues.
+            self._local_request("/scoring/", None, "Scoring")
+        return result
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
-        """Record which slices the new label annotates; train every `auto_train_after` labels if asked."""
-        ds = self.datastore()
-        info = ds.get_image_info(image_id)
-        label_info = ds.get_label_info(label_id, "final")
-        stack = load_stack(ds.get_image_uri(image_id))
-        label = load_label(ds.get_label_uri(label_id, "final"), stack)
-        served_all = info.get(records.SERVED) or {}
-        client = str(label_info.get("client_id") or "anonymous")
-        mine = served_all.get(client) or {}
-        served = mine.get("slices") if mine else sorted({k for s in served_all.values() for k in s["slices"]}) or None
-        annotated = annotated_slices(label, info.get(records.ANNOTATED, []), served, label_info.get("annotated_slices"))
-        if mine:
-            served_all[client] = {**mine, "submitted": True}
-        ds.update_image_info(image_id, {records.ANNOTATED: annotated, records.SERVED: served_all})
-
+        """Answer with the annotated slices (recorded by the datastore); train every `auto_train_after` labels."""
         self.labels_since_training += 1
         if self.qconf.auto_train_after and self.labels_since_training >= self.qconf.auto_train_after:
             self.labels_since_training = 0
             self.async_training(MODEL, enqueue=True)
-        return {"annotated_slices": annotated}
+        return {"annotated_slices": self.datastore().get_image_info(image_id).get(records.ANNOTATED)}

@@ -17,7 +17,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from qunet.io import StackError, load_stack, stack_id
@@ -27,7 +27,7 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def _ds(value: float) -> str:
-    """A Decimal String value, at most 16 characters as the standard requires (dcmqi rejects longer)."""
+    """A Decimal String value, at most 16 characters as the standard requires (str(float) often has 17+)."""
     return format_number_as_ds(float(value))
 
 
@@ -41,11 +41,13 @@ def _geometry(affine: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray, np
     if max(abs(di @ dj), abs(di @ dk), abs(dj @ dk)) > 1e-4:
         raise StackError(f"{path}: sheared voxel grid (axes not orthogonal) cannot be written as a DICOM series")
     if np.cross(di, dj) @ dk < 0:
-        # ITK orders the slices along row x column whatever their InstanceNumber, so the series of a
-        # left-handed grid would come back with slice k at Z-1-k (or transposed, if rows and columns swap).
+        # ITK sorts a series along row x column whatever the InstanceNumbers and always returns a right-handed
+        # grid, so no layout brings such a stack back unchanged: slice k would return as slice Z-1-k, or the
+        # planes transposed if rows and columns swapped roles.
         raise StackError(
-            f"{path}: left-handed voxel grid (slice axis k points against i x j); DICOM readers would reverse "
-            "the slice order. Flip one in-plane axis of the file first."
+            f"{path}: left-handed voxel grid (slice axis k points against i x j, as in many radiological-order "
+            "NIfTI files); MONAI Label's DICOM-to-NIfTI conversion would reverse the slice order. Reorient the "
+            "file to a right-handed grid (e.g. flip axis i or j) before uploading, or use a local datastore."
         )
     return di, dj, dk, spacing
 
@@ -91,7 +93,9 @@ def stack_to_series(
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     seed = [digest, name, modality, patient_id, series_description]
-    study_uid, series_uid, frame_uid = (generate_uid(entropy_srcs=seed + [kind]) for kind in ("study", "series", "frame"))
+    study_uid, series_uid, frame_uid = (
+        generate_uid(entropy_srcs=seed + [kind]) for kind in ("study", "series", "frame")
+    )
     now = datetime.now()
     sop_class = SOP_CLASSES[modality]
 
@@ -130,7 +134,6 @@ def stack_to_series(
             ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "RM", "NONE", ""
             ds.MRAcquisitionType, ds.EchoTrainLength = "", ""
             ds.RepetitionTime, ds.EchoTime, ds.InversionTime = "", "", ""
-            ds.ImagedNucleus, ds.MagneticFieldStrength = "", ""
         # Geometry: DICOM columns run along i and rows along j, so pixel (row r, column c) = array[c, r, k].
         ds.ImagePositionPatient = [_ds(v) for v in origin + k * spacing[2] * dk]
         ds.ImageOrientationPatient = [_ds(v) for v in (*di, *dj)]
@@ -142,6 +145,7 @@ def stack_to_series(
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+        # Rescale is a CT attribute, but ITK (hence MONAI Label) applies it to MR instances too.
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
         ds.PixelData = plane.tobytes()
         series.append(ds)
@@ -154,6 +158,9 @@ def upload(paths: Iterable[str | Path], url: str, modality: str = "CT") -> list[
     Stacks go one by one: after an error the earlier ones are stored, and sending them again is harmless.
     """
     client = DICOMwebClient(url=url)
+    # By default it retries a refused connection with back-off for ~30 s; failing at once is clearer, and
+    # re-running an upload is harmless.
+    client.set_http_retry_params(retry=False)
     uids = []
     for path in paths:
         series = stack_to_series(path, modality=modality)
@@ -165,6 +172,6 @@ def upload(paths: Iterable[str | Path], url: str, modality: str = "CT") -> list[
             raise RuntimeError(f"the DICOMweb server at {url} rejected {path}: {e}") from e
         failed = response.get("FailedSOPSequence") or []
         if failed:
-            raise RuntimeError(f"the DICOMweb server at {url} refused {len(failed)} of the {len(series)} slices of {path}")
+            raise RuntimeError(f"the DICOMweb server at {url} refused {len(failed)} of {len(series)} slices of {path}")
         uids.append(str(series[0].SeriesInstanceUID))
     return uids

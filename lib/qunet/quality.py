@@ -122,4 +122,4 @@ def slice_quality(volume: np.ndarray, roi_mask: np.ndarray | None = None, median
 
 def _otsu(volume: np.ndarray, lo: float, hi: float) -> float:
     unit = scale_to_unit(volume[::2, ::2, :], lo, hi)
-    return float(threshold_otsu(unit)) if unit.max() > unit.min() else 1.0
+    return float(threshold_otsu(unit.ravel())) if unit.max() > unit.min() else 1.0

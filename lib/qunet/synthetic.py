@@ -149,7 +149,7 @@ def _ct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarr
     k = np.arange(nz)
     ax, ay = rng.uniform(0.85, 0.95), rng.uniform(0.62, 0.72)
     body = (u / ax) ** 2 + (v / ay) ** 2
-    img = np.where(body <= 1, -100.0, -1000.0).astype(np.float32)  # air; subcutaneous fat rim
+    img = np.where(body <= 1, -100.0, -1000.0).astype(np.float32)  # fat rim inside, air outside
     img[body <= 0.85] = 40.0  # muscle and mediastinum
     img[(u / 0.07) ** 2 + ((v - 0.72 * ay) / 0.08) ** 2 <= 1] = 300.0  # vertebral body
 

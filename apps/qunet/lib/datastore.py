@@ -16,9 +16,12 @@ from typing import Any
 
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from qunet.io import load_label, load_stack
+
+from lib.submission import prepare_submission
 
 
 def atomic_copy(src: str, dest: str) -> None:
@@ -87,10 +90,16 @@ class QUNetDatastore(LocalDatastore):
         self._locked_update(change)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Check the label against its image first: a bad upload raises StackError and changes nothing."""
+        """Check the label against its image first (a bad upload raises StackError and changes nothing), then
+        store it together with its annotated slices in one locked, atomic update."""
         if image_id not in self._datastore.objects:
             raise ImageNotFoundException(f"Image {image_id} not found")
-        load_label(label_filename, load_stack(self.get_image_uri(image_id)))
+        label_info = label_info or {}
+        if label_tag == DefaultLabelTag.FINAL:
+            source, image_update = prepare_submission(self, image_id, label_filename, label_info)
+        else:
+            load_label(label_filename, load_stack(self.get_image_uri(image_id)))
+            source, image_update = label_filename, {}
         _, label_ext = self._to_id(os.path.basename(label_filename))
         name = self._filename(image_id, label_ext)
 
@@ -105,8 +114,13 @@ class QUNetDatastore(LocalDatastore):
                 stale = os.path.join(label_path, self._filename(image_id, previous.ext))
                 if os.path.exists(stale):
                     os.remove(stale)
-            atomic_copy(label_filename, os.path.join(label_path, name))
-            obj.labels[label_tag] = DataModel(info={**(label_info or {}), "ts": int(time.time()), "name": name}, ext=label_ext)
+            atomic_copy(source, os.path.join(label_path, name))
+            obj.labels[label_tag] = DataModel(info={**label_info, "ts": int(time.time()), "name": name}, ext=label_ext)
+            obj.image.info.update(image_update)
 
-        self._locked_update(change)
+        try:
+            self._locked_update(change)
+        finally:
+            if source != label_filename:
+                os.remove(source)
         return image_id

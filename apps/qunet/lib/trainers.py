@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
-from monai.transforms import Activationsd, AsDiscreted, EnsureTyped, Lambdad, RandAffined
+from monai.transforms import Activationsd, AsDiscreted, EnsureTyped, Lambdad
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
@@ -14,6 +14,7 @@ from qunet import build_network, deep_supervision_loss
 from qunet.config import TrainConfig
 from qunet.io import StackError, load_label, load_stack
 from qunet.slices import training_pairs
+from qunet.training import augmentation
 
 from lib import records
 from lib.conf import AppConf
@@ -71,20 +72,7 @@ class QUNetTrain(BasicTrainTask):
         return items
 
     def train_pre_transforms(self, context: Context) -> list:
-        r = float(context.request.get("augment_range", 0.2))
-        size = self.conf.image_size
-        return [
-            EnsureTyped(keys=("image", "label"), track_meta=False),
-            RandAffined(
-                keys=("image", "label"),
-                prob=1.0,
-                rotate_range=r,
-                translate_range=(r * size, r * size),
-                shear_range=(r, r),
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            ),
-        ]
+        return augmentation(self.conf.image_size, float(context.request.get("augment_range", 0.2)))
 
     def val_pre_transforms(self, context: Context) -> list:
         return [EnsureTyped(keys=("image", "label"), track_meta=False)]

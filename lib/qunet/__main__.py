@@ -1,0 +1,78 @@
+"""Command line: `python -m qunet {quality,generate,upload} ...` (see README)."""
+
+import argparse
+import json
+import sys
+import time
+
+from qunet.config import QualityConfig
+from qunet.io import StackError, load_label, load_stack
+from qunet.quality import slice_quality
+from qunet.selection import select_initial
+
+
+def cmd_quality(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    stack = load_stack(args.stack)
+    roi = load_label(args.roi, stack) if args.roi else None
+    q = slice_quality(stack.array, roi, args.median_window)
+    initial = select_initial(q, args.epsilon0, args.max_initial, args.blur_percentile, args.psnr_percentile)
+    return {"stack": args.stack, "shape": list(stack.array.shape), "slice_axis": 2, **q.to_dict(),
+            "initial": initial, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from qunet.synthetic import write_dataset
+
+    paths = write_dataset(args.out, args.kinds, args.count, args.seed, tuple(args.shape))
+    return {"written": [str(p) for p in paths]}
+
+
+def cmd_upload(args: argparse.Namespace) -> dict:
+    from qunet.dicomweb import upload
+
+    return {"url": args.url, "series": upload(args.stacks, args.url, args.modality)}
+
+
+def parser() -> argparse.ArgumentParser:
+    d = QualityConfig()
+    p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality", help="per-slice quality metrics and the S0 pick of one stack, as JSON")
+    q.add_argument("stack", help="NIfTI, NRRD or DICOM series folder")
+    q.add_argument("--roi", help="mask on the stack's grid (voxels > 0 form the ROI); default: automatic foreground")
+    q.add_argument("--median-window", type=int, default=d.median_window)
+    q.add_argument("--epsilon0", type=float, default=d.epsilon0)
+    q.add_argument("--max-initial", type=int, default=d.max_initial)
+    q.add_argument("--blur-percentile", type=float, default=d.blur_percentile, help="default: the stack's mean")
+    q.add_argument("--psnr-percentile", type=float, default=d.psnr_percentile, help="default: the stack's mean")
+    q.set_defaults(run=cmd_quality)
+    g = sub.add_parser("generate", help="write synthetic OCT-like and CT-like stacks with lesion masks (NIfTI)")
+    g.add_argument("out", help="folder; labels go to OUT/ground-truth/")
+    g.add_argument("--kinds", nargs="+", default=["oct", "ct"], choices=["oct", "ct"])
+    g.add_argument("--count", type=int, default=2, help="stacks per kind")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--shape", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"))
+    g.set_defaults(run=cmd_generate)
+    u = sub.add_parser("upload", help="send stacks to a DICOMweb server as DICOM series (STOW-RS)")
+    u.add_argument("url", help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    u.add_argument("stacks", nargs="+", help="NIfTI or NRRD files")
+    u.add_argument("--modality", default="CT", help="DICOM modality (MONAI Label lists only CT unless told otherwise)")
+    u.set_defaults(run=cmd_upload)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except (StackError, ValueError, ConnectionError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

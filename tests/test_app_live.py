@@ -1,0 +1,157 @@
+"""The app as 3D Slicer drives it: a real `monailabel start_server` on 127.0.0.1 and MONAILabelClient.
+
+Two rounds of Next sample / download / Submit label / Train / score / Next sample on a real clinical stack
+(pyradiomics breast1, NRRD) and a synthetic CT-like stack (NIfTI), with a small network so it runs on CPU.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+
+from live_server import LiveServer
+from qunet.io import load_label, load_stack
+from qunet.synthetic import generate_stack
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics"
+TINY_CONF = {"image_size": "64", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
+TRAIN = {"max_epochs": 3, "train_batch_size": 4}
+CLIENT = "slicer-a"
+
+
+def write_nifti(array: np.ndarray, path: Path, spacing=(0.7, 0.7, 5.0)) -> None:
+    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("live")
+    studies, truth = root / "studies", root / "truth"
+    studies.mkdir(), truth.mkdir()
+    shutil.copy(REAL / "breast1_image.nrrd", studies / "breast1.nrrd")
+    shutil.copy(REAL / "breast1_label.nrrd", truth / "breast1.nrrd")
+    ct = generate_stack("ct", seed=3, shape=(64, 64, 12))
+    write_nifti(ct.image.astype(np.int16), studies / "ct3.nii.gz")
+    write_nifti(ct.label.astype(np.uint8), truth / "ct3.nii.gz")
+    return {"root": root, "studies": studies, "truth": truth}
+
+
+@pytest.fixture(scope="module")
+def server(data):
+    srv = LiveServer(data["studies"], data["root"], conf=TINY_CONF).start()
+    yield srv
+    srv.stop()
+    print(srv.tail(30))
+
+
+def truth_path(data: dict, image_id: str) -> Path:
+    return next(data["truth"].glob(f"{image_id}.*"))
+
+
+def annotate(data: dict, image_id: str, image_file: Path, slices: list[int], out: Path) -> Path:
+    """What the annotator draws: the ground truth on the served slices only, in the image's geometry."""
+    truth = sitk.ReadImage(str(truth_path(data, image_id)))
+    array = sitk.GetArrayFromImage(truth)  # (Z, Y, X)
+    drawn = np.zeros_like(array, dtype=np.uint8)
+    drawn[slices] = array[slices] > 0
+    label = sitk.GetImageFromArray(drawn)
+    label.CopyInformation(sitk.ReadImage(str(image_file)))
+    sitk.WriteImage(label, str(out))
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise TimeoutError(f"{what}: still {value!r} after {timeout} s")
+
+
+def train(client: MONAILabelClient, server: LiveServer) -> dict:
+    client.train_start("qunet", TRAIN)
+    status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "training")
+    assert status["status"] == "DONE", server.tail()
+    return status
+
+
+def scoring_idle(server: LiveServer) -> bool:
+    r = requests.get(f"{server.url}/scoring/", timeout=10)
+    return r.status_code == 404 or r.json().get("status") not in ("RUNNING", "SUBMITTED", "QUEUED")
+
+
+def image_info(server: LiveServer, image_id: str) -> dict:
+    return requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=10).json()
+
+
+def test_slicer_sequence_two_rounds(server, data, tmp_path):
+    client = MONAILabelClient(server.url, client_id=CLIENT)
+    info = client.info()
+    assert "qunet" in info["models"] and info["models"]["qunet"]["type"] == "segmentation"
+    assert {"qunet", "random"} <= set(info["strategies"])
+    assert {"qunet_quality", "qunet_disagreement"} <= set(info["scoring"])
+    assert info["trainers"]["qunet"]["config"]["max_epochs"] == 60  # the paper's recipe is the default
+
+    annotated: dict[str, set[int]] = {}
+    for round_ in (1, 2):
+        sample = client.next_sample("qunet", {})
+        image_id, slices = sample["id"], sample["slices"]
+        depth = load_stack(sample["path"]).num_slices
+        assert sample["phase"] == ("initial" if round_ == 1 else "disagreement")
+        assert 0 < len(slices) <= 4 and all(isinstance(k, int) and 0 <= k < depth for k in slices)
+        assert not set(slices) & annotated.get(image_id, set()), "served an annotated slice again"
+        assert sample["name"] and str(slices[0]) in sample["PatientID"]
+        if round_ == 1:
+            quality = image_info(server, image_id)["qunet_quality"]
+            assert slices == quality["initial"][: len(slices)]  # S0, best quality first
+        else:
+            q = sample["scores"]["q"]
+            assert q == sorted(q)  # most informative (lowest Q) first
+            record = image_info(server, image_id)["qunet_disagreement"]
+            open_q = [v for k, v in enumerate(record["q"]) if v is not None and k not in annotated.get(image_id, set())]
+            assert q[0] == min(open_q)
+
+        # Slicer downloads the image by id and submits a label volume in its geometry
+        r = requests.get(f"{server.url}/datastore/image?image={quote_plus(image_id)}", timeout=30)
+        assert r.ok
+        image_file = tmp_path / sample["name"]
+        image_file.write_bytes(r.content)
+        label_file = annotate(data, image_id, image_file, slices, tmp_path / f"{image_id}-label-{round_}.nii.gz")
+        params = {"label_info": [{"name": "lesion", "idx": 1}]}
+        saved = client.save_label(image_id, str(label_file), params=params)
+        # the label only has content on the served slices: annotated = earlier ones + the served ones
+        assert set(saved["annotated_slices"]) == set(slices) | annotated.get(image_id, set())
+        annotated[image_id] = set(saved["annotated_slices"])
+
+        train(client, server)
+        assert json.loads(json.dumps(client.info()["train_stats"]["qunet"]))["total_epochs"] == TRAIN["max_epochs"]
+        r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
+        assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
+        wait_for(lambda: (scoring_idle(server), "qunet_disagreement" in image_info(server, image_id)) == (True, True),
+                 300, "scoring")
+
+    sample = client.next_sample("qunet", {})
+    assert sample["phase"] == "disagreement"
+    assert not set(sample["slices"]) & annotated.get(sample["id"], set())
+
+
+def test_infer_label_matches_image_geometry(server, data, tmp_path):
+    client = MONAILabelClient(server.url)
+    assert Path(server.app_dir, "model", "qunet.pt").exists(), "runs after the two-round test, which trains"
+    for image_id in ("breast1", "ct3"):
+        label_file, result = client.infer("qunet", image_id, {})
+        image = load_stack(next(data["studies"].glob(f"{image_id}.*")))
+        label = load_label(label_file, image)  # raises unless shape and affine equal the image's
+        assert label.shape == image.array.shape
+        assert result["label_names"] == {"lesion": 1}
