@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
 from live_server import LiveServer
-from qunet.io import load_label, load_stack
+from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics"
@@ -86,17 +86,12 @@ def train(client: MONAILabelClient, server: LiveServer) -> dict:
     return status
 
 
-def scoring_idle(server: LiveServer) -> bool:
-    r = requests.get(f"{server.url}/scoring/", timeout=10)
-    return r.status_code == 404 or r.json().get("status") not in ("RUNNING", "SUBMITTED", "QUEUED")
-
-
 def image_info(server: LiveServer, image_id: str) -> dict:
     return requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=10).json()
 
 
 def test_slicer_sequence_two_rounds(server, data, tmp_path):
-    client = MONAILabelClient(server.url, client_id=CLIENT)
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id=CLIENT)
     info = client.info()
     assert "qunet" in info["models"] and info["models"]["qunet"]["type"] == "segmentation"
     assert {"qunet", "random"} <= set(info["strategies"])
@@ -138,8 +133,9 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
         assert json.loads(json.dumps(client.info()["train_stats"]["qunet"]))["total_epochs"] == TRAIN["max_epochs"]
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
-        wait_for(lambda: (scoring_idle(server), "qunet_disagreement" in image_info(server, image_id)) == (True, True),
-                 300, "scoring")
+        model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
+        wait_for(lambda: (image_info(server, image_id).get("qunet_disagreement") or {}).get("model") == model,
+                 300, "disagreement scores of the new model")
 
     sample = client.next_sample("qunet", {})
     assert sample["phase"] == "disagreement"
@@ -147,7 +143,7 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
 
 
 def test_infer_label_matches_image_geometry(server, data, tmp_path):
-    client = MONAILabelClient(server.url)
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))  # not /tmp: the server deletes its own copy there
     assert Path(server.app_dir, "model", "qunet.pt").exists(), "runs after the two-round test, which trains"
     for image_id in ("breast1", "ct3"):
         label_file, result = client.infer("qunet", image_id, {})

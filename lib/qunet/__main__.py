@@ -1,4 +1,4 @@
-"""Command line: `python -m qunet {quality,generate,upload} ...` (see README)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,bench} ...` (see README and docs/)."""
 
 import argparse
 import json
@@ -34,6 +34,18 @@ def cmd_upload(args: argparse.Namespace) -> dict:
     return {"url": args.url, "series": upload(args.stacks, args.url, args.modality)}
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from qunet import experiment
+
+    experiment.main(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from qunet import bench
+
+    bench.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     d = QualityConfig()
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
@@ -59,6 +71,15 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("stacks", nargs="+", help="NIfTI or NRRD files")
     u.add_argument("--modality", default="CT", help="DICOM modality (MONAI Label lists only CT unless told otherwise)")
     u.set_defaults(run=cmd_upload)
+    from qunet.bench import add_arguments as bench_arguments
+    from qunet.experiment import add_arguments as experiment_arguments
+
+    e = sub.add_parser("experiment", help="rerun the paper's Table I comparison on stacks with full labels (docs/)")
+    experiment_arguments(e)
+    e.set_defaults(run=cmd_experiment)
+    b = sub.add_parser("bench", help="measure scoring, quality-metric and Next sample speed and scoring memory (docs/)")
+    bench_arguments(b)
+    b.set_defaults(run=cmd_bench)
     return p
 
 
@@ -69,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StackError, ValueError, ConnectionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    json.dump(result, sys.stdout, indent=1)
-    print()
+    if result is not None:  # experiment and bench print their own report
+        json.dump(result, sys.stdout, indent=1)
+        print()
     return 0
 
 

@@ -5,7 +5,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from qunet.slices import from_network, normalise_stack, to_network
+from qunet.quality import scale_to_unit, stack_range
+from qunet.slices import from_network, to_network
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -24,10 +25,11 @@ def prepare(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def _batches(
     volume: np.ndarray, slices: list[int], image_size: int, batch_size: int, device: torch.device
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    unit = normalise_stack(volume)
+    """Scaled, resized slices a batch at a time: memory is bounded by the batch, not the stack's depth."""
+    lo, hi = stack_range(volume)
     for start in range(0, len(slices), batch_size):
         chunk = slices[start : start + batch_size]
-        x = to_network(unit[:, :, chunk], image_size)
+        x = to_network(scale_to_unit(volume[:, :, chunk], lo, hi), image_size)
         yield chunk, x.to(device=device, memory_format=torch.channels_last)
 
 

@@ -14,17 +14,16 @@ in OCT). A constant slice (no contrast at all) is marked invalid: blurriness 1 /
 it is never selected. A slice whose ROI is empty gets CoV 0 and mean 0.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 BLUR_FLOOR = 1e-8  # Laplacian variance below this counts as none: blurriness is then 1 / BLUR_FLOOR
 CHUNK = 32  # slices per chunk: bounds memory by the chunk, not the stack's depth
-_LAPLACE_2D = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float32)[:, :, None]
-_IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None] * np.array([0, 1, 0], bool)[None, None, :]
 
 
 @dataclass
@@ -61,63 +60,82 @@ def scale_to_unit(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((volume - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-def _median_filter(slab: np.ndarray, window: int) -> np.ndarray:
-    """In-plane median of each slice, on 8-bit levels: OpenCV's O(1) median is ~50x faster than SciPy's.
+def _median_filter(unit: np.ndarray, window: int) -> np.ndarray:
+    """In-plane median of one contiguous slice, on 8-bit levels: OpenCV's O(1) median is ~50x faster than SciPy's.
 
     OpenCV needs an odd window: an even one is rounded up (20 -> 21)."""
-    k = window | 1
-    u8 = np.round(slab * 255).astype(np.uint8)
-    out = np.empty_like(u8)
-    for z in range(u8.shape[2]):
-        out[:, :, z] = cv2.medianBlur(np.ascontiguousarray(u8[:, :, z]), k)
-    return out.astype(np.float32) / 255
+    u8 = np.round(unit * 255).astype(np.uint8)
+    return cv2.medianBlur(u8, window | 1).astype(np.float32) / 255
 
 
-def _blurriness(slab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lo = slab.min(axis=(0, 1), keepdims=True)
-    span = slab.max(axis=(0, 1), keepdims=True) - lo
-    valid = span[0, 0] > 0
-    unit = (slab - lo) / np.where(span > 0, span, 1)
-    lap_var = ndimage.correlate(unit, _LAPLACE_2D, mode="mirror").var(axis=(0, 1))
-    return 1.0 / np.maximum(lap_var, BLUR_FLOOR), valid
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """scipy's binary_fill_holes with 4-connectivity, for one slice: background not 4-connected to the edge is filled."""
+    count, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
+    if count <= 1:
+        return mask
+    edge = np.zeros(count, bool)
+    for side in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        edge[side] = True
+    edge[0] = True  # label 0 is the foreground itself
+    return ~edge[labels] | mask
 
 
-def _psnr_inv(unit: np.ndarray, window: int) -> np.ndarray:
-    residual_var = (unit - _median_filter(unit, window)).var(axis=(0, 1))
-    peak = unit.max(axis=(0, 1))
-    return np.where(peak > 0, residual_var / np.where(peak > 0, peak, 1), 0.0)
+def _one_slice(raw: np.ndarray, lo: float, hi: float, otsu: float | None, roi: np.ndarray | None, window: int) -> tuple:
+    """All metrics of one contiguous (X, Y) float32 slice: blurriness, PSNR-inv, CoV, mean, valid."""
+    unit = scale_to_unit(raw, lo, hi)
+    if roi is None:
+        roi = _fill_holes(unit > otsu)
+    # blurriness: variance of the Laplacian of the slice min-max scaled to [0, 1] (mirror borders, as SciPy's)
+    smin, smax = raw.min(), raw.max()
+    span = smax - smin
+    valid = bool(span > 0)
+    lap = cv2.Laplacian((raw - smin) / (span if valid else 1), cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT_101)
+    blur = 1.0 / max(float(lap.var()), BLUR_FLOOR)
+    # PSNR-inv: variance of the residual to the median-filtered slice over the slice's maximum
+    peak = float(unit.max())
+    psnr = float((unit - _median_filter(unit, window)).var()) / peak if peak > 0 else 0.0
+    # ROI statistics
+    inside = unit[roi]
+    if inside.size == 0:
+        return blur, psnr, 0.0, 0.0, valid
+    mean = float(inside.sum(dtype=np.float64)) / inside.size
+    std = float(np.sqrt(((inside - mean) ** 2).sum() / inside.size))
+    return blur, psnr, (std / mean if mean > 0 else 0.0), mean, valid
 
 
-def _roi_stats(unit: np.ndarray, roi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    count = roi.sum(axis=(0, 1))
-    safe = np.maximum(count, 1)
-    mean = (unit * roi).sum(axis=(0, 1)) / safe
-    var = ((unit - mean) ** 2 * roi).sum(axis=(0, 1)) / safe
-    cov = np.where(mean > 0, np.sqrt(var) / np.where(mean > 0, mean, 1), 0.0)
-    return np.where(count > 0, cov, 0.0), np.where(count > 0, mean, 0.0)
+def _workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
 def slice_quality(volume: np.ndarray, roi_mask: np.ndarray | None = None, median_window: int = 20) -> SliceQuality:
-    """Per-slice quality metrics of a (X, Y, Z) stack; `roi_mask` (same shape, > 0 inside) is optional."""
+    """Per-slice quality metrics of a (X, Y, Z) stack; `roi_mask` (same shape, > 0 inside) is optional.
+
+    Slices are copied to contiguous memory a chunk at a time and measured in parallel threads (OpenCV and
+    NumPy release the GIL), so memory stays bounded by the chunk, not the stack's depth."""
     if volume.ndim != 3:
         raise ValueError(f"need a (X, Y, Z) stack, got shape {volume.shape}")
     if roi_mask is not None and roi_mask.shape != volume.shape:
         raise ValueError(f"ROI mask shape {roi_mask.shape} differs from the stack's {volume.shape}")
     lo, hi = stack_range(volume)
     otsu = None if roi_mask is not None else _otsu(volume, lo, hi)
-    parts = []
-    for start in range(0, volume.shape[2], CHUNK):
-        slab = volume[:, :, start : start + CHUNK].astype(np.float32)
-        unit = scale_to_unit(slab, lo, hi)
-        if roi_mask is not None:
-            roi = roi_mask[:, :, start : start + CHUNK] > 0
-        else:
-            roi = ndimage.binary_fill_holes(unit > otsu, structure=_IN_PLANE)
-        blur, valid = _blurriness(slab)
-        parts.append((blur, _psnr_inv(unit, median_window), *_roi_stats(unit, roi), valid))
-    blur, psnr, cov, mean, valid = (np.concatenate(p) for p in zip(*parts))
+    rows = []
+    with ThreadPoolExecutor(_workers()) as pool:
+        for start in range(0, volume.shape[2], CHUNK):
+            slab = np.ascontiguousarray(np.moveaxis(volume[:, :, start : start + CHUNK], 2, 0), dtype=np.float32)
+            rois = (
+                np.ascontiguousarray(np.moveaxis(roi_mask[:, :, start : start + CHUNK] > 0, 2, 0))
+                if roi_mask is not None
+                else [None] * len(slab)
+            )
+            rows += pool.map(lambda pair: _one_slice(pair[0], lo, hi, otsu, pair[1], median_window), zip(slab, rois))
+    return _from_rows(rows, roi_mask is not None)
+
+
+def _from_rows(rows: list[tuple], masked: bool) -> SliceQuality:
+    blur, psnr, cov, mean, valid = (np.array(c) for c in zip(*rows)) if rows else (np.zeros(0),) * 5
+    valid = valid.astype(bool)
     psnr = np.where(valid, psnr, 0.0)
-    return SliceQuality(blur, psnr, cov, mean, valid, "mask" if roi_mask is not None else "auto")
+    return SliceQuality(blur, psnr, cov, mean, valid, "mask" if masked else "auto")
 
 
 def _otsu(volume: np.ndarray, lo: float, hi: float) -> float:

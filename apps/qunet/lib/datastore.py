@@ -38,6 +38,19 @@ def atomic_copy(src: str, dest: str) -> None:
 
 
 class QUNetDatastore(LocalDatastore):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self, "_handler", None):  # auto-reload: an atomic replace arrives as a move, not a modify
+            self._handler.on_moved = self._on_moved
+
+    def _on_moved(self, event) -> None:
+        if event.dest_path != self._datastore_config_path:
+            return
+        if self._ignore_event_config:  # our own write
+            self._ignore_event_config = False
+            return
+        self._init_from_datastore_file()
+
     def _reload(self) -> None:
         """Re-read the JSON if another process changed it (caller holds the lock)."""
         path = self._datastore_config_path
