@@ -16,6 +16,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib import records
 from lib.conf import AppConf
 from lib.datastore import QUNetDatastore
+from lib.dicomweb_datastore import dicomweb_datastore
 from lib.infers import QUNetInfer
 from lib.scoring import DisagreementScoring, QualityScoring
 from lib.strategies import QUNetStrategy
@@ -50,6 +51,11 @@ class QUNetApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("", "dicomweb"):
+                # a DICOMweb server (PACS, Orthanc): series are images, final labels go back as DICOM SEG
+                self.studies = self.studies.rstrip("/").strip()
+                return dicomweb_datastore(self.studies, self.qconf.label_map())
+            logger.warning(f"{settings.MONAI_LABEL_DATASTORE} datastore: the app's label checks and slice records are off")
             return super().init_datastore()
         return QUNetDatastore(
             self.studies,

@@ -1,0 +1,248 @@
+"""The app over DICOMweb: a real Orthanc, `monailabel start_server --studies http://.../dicom-web`, MONAILabelClient.
+
+The same loop as test_app_live.py (which uses a local folder), on a synthetic CT-like stack (NIfTI, uploaded
+as CT) and the real pyradiomics breast1 MRI (NRRD, uploaded as MR: the search filter lists both modalities):
+Next sample, download, Submit label (stored on Orthanc as DICOM SEG), Train, disagreement scores, Next sample,
+Infer. Slice k of what the server hands out must be slice k of the uploaded file, and labels read back from
+the SEG (which dcmqi crops to the labelled slices) must land on the image's grid.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+import SimpleITK as sitk
+from dicomweb_client.api import DICOMwebClient
+from monailabel.client import MONAILabelClient
+from orthanc import orthanc_server  # noqa: F401 (fixture)
+
+from live_server import LiveServer
+from qunet.dicomweb import upload
+from qunet.io import file_signature, load_label, load_stack
+from qunet.synthetic import generate_stack
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics"
+TINY_CONF = {"image_size": "64", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
+TRAIN = {"max_epochs": 2, "train_batch_size": 4}
+CLIENT = "ohif-a"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, orthanc_server) -> dict:
+    """Two stacks uploaded to Orthanc: SeriesInstanceUID -> its original file, ground truth and modality."""
+    root = tmp_path_factory.mktemp("dicomweb")
+    ct = generate_stack("ct", seed=3, shape=(64, 64, 12))
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(ct.image.astype(np.int16), affine), root / "ct3.nii.gz")
+    nib.save(nib.Nifti1Image(ct.label.astype(np.uint8), affine), root / "ct3-truth.nii.gz")
+    [ct_uid] = upload([root / "ct3.nii.gz"], orthanc_server, modality="CT")
+    [mr_uid] = upload([REAL / "breast1_image.nrrd"], orthanc_server, modality="MR")
+    stacks = {
+        ct_uid: {"file": root / "ct3.nii.gz", "truth": root / "ct3-truth.nii.gz", "modality": "CT"},
+        mr_uid: {"file": REAL / "breast1_image.nrrd", "truth": REAL / "breast1_label.nrrd", "modality": "MR"},
+    }
+    return {"root": root, "url": orthanc_server, "stacks": stacks}
+
+
+@pytest.fixture(scope="module")
+def server(data):
+    venv_bin = os.path.dirname(sys.executable)  # monailabel and dcmqi's itkimage2segimage
+    env = {
+        "PATH": venv_bin + os.pathsep + os.environ["PATH"],
+        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": ["CT", "MR"]}),
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(data["root"] / "cache"),
+    }
+    srv = LiveServer(data["url"], data["root"], conf=TINY_CONF, env=env).start()
+    yield srv
+    srv.stop()
+    print(srv.tail(40))
+
+
+def image_info(server: LiveServer, image_id: str) -> dict:
+    r = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=30)
+    assert r.ok, r.text
+    return r.json()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    value = None
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise TimeoutError(f"{what}: still {value!r} after {timeout} s")
+
+
+def download_image(server: LiveServer, image_id: str, dest: Path) -> Path:
+    r = requests.get(f"{server.url}/datastore/image?image={quote_plus(image_id)}", timeout=60)
+    assert r.ok, r.text
+    dest.write_bytes(r.content)
+    return dest
+
+
+def annotate(truth_file: Path, image_file: Path, slices: list[int], out: Path) -> np.ndarray:
+    """What the annotator draws: the ground truth on the served slices only, in the downloaded image's geometry."""
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))  # (Z, Y, X)
+    drawn = np.zeros_like(truth, dtype=np.uint8)
+    drawn[slices] = truth[slices] > 0
+    label = sitk.GetImageFromArray(drawn)
+    label.CopyInformation(sitk.ReadImage(str(image_file)))
+    sitk.WriteImage(label, str(out))
+    return drawn.transpose(2, 1, 0)  # (X, Y, Z) as qunet.io reads it
+
+
+def segs_of(url: str, image_id: str) -> list[pydicom.Dataset]:
+    """The SEG instances on the server that reference the image series."""
+    client = DICOMwebClient(url)
+    found = []
+    for ds in client.search_for_series(search_filters={"Modality": "SEG"}):
+        study, series = ds["0020000D"]["Value"][0], ds["0020000E"]["Value"][0]
+        for meta in client.retrieve_series_metadata(study, series):
+            seg = pydicom.Dataset.from_json(meta)
+            if seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id:
+                found.append(seg)
+    return found
+
+
+def test_images_are_the_uploaded_series(server, data):
+    info = MONAILabelClient(server.url).info()
+    assert "qunet" in info["models"] and "qunet" in info["strategies"]
+    assert {"qunet_quality", "qunet_disagreement"} <= set(info["scoring"])
+    for uid, stack in data["stacks"].items():
+        record = wait_for(lambda: image_info(server, uid).get("qunet_quality"), 120, f"quality scores of {uid}")
+        assert record["slices"] == load_stack(stack["file"]).num_slices
+        meta = image_info(server, uid)
+        assert meta["Modality"] == stack["modality"] and meta["SeriesInstanceUID"] == uid
+        assert meta["DicomPatientID"] == Path(stack["file"]).name.split(".")[0]
+    # a series that is not on the server is a 404-like error, not a crash or a path outside the cache
+    r = requests.get(f"{server.url}/datastore/image?image=..%2F..%2Fetc", timeout=30)
+    assert not r.ok
+
+
+def test_dicomweb_loop(server, data, tmp_path):
+    client = MONAILabelClient(server.url, client_id=CLIENT)
+    url, stacks = data["url"], data["stacks"]
+    annotated: dict[str, set[int]] = {}
+    for round_ in (1, 2):
+        sample = client.next_sample("qunet", {})
+        image_id, slices = sample["id"], sample["slices"]
+        assert image_id in stacks
+        stack = stacks[image_id]
+        original = load_stack(stack["file"])
+        assert sample["phase"] == ("initial" if round_ == 1 else "disagreement")
+        assert 0 < len(slices) <= 4 and all(isinstance(k, int) and 0 <= k < original.num_slices for k in slices)
+        assert not set(slices) & annotated.get(image_id, set()), "served an annotated slice again"
+        # OHIF's Next sample dialog shows PatientID and opens StudyInstanceUID; Slicer names the volume after PatientID
+        assert sample["PatientID"].startswith(image_id) and str(slices[0]) in sample["PatientID"]
+        assert sample["StudyInstanceUID"] == image_info(server, image_id)["StudyInstanceUID"]
+        if round_ == 1:
+            assert slices == image_info(server, image_id)["qunet_quality"]["initial"][: len(slices)]
+        else:
+            assert sample["scores"]["q"] == sorted(sample["scores"]["q"])
+
+        # the image as a client downloads it: slice k is slice k of the uploaded file, same geometry
+        image_file = download_image(server, image_id, tmp_path / f"{round_}-{image_id}.nii.gz")
+        served = load_stack(image_file)
+        assert served.array.shape == original.array.shape
+        for k in range(original.num_slices):
+            assert np.array_equal(served.array[:, :, k], original.array[:, :, k]), f"slice {k}"
+        assert np.allclose(served.affine, original.affine, atol=1e-4)
+
+        label_file = tmp_path / f"{round_}-{image_id}-label.nii.gz"
+        drawn = annotate(stack["truth"], image_file, slices, label_file)
+        before = len(segs_of(url, image_id))
+        saved = client.save_label(image_id, str(label_file), params={"label_info": [{"name": "lesion", "idx": 1}]})
+        assert set(saved["annotated_slices"]) == set(slices) | annotated.get(image_id, set())
+        previous = annotated.get(image_id, set())
+        annotated[image_id] = set(saved["annotated_slices"])
+
+        # stored on Orthanc as a DICOM SEG of that series, cropped by dcmqi to the slices with foreground ...
+        segs = segs_of(url, image_id)
+        with_foreground = sorted(int(k) for k in np.nonzero(drawn.any(axis=(0, 1)))[0])
+        if with_foreground or previous:
+            assert len(segs) == before + 1, "no SEG stored for a label with foreground"
+            seg = max(segs, key=lambda s: (s.SeriesDate, s.SeriesTime))
+            assert seg.SegmentSequence[0].SegmentLabel == "lesion"
+        # ... and read back from the server on the image's grid, equal to what was drawn on the annotated slices
+        r = requests.get(f"{server.url}/datastore/label", params={"label": image_id, "tag": "final"}, timeout=60)
+        assert r.ok, r.text
+        back_file = tmp_path / f"{round_}-{image_id}-back.nii.gz"
+        back_file.write_bytes(r.content)
+        back = load_label(back_file, served)  # raises unless shape and affine equal the image's
+        for k in set(slices):
+            assert np.array_equal(back[:, :, k], drawn[:, :, k]), f"label slice {k} after the SEG round trip"
+        if with_foreground:
+            frames = int(seg.NumberOfFrames)
+            assert frames < original.num_slices  # cropped on the server: resampling put it back on the grid
+
+        client.train_start("qunet", TRAIN)
+        status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "training")
+        assert status["status"] == "DONE", server.tail()
+        r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
+        assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
+        model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
+        record = wait_for(lambda: (image_info(server, image_id).get("qunet_disagreement") or {}).get("model") == model
+                          and image_info(server, image_id)["qunet_disagreement"], 300, "disagreement scores of the new model")
+        assert len(record["q"]) == original.num_slices
+        assert all(record["q"][k] is None for k in annotated[image_id])  # annotated slices are not scored
+
+    sample = client.next_sample("qunet", {})
+    assert sample["phase"] == "disagreement"
+    assert not set(sample["slices"]) & annotated.get(sample["id"], set())
+
+
+def test_infer_on_a_series(server, data, tmp_path):
+    client = MONAILabelClient(server.url)
+    assert Path(server.app_dir, "model", "qunet.pt").exists(), "runs after the loop test, which trains"
+    for image_id, stack in data["stacks"].items():
+        label_file, result = client.infer("qunet", image_id, {})
+        image = load_stack(stack["file"])
+        label = load_label(label_file, image)  # raises unless shape and affine equal the uploaded file's
+        assert label.shape == image.array.shape
+        assert result["label_names"] == {"lesion": 1}
+
+
+def test_seg_made_elsewhere_is_read_on_the_grid(server, data, tmp_path):
+    """A SEG stored on the server by another tool (e.g. a viewer) becomes the image's label, on its grid."""
+    from monailabel.datastore.dicom import DICOMwebClientX
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+    from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+    image_id = next(i for i, s in data["stacks"].items() if s["modality"] == "CT")
+    stack = data["stacks"][image_id]
+    series_dir = tmp_path / "series"
+    dicom_web_download_series(None, image_id, str(series_dir), DICOMwebClientX(url=data["url"]))
+    image_file = download_image(server, image_id, tmp_path / "image.nii.gz")
+    truth = load_stack(stack["truth"]).array
+    labelled = sorted(int(k) for k in np.nonzero(truth.any(axis=(0, 1)))[0])[:3]
+    assert labelled, "the synthetic stack has lesions"
+    drawn = annotate(stack["truth"], image_file, labelled, tmp_path / "elsewhere.nii.gz")
+    time.sleep(1.1)  # SEG times have one-second steps: be newer than the app's last one
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    old_path, os.environ["PATH"] = os.environ["PATH"], env["PATH"]
+    try:
+        seg_file = nifti_to_dicom_seg(str(series_dir), str(tmp_path / "elsewhere.nii.gz"), [{"name": "lesion"}])
+    finally:
+        os.environ["PATH"] = old_path
+    seg = pydicom.dcmread(seg_file)
+    assert int(seg.NumberOfFrames) == len(labelled) < load_stack(image_file).num_slices
+    DICOMwebClient(data["url"]).store_instances([seg])
+
+    def fetched():
+        r = requests.get(f"{server.url}/datastore/label", params={"label": image_id, "tag": "final"}, timeout=60)
+        assert r.ok, r.text
+        (tmp_path / "back.nii.gz").write_bytes(r.content)
+        back = load_label(tmp_path / "back.nii.gz", load_stack(image_file))
+        return np.array_equal(back, drawn)
+
+    wait_for(fetched, 30, "the new SEG as the image's label")
