@@ -11,6 +11,11 @@ def _cutoff(values: np.ndarray, percentile: float | None) -> float:
     return float(values.mean() if percentile is None else np.percentile(values, percentile))
 
 
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Rank of each value (0 = smallest; ties share the lower rank): scale-free, unlike the heavy-tailed values."""
+    return np.searchsorted(np.sort(values), values, side="left").astype(float)
+
+
 def _normalise(values: np.ndarray) -> np.ndarray:
     span = values.max() - values.min()
     return (values - values.min()) / span if span > 0 else np.zeros_like(values, dtype=float)
@@ -26,17 +31,20 @@ def select_initial(
     """S0: sharp, high-contrast slices with distinct ROI statistics, best first.
 
     A valid slice is a candidate when its blurriness and PSNR-inv are both at or below the stack's cut-off
-    (the mean of valid slices, or the given percentile). Candidates are ranked by the sum of their two
-    normalised quality values (ties by index) and taken greedily; one within `epsilon0` (Euclidean, in
+    (the mean over valid slices, geometric for blurriness; or the given percentile). Candidates are ranked by the sum of their ranks in
+    blurriness and in PSNR-inv among the stack's valid slices (ties by index) and taken greedily; one within `epsilon0` (Euclidean, in
     (CoV, mean) space min-max normalised over the stack's valid slices) of an already kept slice is dropped.
     """
     valid = np.flatnonzero(quality.valid)
     if valid.size == 0 or max_initial <= 0:
         return []
     blur, psnr = quality.blurriness[valid], quality.psnr_inv[valid]
-    keep = (blur <= _cutoff(blur, blur_percentile)) & (psnr <= _cutoff(psnr, psnr_percentile))
+    # Blurriness, an inverse variance, spans orders of magnitude: a few very blurry slices would pull its plain
+    # mean above nearly every slice, so its mean is taken on the log scale (the geometric mean).
+    log_blur = np.log(blur)
+    keep = (log_blur <= _cutoff(log_blur, blur_percentile)) & (psnr <= _cutoff(psnr, psnr_percentile))
     features = np.stack([_normalise(quality.cov[valid]), _normalise(quality.mean[valid])], axis=1)
-    badness = _normalise(blur) + _normalise(psnr)
+    badness = _ranks(blur) + _ranks(psnr)
     order = sorted(np.flatnonzero(keep), key=lambda i: (badness[i], valid[i]))
     chosen: list[int] = []
     for i in order:
