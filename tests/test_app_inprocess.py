@@ -1,0 +1,80 @@
+"""App behaviour that needs no live server: conf parsing, a pretrained model, nothing left to annotate."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from app_inprocess import APP, app_client
+from qunet import build_network
+from qunet.synthetic import generate_stack
+
+TINY = "4,4,8,8,16,4"
+
+
+def load_conf_class():
+    import sys
+
+    sys.path.insert(0, str(APP))
+    from lib.conf import AppConf
+
+    return AppConf
+
+
+def test_conf_parsing_and_errors():
+    AppConf = load_conf_class()
+    conf = AppConf.from_conf({"q0": "0.3", "features": TINY, "labels": "cyst, ggo", "image_size": "64",
+                              "blur_percentile": "40", "psnr_percentile": "mean"})
+    assert conf.q0 == 0.3 and conf.features == (4, 4, 8, 8, 16, 4) and conf.image_size == 64
+    assert conf.label_map() == {"cyst": 1, "ggo": 2}
+    assert conf.blur_percentile == 40 and conf.psnr_percentile is None
+    assert AppConf.from_conf({}).features == (32, 64, 128, 256, 512, 32)
+    for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"image_size": "100"}, "multiple of 16"),
+                         ({"labels": " , "}, "labels")):
+        with pytest.raises(ValueError, match=message):
+            AppConf.from_conf(bad)
+
+
+@pytest.fixture
+def studies(tmp_path) -> Path:
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for seed in (1, 2):
+        s = generate_stack("ct", seed, (48, 48, 8))
+        nib.save(nib.Nifti1Image(s.image.astype(np.int16), np.diag([0.7, 0.7, 5, 1])), folder / f"ct{seed}.nii.gz")
+    return folder
+
+
+def test_pretrained_model_drives_disagreement_and_infer(studies, tmp_path):
+    weights = tmp_path / "other-modality.pt"
+    torch.manual_seed(0)
+    torch.save({"model": build_network(tuple(map(int, TINY.split(",")))).state_dict()}, weights)
+    client = app_client(studies, {"features": TINY, "image_size": "32", "pretrained_path": str(weights), "q0": "1.01"})
+
+    r = client.post("/scoring/qunet_disagreement?run_sync=true")
+    assert r.status_code == 200 and r.json()["scored"] == 2
+    assert client.post("/scoring/qunet_disagreement?run_sync=true").json() == {"scored": 0, "skipped": 2, "failed": 0}
+    sample = client.post("/activelearning/qunet", json={"client_id": "a"}).json()
+    assert sample["phase"] == "disagreement" and sample["slices"]
+    info = client.get("/datastore/image/info", params={"image": sample["id"]}).json()
+    assert sample["scores"]["q"] == [info["qunet_disagreement"]["q"][k] for k in sample["slices"]]
+
+    r = client.post("/infer/qunet?image=ct1&output=image", data={"params": "{}"})
+    assert r.status_code == 200
+    out = tmp_path / "pred.nii.gz"
+    out.write_bytes(r.content)
+    pred, image = nib.load(out), nib.load(studies / "ct1.nii.gz")
+    assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-4)
+
+
+def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
+    labels = studies / "labels" / "final"
+    labels.mkdir(parents=True)
+    for f in studies.glob("*.nii.gz"):  # labels present before the app ever served the volume: all slices annotated
+        img = nib.load(f)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), labels / f.name)
+    client = app_client(studies, {"features": TINY, "image_size": "32"})
+    assert client.post("/activelearning/qunet", json={"client_id": "a"}).json() == {}
+    assert client.get("/info/").json()["datastore"]["completed"] == 2
