@@ -151,3 +151,24 @@ def test_infer_label_matches_image_geometry(server, data, tmp_path):
         label = load_label(label_file, image)  # raises unless shape and affine equal the image's
         assert label.shape == image.array.shape
         assert result["label_names"] == {"lesion": 1}
+
+
+def test_auto_train_after_each_label(data, tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for image in data["studies"].glob("*.*"):
+        shutil.copy(image, studies)
+    srv = LiveServer(studies, tmp_path, conf={**TINY_CONF, "auto_train_after": "1"}).start()
+    try:
+        client = MONAILabelClient(srv.url, tmpdir=str(tmp_path), client_id="slicer-b")
+        with pytest.raises(Exception):
+            client.train_status()  # nothing trained yet: 404
+        sample = client.next_sample("qunet", {})
+        image_file = Path(sample["path"])
+        label = annotate(data, sample["id"], image_file, sample["slices"], tmp_path / "label.nii.gz")
+        client.save_label(sample["id"], str(label), params={"label_info": [{"name": "lesion", "idx": 1}]})
+        status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training")
+        assert status["status"] == "DONE", srv.tail()
+        assert (Path(srv.app_dir) / "model" / "qunet.pt").exists()
+    finally:
+        srv.stop()
