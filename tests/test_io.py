@@ -45,7 +45,7 @@ def test_label_must_match_shape_geometry_and_values(stack_files, tmp_path):
     with pytest.raises(StackError, match="geometry"):
         load_label(tmp_path / "geom.nii.gz", stack)
     nib.save(nib.Nifti1Image(good.astype(np.float32) * -1.5, affine), tmp_path / "neg.nii.gz")
-    with pytest.raises(StackError, match="non-negative integers"):
+    with pytest.raises(StackError, match="integers from 0 to 255"):
         load_label(tmp_path / "neg.nii.gz", stack)
 
 

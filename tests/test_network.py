@@ -97,3 +97,15 @@ def test_incompatible_or_corrupt_weights_raise_clearly(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a readable model"):
         load_weights(build_network(TINY), str(tmp_path / "bad.pt"))
+
+
+def test_training_targets_one_channel_per_label():
+    from qunet.slices import labels_to_network
+
+    label = np.zeros((8, 8, 2), np.uint8)
+    label[:2, :2, 0] = 1
+    label[4:, 4:, 0] = 2
+    single = labels_to_network(label, 8, num_labels=1)
+    assert single.shape == (2, 1, 8, 8) and single[0, 0].sum() == 4 + 16 and single[1].sum() == 0
+    two = labels_to_network(label, 8, num_labels=2)
+    assert two[0, 0].sum() == 4 and two[0, 1].sum() == 16

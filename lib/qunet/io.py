@@ -65,8 +65,8 @@ def load_label(path: str | Path, like: Stack) -> np.ndarray:
         raise StackError(f"{path}: label shape {array.shape} differs from image shape {like.array.shape}")
     if not np.allclose(affine, like.affine, atol=1e-3):
         raise StackError(f"{path}: label geometry (affine) differs from the image's")
-    if not np.isfinite(array).all() or (array < 0).any() or (array != np.round(array)).any():
-        raise StackError(f"{path}: label values must be non-negative integers")
+    if not np.isfinite(array).all() or (array < 0).any() or (array > 255).any() or (array != np.round(array)).any():
+        raise StackError(f"{path}: label values must be integers from 0 to 255")
     return array.astype(np.uint8)
 
 

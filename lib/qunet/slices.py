@@ -21,9 +21,12 @@ def to_network(unit_slab: np.ndarray, image_size: int) -> torch.Tensor:
 
 
 def labels_to_network(label_slab: np.ndarray, image_size: int, num_labels: int) -> torch.Tensor:
-    """(X, Y, n) integer labels -> (n, num_labels, S, S) binary float targets, one channel per label value."""
+    """(X, Y, n) integer labels -> (n, num_labels, S, S) binary float targets, one channel per label value.
+
+    With a single label every non-zero value is foreground (a client may number its segments from 2)."""
     y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(label_slab, 2, 0))).long()
-    onehot = torch.stack([(y == v) for v in range(1, num_labels + 1)], dim=1).float()
+    values = [y > 0] if num_labels == 1 else [(y == v) for v in range(1, num_labels + 1)]
+    onehot = torch.stack(values, dim=1).float()
     return F.interpolate(onehot, size=(image_size, image_size), mode="nearest-exact")
 
 
