@@ -10,8 +10,8 @@ keeps its records (quality, disagreement, served and annotated slices). On top o
   SEG whose segments are named after the app's labels, then records label and image info in one locked,
   atomic update. A label with no foreground (all served slices negative) has no SEG (dcmqi cannot write
   one); it is kept in the cache only.
-- `get_label_uri(image, "final")` gives the newest label of the image ON THE IMAGE'S GRID. dcmqi leaves out
-  slices without foreground, so a SEG read back covers only the labelled slices, with a shifted origin; each
+- `get_label_uri(image, "final")` gives the newest label of the image ON THE IMAGE'S GRID. dcmqi keeps only
+  the slices from the first to the last with foreground, so a SEG read back is cropped, with a shifted origin; each
   segment is resampled by physical position onto the cached image (nearest neighbour) and the result cached
   per SEG. The newest SEG on the server wins, so a SEG made elsewhere (another server, a viewer) is picked up.
 - Series download and NIfTI conversion happen under a per-series lock into a temporary folder that is renamed
@@ -27,6 +27,7 @@ keeps its records (quality, disagreement, served and annotated slices). On top o
 """
 
 import itertools
+import json
 import logging
 import os
 import re
@@ -116,7 +117,10 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
         os.makedirs(self._grid_dir, exist_ok=True)
         os.makedirs(self._lock_dir, exist_ok=True)
         self._images_cache: TTLCache = TTLCache(maxsize=1, ttl=list_seconds)
-        self._seg_meta: dict[str, tuple[str, float] | None] = {}  # SEG uid -> (referenced series, time); immutable
+        # SEG uid -> [referenced series, time] or None; SEGs never change, so this is kept on disk for the
+        # scoring and training subprocesses (each would otherwise fetch the metadata of every SEG again)
+        self._seg_meta_file = os.path.join(self._datastore_path, "qunet-segs.json")
+        self._seg_meta: dict[str, list | None] = self._load_seg_meta()
         self._seg_index_cache: TTLCache = TTLCache(maxsize=1, ttl=SEG_INDEX_SECONDS)
         self._cache_lock = threading.RLock()
 
@@ -237,25 +241,45 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
 
     # ---- labels: SEG series on the server, converted back onto the image grid ---------------------------------
 
+    def _load_seg_meta(self) -> dict[str, list | None]:
+        try:
+            with open(self._seg_meta_file) as f:
+                return dict(json.load(f))
+        except (OSError, ValueError):
+            return {}
+
+    def _save_seg_meta(self) -> None:
+        with FileLock(os.path.join(self._lock_dir, "qunet-segs.lock")):
+            merged = {**self._load_seg_meta(), **self._seg_meta}
+            fd, tmp = tempfile.mkstemp(dir=self._lock_dir, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(merged, f)
+            os.replace(tmp, self._seg_meta_file)
+
     def _seg_info(self, study_uid: str, seg_uid: str) -> tuple[str, float] | None:
         """(referenced image series, creation time) of a SEG; None when it names no series."""
         if seg_uid not in self._seg_meta:
             found = self._client.retrieve_series_metadata(study_uid, seg_uid)
             meta = Dataset.from_json(found[0]) if found else Dataset()
             refs = meta.get("ReferencedSeriesSequence")
-            self._seg_meta[seg_uid] = (str(refs[0].SeriesInstanceUID), _seg_time(meta)) if refs else None
-        return self._seg_meta[seg_uid]
+            self._seg_meta[seg_uid] = [str(refs[0].SeriesInstanceUID), _seg_time(meta)] if refs else None
+            self._seg_meta_dirty = True
+        found = self._seg_meta[seg_uid]
+        return (found[0], float(found[1])) if found else None
 
     def _seg_index(self) -> dict[str, list[tuple[float, str, str]]]:
         """image series -> its SEG series on the server as (time, SEG uid, study uid), oldest first."""
         with self._cache_lock:
             if "index" not in self._seg_index_cache:
                 index: dict[str, list[tuple[float, str, str]]] = {}
+                self._seg_meta_dirty = False
                 for ds in self._client.search_for_series(search_filters={"Modality": "SEG"}):
                     study, seg = _value(ds, "0020000D"), _value(ds, "0020000E")
                     found = self._seg_info(study, seg)
                     if found:
                         index.setdefault(found[0], []).append((found[1], seg, study))
+                if self._seg_meta_dirty:
+                    self._save_seg_meta()
                 for segs in index.values():
                     segs.sort()
                 self._seg_index_cache["index"] = index
