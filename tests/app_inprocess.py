@@ -21,6 +21,9 @@ def app_client(studies: Path, conf: dict[str, str]) -> TestClient:
     settings.MONAI_LABEL_TRACKING_ENABLED = False
     settings.MONAI_LABEL_SESSION_PATH = str(studies.parent / "sessions")
     for k, v in settings.model_dump().items():
+        if v is None:  # "None" as a string would reach servers started later in the session
+            os.environ.pop(k, None)
+            continue
         os.environ[k] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     if str(APP) not in sys.path:
         sys.path.insert(0, str(APP))  # the app's `lib` package, as start_server puts the app dir on PYTHONPATH

@@ -40,7 +40,9 @@ class LiveServer:
                "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
-        env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}  # in-process tests set them
+        env = {**inherited, "MONAI_LABEL_TRACKING_ENABLED": "false", "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1",  # the server and its scoring/training subprocesses share 2 cores
                "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions"), **self.env}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
                                      cwd=self.app_dir.parent, start_new_session=True)

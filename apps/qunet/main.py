@@ -2,25 +2,37 @@
 
     monailabel start_server --app apps/qunet --studies sample-data [--conf KEY VALUE ...]
 
-The work is done by the `qunet` library; this module only wires its tasks into MONAI Label.
+The work is done by the `qunet` library; this module only wires its tasks into MONAI Label, and answers a
+client's mistakes with a 4xx status and a message naming the problem (MONAI Label would answer 500).
 """
 
+import functools
+import inspect
 import logging
 import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.utils.app import app_instance
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
 from lib import records
 from lib.conf import AppConf
 from lib.datastore import QUNetDatastore
 from lib.dicomweb_datastore import dicomweb_datastore
+from lib.errors import BadRequest, ClientError, ImageNotFound, NotFound, as_bool, check_tag, json_object
 from lib.infers import QUNetInfer
 from lib.scoring import DisagreementScoring, QualityScoring
 from lib.strategies import QUNetStrategy
-from lib.trainers import QUNetTrain
+from lib.trainers import QUNetTrain, check_train_request
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +51,13 @@ class QUNetApp(MONAILabelApp):
             conf=conf,
             name="QU-net++",
             description="Annotate the few slices that matter: image quality first, then U-net++ level-3/4 disagreement",
-            labels=self.qconf.label_map(),
+            labels=list(self.qconf.labels),  # a list: the bundled OHIF panel fails on a dict
         )
+        if isinstance(self._datastore, QUNetDatastore) and len(self.qconf.labels) > 1:
+            self._datastore.max_label = len(self.qconf.labels)  # value i = i-th label; one label: any non-zero
+        self._sample_lock = threading.Lock()
+        self._scoring_lock = threading.Lock()
+        guard_endpoints()
 
     def model_path(self) -> str | None:
         """The published model if training produced one, else conf pretrained_path, else None."""
@@ -79,7 +96,60 @@ class QUNetApp(MONAILabelApp):
             "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path),
         }
 
+    # ---- requests: unknown names are 404, bad values 400, before MONAI Label turns them into 500 ----------------
+
+    def _known(self, kind: str, name: Any, tasks: dict) -> None:
+        if not isinstance(name, str) or name not in tasks:
+            raise NotFound(f"no {kind} {name!r}; this app has {', '.join(sorted(tasks)) or 'none'}")
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        self._known("model", request.get("model"), self._infers)
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise BadRequest("infer needs an image id (query parameter image) or an uploaded file")
+        store = datastore or self.datastore()
+        if not known_image(store, image) and not uploaded_file(image):
+            raise ImageNotFound(image)
+        if "save_label" in request:
+            request = {**request, "save_label": as_bool(request["save_label"], "save_label")}
+            if request["save_label"]:
+                check_tag(request.get("label_tag", "original"))
+        return super().infer(request, datastore)
+
+    def next_sample(self, request: dict) -> dict:
+        """One Next sample at a time: the strategy reads and writes the served-slice records (the hold)."""
+        self._known("strategy", request.get("strategy") or "random", self._strategies)
+        with self._sample_lock:
+            return super().next_sample(request)
+
+    def scoring(self, request: dict, datastore=None):
+        self._known("scoring method", request.get("method"), self._scoring_methods)
+        return super().scoring(request, datastore)
+
+    def async_scoring(self, method, params=None):
+        """Queue a scoring run (a subprocess) only when it has work: some image lacks an up-to-date record, and no
+        run for the method is queued and not yet started (that one will see every change made before it starts).
+        MONAI Label asks after every Next sample; queueing a run each time would pile up subprocesses under load."""
+        if not self._server_mode or params is not None:
+            return super().async_scoring(method, params)
+        methods = [method] if method else list(self._scoring_methods)
+        result = {}
+        with self._scoring_lock:
+            waiting = {t["request"].get("method") for t in background_tasks("scoring") if t.get("status") == "SUBMITTED"}
+            for m in methods:
+                result[m] = None if m in waiting or not self._has_work(m) else super().async_scoring(m)
+        return result[method] if method else result
+
+    def _has_work(self, method: str) -> bool:
+        task = self._scoring_methods.get(method)
+        try:
+            return not hasattr(task, "pending") or task.pending(self.datastore())
+        except Exception:  # when in doubt, score
+            logger.exception(f"cannot tell whether {method} has work")
+            return True
+
     def train(self, request: dict) -> dict:
+        self._known("trainer", request.get("model"), self._trainers)
         result = super().train(request)
         if not self._server_mode:
             # MONAI Label's training subprocess asks the server to re-score one method at a time without
@@ -94,3 +164,116 @@ class QUNetApp(MONAILabelApp):
             self.labels_since_training = 0
             self.async_training(MODEL, enqueue=True)
         return {"annotated_slices": self.datastore().get_image_info(image_id).get(records.ANNOTATED)}
+
+
+# ---- what MONAI Label's endpoints do before they reach the app -------------------------------------------------
+
+
+def known_image(datastore: Datastore, image_id: Any) -> bool:
+    if not isinstance(image_id, str) or not image_id:
+        return False
+    try:
+        uri = datastore.get_image_uri(image_id)
+        return bool(uri) and os.path.exists(uri)
+    except (ImageNotFoundException, ClientError, ValueError):  # ValueError: a NUL byte in a path
+        return False
+
+
+def uploaded_file(path: str) -> bool:
+    """A file MONAI Label's infer endpoint saved from an upload (or a session): the only server paths allowed as
+    `image`; any other path (MONAI Label would read any file on the server) is treated as an unknown id."""
+    try:
+        real = os.path.realpath(path)
+        roots = [os.path.realpath(p) for p in (tempfile.gettempdir(), settings.MONAI_LABEL_SESSION_PATH) if p]
+        return os.path.isfile(real) and any(os.path.commonpath([real, root]) == root for root in roots)
+    except (OSError, ValueError):  # e.g. a NUL byte
+        return False
+
+
+def _check_save_label(args: dict) -> None:
+    json_object(args.get("params"), "params")
+    check_tag(args.get("tag") or "final")
+    if not known_image(app_instance().datastore(), args.get("image")):
+        raise ImageNotFound(args.get("image"))
+
+
+def _check_add_image(args: dict) -> None:
+    json_object(args.get("params"), "params")
+
+
+def _check_image_info(args: dict) -> None:
+    info = json_object(args.get("info"), "info")
+    own = sorted(k for k in info if str(k).startswith("qunet_"))
+    if own:
+        raise ClientError(f"{', '.join(own)}: the app's own records cannot be set by a client", 403)
+
+
+def _check_label_info(args: dict) -> None:
+    json_object(args.get("info"), "info")
+
+
+def _check_infer(args: dict) -> None:
+    app = app_instance()
+    app._known("model", args.get("model"), app._infers)
+    json_object(args.get("params"), "params")
+    if not args.get("file") and not args.get("image") and not args.get("session_id"):
+        raise BadRequest("infer needs an image id (query parameter image), an uploaded file or a session id")
+    if args.get("output") == "dicom_seg" and not hasattr(app.datastore(), "_client"):
+        raise BadRequest("output=dicom_seg needs a DICOMweb datastore")
+
+
+def _check_train(args: dict) -> None:
+    app = app_instance()
+    app._known("trainer", args.get("model"), app._trainers)
+    check_train_request(args.get("params") or {})
+
+
+def _check_scoring(args: dict) -> None:
+    app = app_instance()
+    app._known("scoring method", args.get("method"), app._scoring_methods)
+
+
+def _check_sample(args: dict) -> None:
+    app = app_instance()
+    app._known("strategy", args.get("strategy"), app._strategies)
+    params = args.get("params") or {}
+    if "strategy" in params and params["strategy"] != args.get("strategy"):
+        raise BadRequest("params.strategy must match the strategy in the path")
+    if not isinstance(params.get("client_id", ""), (str, int)):
+        raise BadRequest(f"client_id must be a string, got {params['client_id']!r}")
+
+
+GUARDS: dict[str, dict[str, Callable[[dict], None]]] = {
+    "datastore": {"save_label": _check_save_label, "add_image": _check_add_image,
+                  "update_image_info": _check_image_info, "update_label_info": _check_label_info},
+    "infer": {"run_inference": _check_infer},
+    "train": {"run_model": _check_train},
+    "scoring": {"run_method": _check_scoring},
+    "activelearning": {"sample": _check_sample},
+}
+
+
+def guard_endpoints() -> None:
+    """Check requests before MONAI Label's endpoint code parses them (its `json.loads` of a form field and its
+    `dict.update` with it answer a malformed value with 500).
+
+    The async endpoints call module-level helpers (`monailabel.endpoints.datastore.save_label`, ...) that are
+    looked up at call time; each is wrapped once with a check raising a 4xx HTTPException. Only in a process
+    that serves the endpoints (the server, or an in-process TestClient); idempotent across app reloads.
+    """
+    for module_name, guards in GUARDS.items():
+        module = sys.modules.get(f"monailabel.endpoints.{module_name}")
+        if module is None:
+            continue
+        for name, check in guards.items():
+            current = getattr(module, name)
+            original = current.__wrapped__ if getattr(current, "qunet_guard", False) else current
+            signature = inspect.signature(original)
+
+            def guarded(*args, __original=original, __signature=signature, __check=check, **kwargs):
+                __check(__signature.bind(*args, **kwargs).arguments)
+                return __original(*args, **kwargs)
+
+            functools.update_wrapper(guarded, original)
+            guarded.qunet_guard = True
+            setattr(module, name, guarded)

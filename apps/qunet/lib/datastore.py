@@ -1,35 +1,91 @@
-"""MONAI Label's LocalDatastore with crash-safe writes and no lost updates between processes.
+"""MONAI Label's LocalDatastore with crash-safe writes, no lost updates between processes, and checked input.
 
-Scoring and training run in subprocesses that write the same datastore JSON as the server. The stock
-class truncates and rewrites the file in place (a kill mid-write loses every record) and writes its own
-in-memory copy (another process's update is lost). Here every write reloads the file under the lock,
-applies the change, and replaces the file atomically; label files are replaced atomically too.
+Scoring and training run in subprocesses that write the same datastore JSON as the server. The stock class
+truncates and rewrites the file in place (a kill mid-write loses every record) and writes its own in-memory
+copy (another process's update is lost). Here:
+
+- every write reloads the file under the lock (one lock per datastore: a file lock between processes, reentrant
+  within one), applies the change and replaces the file atomically (temporary file, fsync, rename);
+- a label is saved with a roll-forward journal: its file is copied next to its final place, the JSON records
+  the label, its bookkeeping and the pending copy in one atomic write (the commit), then the copy is renamed
+  into place and the journal entry cleared. A process killed before the commit leaves the old label and the old
+  records; one killed after it leaves a journal entry that the next start (any process opening the datastore)
+  completes, so the label file and its records always agree;
+- a submitted label is checked against its image before anything is written, and ids, tags and file types
+  from clients are checked (nothing is written outside the studies folder); mistakes raise `lib.errors`
+  exceptions, which the server answers with a 4xx status and a message naming the problem.
 """
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
-from qunet.io import load_label, load_stack
+from qunet.io import IMAGE_SUFFIXES, StackError, load_stack
 
-from lib.submission import prepare_submission
+from lib import records
+from lib.errors import BadRequest, Conflict, ImageNotFound, LabelNotFound, Unprocessable, check_name, check_tag
+from lib.submission import check_label, prepare_submission
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"  # our temporary files; any left over after a crash is removed on the next start
+PENDING = "qunet_pending"  # label info: {"tmp": copy waiting to be renamed into place, "stale": file to delete}
+FILE_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".nhdr", ".mhd"))  # single-file formats only
 
 
-def atomic_copy(src: str, dest: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".tmp-")
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _copy_to_tmp(src: str, folder: str) -> str:
+    """A durable copy of `src` in `folder` under a temporary name (no image suffix, so no scan picks it up)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def atomic_copy(src: str, dest: str) -> None:
+    """Copy `src` to `dest` so that `dest` is always either the old file or the complete new one."""
+    tmp = _copy_to_tmp(src, os.path.dirname(dest))
+    try:
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(dest))
+
+
+def atomic_write(text: str, dest: str) -> None:
+    """Write `text` to `dest` so that `dest` is always either the old file or the complete new one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:
@@ -37,58 +93,165 @@ def atomic_copy(src: str, dest: str) -> None:
             os.remove(tmp)
 
 
+def _suffixes(path: str) -> str:
+    return "".join(Path(path).suffixes) or "(none)"
+
+
+def file_suffix(path: str) -> str:
+    """The image suffix of a file name ('.nii.gz', '.nrrd', ...), '' when it has none we read."""
+    name = os.path.basename(path).lower()
+    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+
+
 class QUNetDatastore(LocalDatastore):
+    max_label: int | None = None  # highest label value a submitted label may hold (the app sets it: its label count)
+
     def __init__(self, *args, **kwargs) -> None:
+        self._rlock = threading.RLock()
+        self._lock_depth = 0
+        self._file_lock: FileLock | None = None
         super().__init__(*args, **kwargs)
         if getattr(self, "_handler", None):  # auto-reload: an atomic replace arrives as a move, not a modify
             self._handler.on_moved = self._on_moved
 
-    def _on_moved(self, event) -> None:
-        if event.dest_path != self._datastore_config_path:
-            return
-        if self._ignore_event_config:  # our own write
-            self._ignore_event_config = False
-            return
-        self._init_from_datastore_file()
+    # ---- locking and the JSON file ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The datastore lock: the file lock (other processes) held once per thread, reentrant within it."""
+        with self._rlock:
+            if self._lock_depth == 0:
+                self._file_lock = FileLock(self._lock_file)
+                self._file_lock.acquire()
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0 and self._file_lock is not None:
+                    self._file_lock.release()
+                    self._file_lock = None
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = os.stat(self._datastore_config_path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _reload(self) -> None:
-        """Re-read the JSON if another process changed it (caller holds the lock)."""
-        path = self._datastore_config_path
-        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
-            with open(path) as f:
+        """Re-read the JSON if another process replaced it (caller holds the lock)."""
+        sig = self._signature()
+        if sig is not None and sig != self._config_ts:
+            with open(self._datastore_config_path) as f:
                 self._datastore = LocalDatastoreModel.model_validate_json(f.read())
             self._datastore.base_path = self._datastore_path
-            self._config_ts = os.stat(path).st_mtime
+            self._config_ts = sig
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        try:
+            with self._lock():
+                self._reload()
+        except ValueError as e:
+            logger.error(f"cannot read the datastore file {self._datastore_config_path}: {e}")
+            if throw_exception:
+                raise
+
+    def _fresh(self) -> None:
+        if self._signature() != self._config_ts:
+            self._init_from_datastore_file()
+
+    def _on_moved(self, event) -> None:
+        if event.dest_path == self._datastore_config_path:
+            self._init_from_datastore_file()
 
     def _update_datastore_file(self, lock: bool = True) -> None:
-        def write() -> None:
-            self._ignore_event_config = True
+        with self._lock() if lock else contextlib.nullcontext():
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            fd, tmp = tempfile.mkstemp(dir=self._datastore_path, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._datastore_config_path)
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
+            fd, tmp = tempfile.mkstemp(dir=self._datastore_path, prefix=TMP_PREFIX, suffix=".json")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._datastore_config_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            _fsync_dir(self._datastore_path)
+            self._config_ts = self._signature()
 
     def _locked_update(self, change: Callable[[], None]) -> None:
-        with FileLock(self._lock_file):
+        """Reload, change, write atomically, all under the lock; a change that raises leaves the file as it was."""
+        with self._lock():
             self._reload()
-            change()
+            try:
+                change()
+                self._update_datastore_file(lock=False)
+            except BaseException:
+                self._config_ts = None  # drop whatever the change did in memory: re-read the file
+                self._reload()
+                raise
+
+    # ---- start-up: finish or drop what a killed process left ------------------------------------------------
+
+    def _reconcile_datastore(self) -> None:
+        with self._lock():
+            self._reload()
+            self._recover()
+            super()._reconcile_datastore()
+
+    def _recover(self) -> None:
+        """Complete label saves that were committed when their process died; remove orphaned temporary files."""
+        changed = False
+        for image_id, obj in self._datastore.objects.items():
+            for tag, label in obj.labels.items():
+                pending = label.info.get(PENDING)
+                if not pending:
+                    continue
+                folder = self._datastore.label_path(tag)
+                tmp = os.path.join(folder, os.path.basename(str(pending.get("tmp", ""))))
+                if pending.get("tmp") and os.path.isfile(tmp):
+                    os.replace(tmp, os.path.join(folder, self._filename(image_id, label.ext)))
+                    _fsync_dir(folder)
+                    logger.warning(f"completed the interrupted save of label {image_id!r} ({tag})")
+                stale = pending.get("stale")
+                if stale and stale != self._filename(image_id, label.ext):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, os.path.basename(stale)))
+                label.info.pop(PENDING, None)
+                changed = True
+        if changed:
             self._update_datastore_file(lock=False)
+        folders = [self._datastore_path, self._datastore.label_path(None)]
+        labels_dir = self._datastore.label_path(None)
+        if os.path.isdir(labels_dir):
+            folders += [os.path.join(labels_dir, d) for d in os.listdir(labels_dir)]
+        for folder in folders:
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if name.startswith(TMP_PREFIX):
+                        logger.warning(f"removing {os.path.join(folder, name)}, left by an interrupted write")
+                        with contextlib.suppress(OSError):
+                            os.remove(os.path.join(folder, name))
+
+    # ---- reads -----------------------------------------------------------------------------------------------
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        self._fresh()  # the scoring subprocess may have written since
+        return super().get_image_info(image_id)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        self._fresh()
+        return super().get_label_info(label_id, label_tag)
+
+    # ---- writes ----------------------------------------------------------------------------------------------
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         def change() -> None:
             obj = self._datastore.objects.get(image_id)
             if not obj:
-                raise ImageNotFoundException(f"Image {image_id} not found")
+                raise ImageNotFound(image_id)
             obj.image.info.update(info)
 
         self._locked_update(change)
@@ -97,43 +260,126 @@ class QUNetDatastore(LocalDatastore):
         def change() -> None:
             label = self._datastore.label(label_id, label_tag)
             if not label:
-                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+                raise LabelNotFound(label_id, label_tag)
             label.info.update(info)
 
         self._locked_update(change)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Check the label against its image first (a bad upload raises StackError and changes nothing), then
-        store it together with its annotated slices in one locked, atomic update."""
-        if image_id not in self._datastore.objects:
-            raise ImageNotFoundException(f"Image {image_id} not found")
-        label_info = label_info or {}
-        if label_tag == DefaultLabelTag.FINAL:
-            source, image_update = prepare_submission(self, image_id, label_filename, label_info)
-        else:
-            load_label(label_filename, load_stack(self.get_image_uri(image_id)))
-            source, image_update = label_filename, {}
-        _, label_ext = self._to_id(os.path.basename(label_filename))
-        name = self._filename(image_id, label_ext)
+        """Check the label against its image first (a bad upload raises and changes nothing), then store it with
+        its annotated slices in one locked, journalled update (see the module docstring)."""
+        label_tag = check_tag(label_tag or DefaultLabelTag.FINAL.value)
+        if label_info is None:
+            label_info = {}
+        if not isinstance(label_info, dict):
+            raise BadRequest(f"label params must be a JSON object, got {type(label_info).__name__}")
+        ext = file_suffix(label_filename)
+        if not ext:
+            raise Unprocessable(f"label for {image_id!r}: file type {_suffixes(label_filename)!r} is not supported; "
+                                f"send one of {', '.join(FILE_SUFFIXES)}")
+        with self._lock():  # the bookkeeping below is read and written as one step, whichever process writes
+            self._reload()
+            if image_id not in self._datastore.objects:
+                raise ImageNotFound(image_id)
+            if label_tag == DefaultLabelTag.FINAL:
+                source, image_update = prepare_submission(self, image_id, label_filename, label_info)
+            else:
+                check_label(self, image_id, label_filename)
+                source, image_update = label_filename, {}
+            try:
+                self._store(image_id, source, label_tag, label_info, ext, image_update)
+            finally:
+                if source != label_filename and os.path.exists(source):
+                    os.remove(source)
+        logger.info(f"saved label {image_id!r} ({label_tag}); image info update: {sorted(image_update)}")
+        return image_id
+
+    def _store(self, image_id: str, source: str, label_tag: str, label_info: dict, ext: str, image_update: dict) -> None:
+        name = self._filename(image_id, ext)
 
         def change() -> None:
             obj = self._datastore.objects.get(image_id)
             if not obj:
-                raise ImageNotFoundException(f"Image {image_id} not found")
-            label_path = self._datastore.label_path(label_tag)
-            os.makedirs(label_path, exist_ok=True)
+                raise ImageNotFound(image_id)
+            folder = self._datastore.label_path(label_tag)
+            os.makedirs(folder, exist_ok=True)
             previous = obj.labels.get(label_tag)
-            if previous and previous.ext != label_ext:  # a label in another format replaces the old one
-                stale = os.path.join(label_path, self._filename(image_id, previous.ext))
-                if os.path.exists(stale):
-                    os.remove(stale)
-            atomic_copy(source, os.path.join(label_path, name))
-            obj.labels[label_tag] = DataModel(info={**label_info, "ts": int(time.time()), "name": name}, ext=label_ext)
-            obj.image.info.update(image_update)
+            stale = self._filename(image_id, previous.ext) if previous and previous.ext != ext else None
+            tmp = _copy_to_tmp(source, folder)
+            try:
+                info = {**label_info, "ts": int(time.time()), "name": name}
+                obj.labels[label_tag] = DataModel(info={**info, PENDING: {"tmp": os.path.basename(tmp), "stale": stale}},
+                                                  ext=ext)
+                obj.image.info.update(image_update)
+                self._update_datastore_file(lock=False)  # the commit: from here on a restart completes the save
+            except BaseException:
+                os.remove(tmp)
+                raise
+            os.replace(tmp, os.path.join(folder, name))
+            _fsync_dir(folder)
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, stale))
+            obj.labels[label_tag].info.pop(PENDING, None)  # written by _locked_update
 
+        self._locked_update(change)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """Delete a label and, for the final one, the slices it annotated (they are open for annotation again)."""
+
+        def change() -> None:
+            obj = self._datastore.objects.get(label_id)
+            label = obj.labels.get(label_tag) if obj else None
+            if not label:
+                raise LabelNotFound(label_id, label_tag)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
+            del obj.labels[label_tag]
+            if label_tag == DefaultLabelTag.FINAL:
+                for key in (records.ANNOTATED, records.DISAGREEMENT):  # Q was computed without the annotated slices
+                    obj.image.info.pop(key, None)
+
+        self._locked_update(change)
+
+    def remove_image(self, image_id: str) -> None:
+        def change() -> None:
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFound(image_id)
+            for tag, label in obj.labels.items():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext)))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
+            del self._datastore.objects[image_id]
+
+        self._locked_update(change)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """A new image (PUT /datastore/image): a safe id, a 3D stack we can read, never replacing a stored one."""
+        ext = file_suffix(image_filename)
+        if not ext:
+            raise Unprocessable(f"image file type {_suffixes(image_filename)!r} is not supported; "
+                                f"send one of {', '.join(FILE_SUFFIXES)}")
+        image_id = check_name(image_id or Path(image_filename).name[: -len(ext)], "image id")
+        if image_info is not None and not isinstance(image_info, dict):
+            raise BadRequest(f"image params must be a JSON object, got {type(image_info).__name__}")
         try:
-            self._locked_update(change)
-        finally:
-            if source != label_filename:
-                os.remove(source)
+            load_stack(image_filename)
+        except StackError as e:
+            raise Unprocessable(f"image {image_id!r} rejected: {str(e).replace(image_filename, 'the uploaded file')}") from e
+        name = self._filename(image_id, ext)
+
+        def change() -> None:
+            if image_id in self._datastore.objects:
+                raise Conflict(f"image id {image_id!r} exists already; remove it first to replace it")
+            folder = self._datastore.image_path()
+            clash = [f for f in os.listdir(folder) if self._to_id(f)[0] == image_id and file_suffix(f)]
+            if clash:
+                raise Conflict(f"image id {image_id!r} is taken by the file {clash[0]!r}")
+            atomic_copy(image_filename, os.path.join(folder, name))
+            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+
+        self._locked_update(change)
         return image_id

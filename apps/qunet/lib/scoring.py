@@ -1,7 +1,12 @@
 """Scoring methods: model-free quality (`qunet_quality`) and level-3/level-4 disagreement (`qunet_disagreement`).
 
 Both store their per-slice results in image info with the signatures of what they were computed from, and
-skip an image whose signatures have not changed, so repeated scoring only does new work.
+skip an image whose signatures have not changed, so repeated scoring only does new work. Each image's result
+is stored as soon as it is computed, so a run that is killed keeps what it finished.
+
+An image that cannot be scored (unreadable, not a 3D stack, NaN voxels, ...) is reported, not fatal: the error
+goes to the log and to its image info (`qunet_error`, with the file signature it was found for), it is counted
+as failed, and the other images are scored. It is not read again until its file changes.
 """
 
 import logging
@@ -9,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from qunet import build_network, disagreement_scores, select_by_disagreement, select_initial, slice_quality
@@ -18,6 +24,9 @@ from qunet.network import default_device, load_weights
 
 from lib import records
 from lib.conf import AppConf
+from lib.errors import Conflict
+
+ERROR_SOURCE = "qunet_error_source"  # file signature the error in records.ERROR was found for
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +44,78 @@ def _quality_params(conf: AppConf) -> list:
     return [conf.median_window, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile]
 
 
+def _signature(path: str) -> str | None:
+    try:
+        return file_signature(path)
+    except OSError:
+        return None
+
+
 def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: Callable[[str, str, dict], dict], key: str) -> dict:
     counts = {"scored": 0, "skipped": 0, "failed": 0}
     for image_id in datastore.list_images():
-        info = datastore.get_image_info(image_id)
-        path = datastore.get_image_uri(image_id)
-        if done(info, path):
-            counts["skipped"] += 1
-            continue
         try:
-            result = score(image_id, path, info)
-        except StackError as e:
-            logger.error(f"cannot score {image_id}: {e}")
-            datastore.update_image_info(image_id, {records.ERROR: str(e)})
+            info = datastore.get_image_info(image_id)
+            path = datastore.get_image_uri(image_id)
+            source = _signature(path)
+            if info.get(records.ERROR) and source is not None and info.get(ERROR_SOURCE) == source:
+                counts["failed"] += 1  # known bad, file unchanged: not read again
+                continue
+            if source is not None and done(info, path):
+                counts["skipped"] += 1
+                continue
+            try:
+                result = score(image_id, path, info)
+            except StackError as e:  # the file: not read again until it changes
+                error, error_source = str(e), source
+            except (ImageNotFoundException, FileNotFoundError):
+                raise
+            except Exception as e:  # one image must not stop the others; tried again next run
+                logger.exception(f"cannot score {image_id}")
+                error, error_source = f"{path}: {type(e).__name__}: {e}", None
+            else:
+                datastore.update_image_info(image_id, {key: result, records.ERROR: None, ERROR_SOURCE: None})
+                counts["scored"] += 1
+                continue
+            logger.error(f"cannot score {image_id}: {error}")
+            datastore.update_image_info(image_id, {records.ERROR: error, ERROR_SOURCE: error_source})
             counts["failed"] += 1
-            continue
-        datastore.update_image_info(image_id, {key: result, records.ERROR: None})
-        counts["scored"] += 1
+        except (ImageNotFoundException, FileNotFoundError):  # removed while scoring
+            logger.info(f"{image_id} was removed while scoring")
+            counts["skipped"] += 1
+    if counts["failed"]:
+        logger.warning(f"{counts['failed']} image(s) cannot be scored: see qunet_error in their image info")
     return counts
+
+
+def _infos_read_only(datastore: Datastore):
+    """(id, info) of every image, without LocalDatastore's deep copy of each info (this runs on every Next sample).
+
+    An image the datastore lists but has no record of yet (a DICOMweb series not fetched) has info {}."""
+    image_ids = datastore.list_images()
+    if not isinstance(getattr(getattr(datastore, "_datastore", None), "objects", None), dict):
+        yield from ((i, datastore.get_image_info(i)) for i in image_ids)
+        return
+    if callable(getattr(datastore, "_fresh", None)):
+        datastore._fresh()
+    for image_id in image_ids:
+        obj = datastore._datastore.objects.get(image_id)  # looked up each time: a reload may replace the model
+        yield image_id, (obj.image.info if obj is not None else {})
+
+
+def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) -> bool:
+    """Whether a run would score anything: an image without an up-to-date record that is not known to be bad.
+    Cheap: no image is read (or, from DICOMweb, fetched)."""
+    for image_id, info in _infos_read_only(datastore):
+        if not info.get(key) and not info.get(records.ERROR):
+            return True
+        path = datastore.get_image_uri(image_id)
+        source = _signature(path)
+        if source is None or info.get(records.ERROR) and info.get(ERROR_SOURCE) == source:
+            continue
+        if not done(info, path):
+            return True
+    return False
 
 
 class QualityScoring(ScoringMethod):
@@ -60,12 +123,15 @@ class QualityScoring(ScoringMethod):
         super().__init__("Per-slice blurriness, PSNR-inv, ROI CoV and mean, and the model-free S0 pick")
         self.conf = conf
 
-    def __call__(self, request: dict, datastore: Datastore) -> dict:
-        def done(info: dict, path: str) -> bool:
-            rec = info.get(records.QUALITY) or {}
-            return rec.get("source") == file_signature(path) and rec.get("params") == _quality_params(self.conf)
+    def _done(self, info: dict, path: str) -> bool:
+        rec = info.get(records.QUALITY) or {}
+        return rec.get("source") == file_signature(path) and rec.get("params") == _quality_params(self.conf)
 
-        return _each_image(datastore, done, lambda _id, path, _info: quality_record(path, self.conf), records.QUALITY)
+    def pending(self, datastore: Datastore) -> bool:
+        return _pending(datastore, self._done, records.QUALITY)
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), records.QUALITY)
 
 
 class DisagreementScoring(ScoringMethod):
@@ -74,17 +140,28 @@ class DisagreementScoring(ScoringMethod):
         self.conf = conf
         self.model_path = model_path
 
+    @staticmethod
+    def _done_for(model: str) -> Callable[[dict, str], bool]:
+        def done(info: dict, image_path: str) -> bool:
+            rec = info.get(records.DISAGREEMENT) or {}
+            return rec.get("model") == model and rec.get("source") == file_signature(image_path)
+
+        return done
+
+    def pending(self, datastore: Datastore) -> bool:
+        path = self.model_path()
+        return bool(path) and _pending(datastore, self._done_for(file_signature(path)), records.DISAGREEMENT)
+
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         path = self.model_path()
         if not path:
             return {"skipped": "no trained model yet"}
         model = file_signature(path)
         device = default_device()
-        network = prepare(load_weights(build_network(self.conf.features, len(self.conf.labels)), path, device), device)
-
-        def done(info: dict, image_path: str) -> bool:
-            rec = info.get(records.DISAGREEMENT) or {}
-            return rec.get("model") == model and rec.get("source") == file_signature(image_path)
+        try:
+            network = prepare(load_weights(build_network(self.conf.features, len(self.conf.labels)), path, device), device)
+        except ValueError as e:  # corrupt, or trained with other features or labels
+            raise Conflict(f"the model cannot be used for disagreement scoring: {e}") from e
 
         def score(image_id: str, image_path: str, info: dict) -> dict:
             stack = load_stack(image_path)
@@ -94,4 +171,4 @@ class DisagreementScoring(ScoringMethod):
             return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0,
                     "q": records.rounded(q), "flagged": select_by_disagreement(q, self.conf.q0, skip)}
 
-        return _each_image(datastore, done, score, records.DISAGREEMENT)
+        return _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT)

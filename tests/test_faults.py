@@ -1,0 +1,345 @@
+"""Faults: a process killed at any point of a label save, or a server SIGKILLed while it saves labels, scores
+and trains, loses nothing that was acknowledged and leaves nothing half-written.
+
+- `test_label_save_killed_at_every_step`: a child process saving a label is killed (os._exit) at each step of
+  the journalled save; reopening the datastore (as a restart does) gives either the old label and records or
+  the new ones, never a mix, and no temporary files.
+- `test_model_publish_killed_mid_copy_keeps_the_previous_model`: the same for the model training publishes.
+- `test_sigkill_mid_save_scoring_training_then_restart`: a real server is SIGKILLed (the whole process group:
+  server, scoring and training subprocesses) while a client submits labels, quality scoring runs and training
+  publishes models; after a restart every label answered 200 is on disk with its records, the datastore JSON
+  parses, the published model and the train stats are complete, and the quality records computed before the
+  kill are kept and not recomputed.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+
+from live_server import APP, LiveServer
+from qunet import build_network
+from qunet.io import load_label, load_stack
+from qunet.network import load_weights
+from qunet.synthetic import generate_stack
+
+TINY = (4, 4, 8, 8, 16, 4)
+CONF = {"image_size": "32", "features": ",".join(map(str, TINY))}
+AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
+
+
+def write_stack(path: Path, shape=(48, 48, 12), seed=0) -> None:
+    stack = generate_stack("ct", seed, shape)
+    nib.save(nib.Nifti1Image(stack.image.astype(np.int16), AFFINE), path)
+
+
+def write_label(path: Path, shape, slices: list[int], size: int) -> np.ndarray:
+    """A label whose annotated slices hold a square of side `size` (distinct per submission)."""
+    label = np.zeros(shape, np.uint8)
+    for k in slices:
+        label[2 : 2 + size, 3 : 3 + size, k] = 1
+    nib.save(nib.Nifti1Image(label, AFFINE), path)
+    return label
+
+
+def app_lib():
+    if str(APP) not in sys.path:
+        sys.path.insert(0, str(APP))
+    from lib import records
+    from lib.datastore import QUNetDatastore
+
+    return QUNetDatastore, records
+
+
+def open_store(studies: Path):
+    QUNetDatastore, _ = app_lib()
+    return QUNetDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+
+
+def stored(studies: Path, image_id: str) -> dict:
+    """What a restarted server would see: the label (or None), its record and the annotated slices."""
+    _, records = app_lib()
+    store = open_store(studies)
+    uri = store.get_label_uri(image_id, "final")
+    label = load_label(uri, load_stack(store.get_image_uri(image_id))) if uri else None
+    info = store.get_image_info(image_id)
+    return {"label": label, "record": store.get_label_info(image_id, "final"), "annotated": info.get(records.ANNOTATED),
+            "files": sorted(p.name for p in studies.rglob("*") if p.is_file() and p.name != ".lock")}
+
+
+def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool) -> None:
+    """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`)."""
+    store = open_store(Path(studies))
+    real_replace, real_copy = os.replace, shutil.copyfile
+    calls = []
+
+    def replace(src, dst):
+        if len(calls) == kill_at:
+            os._exit(9)
+        calls.append(dst)
+        return real_replace(src, dst)
+
+    def copyfile(src, dst, **kw):
+        if truncate:
+            with open(src, "rb") as f, open(dst, "wb") as g:
+                g.write(f.read()[:100])
+            os._exit(9)
+        return real_copy(src, dst, **kw)
+
+    os.replace, shutil.copyfile = replace, copyfile
+    store.save_label(image_id, label_file, "final", {"annotated_slices": slices, "client_id": "k"})
+    os._exit(0)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-label", "second-label"])
+def test_label_save_killed_at_every_step(tmp_path, first):
+    template = tmp_path / "template"
+    template.mkdir()
+    write_stack(template / "img.nii.gz")
+    shape = nib.load(template / "img.nii.gz").shape
+    old_label = write_label(tmp_path / "old.nii.gz", shape, [1, 2], 4)
+    new_label = write_label(tmp_path / "new.nii.gz", shape, [5], 7)
+    if not first:
+        open_store(template).save_label("img", str(tmp_path / "old.nii.gz"), "final", {"annotated_slices": [1, 2]})
+    before = stored(template, "img")
+
+    after_commit = {"label": None}
+    ctx = multiprocessing.get_context("fork")
+    # renames in a save: 0 the JSON commit, 1 the label into place, 2 the JSON clearing the journal; 3 = no kill
+    for kill_at, truncate in [(0, True), (0, False), (1, False), (2, False), (3, False)]:
+        studies = tmp_path / f"studies-{kill_at}-{truncate}"
+        shutil.copytree(template, studies)
+        child = ctx.Process(target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate))
+        child.start()
+        child.join(60)
+        assert child.exitcode == (0 if kill_at == 3 else 9)
+        now = stored(studies, "img")  # reopening recovers: completes a committed save, drops the rest
+        assert not [f for f in now["files"] if f.startswith(".tmp-")], now["files"]
+        json.loads((studies / "datastore_v2.json").read_text())
+        if kill_at == 0:  # before the commit: exactly the old state
+            assert now["annotated"] == before["annotated"] and now["files"] == before["files"]
+            assert (now["label"] is None) == first
+            if not first:
+                assert np.array_equal(now["label"], before["label"])
+            continue
+        # after the commit: the new label, merged with the old slices, and its records, complete
+        expected = new_label.copy()
+        if not first:
+            expected[:, :, [1, 2]] = old_label[:, :, [1, 2]]
+        assert np.array_equal(now["label"], expected), f"killed at rename {kill_at}"
+        assert now["annotated"] == ([5] if first else [1, 2, 5])
+        assert "qunet_pending" not in now["record"] and now["record"]["annotated_slices"] == [5]
+        if after_commit["label"] is None:
+            after_commit = now
+        assert now["files"] == after_commit["files"]
+
+
+def _publish_and_die(model_dir: str, die: bool) -> None:
+    """Child: publish the run's model and stats as training does after an epoch, dying mid-copy when `die`."""
+    from types import SimpleNamespace
+
+    app_lib()
+    from lib.trainers import AtomicPublisher
+
+    state = SimpleNamespace(epoch=1, max_epochs=2, best_metric=0.5, metrics={"dice": 0.5}, key_metric_name="dice",
+                            best_metric_epoch=1)
+    trainer = SimpleNamespace(get_stats=lambda: {"total_epochs": 2}, state=state)
+    real_copy = shutil.copyfile
+
+    def copyfile(src, dst, **kw):
+        if die:
+            with open(src, "rb") as f, open(dst, "wb") as g:
+                g.write(f.read()[:1000])
+            os._exit(9)
+        return real_copy(src, dst, **kw)
+
+    shutil.copyfile = copyfile
+    run_dir = os.path.join(model_dir, "train_01")
+    AtomicPublisher(os.path.join(model_dir, "train_stats.json"), os.path.join(model_dir, "qunet.pt"), "model.pt",
+                    time.time(), "run", run_dir, trainer, None).iteration_completed()
+    os._exit(0)
+
+
+def test_model_publish_killed_mid_copy_keeps_the_previous_model(tmp_path):
+    """Training publishes its best model after each epoch; a kill mid-copy leaves the previous complete model."""
+    torch.manual_seed(1)
+    old, new = build_network(TINY).state_dict(), build_network(TINY).state_dict()
+    (tmp_path / "train_01").mkdir()
+    torch.save({"model": old}, tmp_path / "qunet.pt")
+    torch.save({"model": new}, tmp_path / "train_01" / "model.pt")
+    (tmp_path / "train_stats.json").write_text(json.dumps({"epoch": 7}))
+    ctx = multiprocessing.get_context("fork")
+    for die, expected in ((True, old), (False, new)):
+        child = ctx.Process(target=_publish_and_die, args=(str(tmp_path), die))
+        child.start()
+        child.join(60)
+        assert child.exitcode == (9 if die else 0)
+        published = torch.load(tmp_path / "qunet.pt", weights_only=True)["model"]  # complete: it loads
+        assert all(torch.equal(published[k], expected[k]) for k in expected)
+        assert json.loads((tmp_path / "train_stats.json").read_text())["epoch"] in (7, 1)
+
+
+# ---- the live server, SIGKILLed -----------------------------------------------------------------------------
+
+BIG = 20  # large stacks, so that quality scoring of all of them takes a while
+SMALL = ("lab0", "lab1", "lab2")  # small stacks the client labels
+SMALL_SHAPE = (48, 48, 16)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    folder = root / "studies"
+    folder.mkdir()
+    write_stack(root / "big.nii.gz", (256, 256, 40), seed=1)
+    for i in range(BIG):
+        shutil.copy(root / "big.nii.gz", folder / f"big{i:02d}.nii.gz")
+    for i, name in enumerate(SMALL):
+        write_stack(folder / f"{name}.nii.gz", SMALL_SHAPE, seed=10 + i)
+    return folder
+
+
+class Storm(threading.Thread):
+    """Submits labels one after another; remembers which were answered 200 and which one is in flight."""
+
+    def __init__(self, url: str, folder: Path) -> None:
+        super().__init__(daemon=True)
+        self.url, self.folder = url, folder
+        self.done: list[tuple[str, list[int], int]] = []  # (image, slices, square size) answered 200
+        self.failed: list[str] = []
+        self.in_flight: tuple[str, list[int], int] | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for j in range(10000):
+            if self.stop.is_set():
+                return
+            image, slices, size = SMALL[j % 3], [(j // 3) % SMALL_SHAPE[2]], 2 + j % 23
+            path = self.folder / f"label-{j}.nii.gz"
+            write_label(path, SMALL_SHAPE, slices, size)
+            self.in_flight = (image, slices, size)
+            try:
+                with open(path, "rb") as f:
+                    r = requests.put(f"{self.url}/datastore/label", params={"image": image},
+                                     data={"params": json.dumps({"annotated_slices": slices, "client_id": "storm"})},
+                                     files={"label": (path.name, f)}, timeout=60)
+            except requests.RequestException:
+                return  # the server was killed
+            if r.status_code == 200:
+                self.done.append((image, slices, size))
+                self.in_flight = None
+            else:
+                self.failed.append(r.text)
+                return
+
+
+def quality_on_disk(studies: Path) -> dict[str, dict]:
+    try:
+        objects = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    except (OSError, ValueError):  # never: the file is replaced atomically; asserted after the kill
+        return {}
+    return {k: v["image"]["info"]["qunet_quality"] for k, v in objects.items() if v["image"]["info"].get("qunet_quality")}
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: not within {timeout} s")
+
+
+def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
+    workdir = studies.parent
+    # scoring only when asked; one torch thread (shared cores); explicit, as in-process tests export their settings
+    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true", "OMP_NUM_THREADS": "1"}
+    server = LiveServer(studies, workdir, conf=CONF, env=env).start()
+    model = Path(server.app_dir, "model", "qunet.pt")
+    try:
+        for image in SMALL:  # something to train on
+            path = tmp_path / f"seed-{image}.nii.gz"
+            write_label(path, SMALL_SHAPE, [0, 1], 5)
+            with open(path, "rb") as f:
+                r = requests.put(f"{server.url}/datastore/label", params={"image": image},
+                                 data={"params": json.dumps({"annotated_slices": [0, 1]})}, files={"label": (path.name, f)})
+            assert r.status_code == 200, r.text
+        r = requests.post(f"{server.url}/train/qunet", json={"max_epochs": 100000, "train_batch_size": 4})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: model.exists(), 240, "a published model", poll=0.2)  # training runs and publishes
+
+        storm = Storm(server.url, tmp_path)
+        storm.start()
+        wait_until(lambda: len(storm.done) >= 5, 120, "labels saved")
+        assert requests.post(f"{server.url}/scoring/qunet_quality", timeout=30).status_code == 200
+        seen = wait_until(lambda: quality_on_disk(studies), 240, "quality scoring under way")
+        assert len(seen) < BIG + len(SMALL), "scoring finished before the kill: make it slower"
+        assert storm.is_alive() and not storm.failed, storm.failed
+        assert requests.get(f"{server.url}/train/", timeout=10).json()["status"] == "RUNNING"
+    finally:
+        server.stop(signal.SIGKILL)  # the whole process group: server, scoring and training subprocesses
+    storm.stop.set()
+    storm.join(60)
+    acknowledged, in_flight = list(storm.done), storm.in_flight
+    print(f"killed with {len(acknowledged)} labels acknowledged, one in flight: {in_flight is not None}; "
+          f"{len(seen)} images had quality scores")
+
+    # the files as the kill left them: the JSON parses; the published model and the stats are complete
+    before_restart = json.loads((studies / "datastore_v2.json").read_text())
+    load_weights(build_network(TINY), str(model))
+    stats = Path(server.app_dir, "model", "train_stats.json")
+    assert not stats.exists() or json.loads(stats.read_text())
+
+    restarted = LiveServer(studies, workdir, conf=CONF, env=env).start()
+    try:
+        assert not [p for p in studies.rglob(".tmp-*")], "temporary files left after the restart"
+        objects = requests.get(f"{restarted.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+        assert set(objects) == set(before_restart["objects"])
+
+        # every label answered 200 is there: content on its slices, record and annotated slices
+        last: dict[tuple[str, int], set[int]] = {(i, k): {5} for i in SMALL for k in (0, 1)}  # (image, slice) -> sizes
+        for image, slices, size in acknowledged:
+            for k in slices:
+                last[(image, k)] = {size}
+        if in_flight:  # may or may not have been committed
+            for k in in_flight[1]:
+                last[(in_flight[0], k)] = last.get((in_flight[0], k), set()) | {in_flight[2]}
+        for image in SMALL:
+            info = objects[image]["image"]["info"]
+            assert "final" in objects[image]["labels"] and "qunet_pending" not in objects[image]["labels"]["final"]["info"]
+            annotated = set(info["qunet_annotated"])
+            must = {0, 1} | {k for i, slices, _ in acknowledged if i == image for k in slices}
+            may = set(in_flight[1]) if in_flight and in_flight[0] == image else set()
+            assert must <= annotated <= must | may, f"{image}: annotated slices {sorted(annotated)}, expected {sorted(must)}"
+            label = load_label(studies / "labels" / "final" / f"{image}.nii.gz", load_stack(studies / f"{image}.nii.gz"))
+            for (i, k), sizes in last.items():
+                if i == image:
+                    side = int(label[:, 3, k].sum())  # the square's side on slice k
+                    assert side in sizes, f"{image} slice {k}: square of {side}, expected one of {sizes}"
+
+        # quality scores computed before the kill are kept and not recomputed; the rest are scored now
+        kept = quality_on_disk(studies)
+        assert set(seen) <= set(kept) and len(kept) < BIG + len(SMALL)
+        counts = requests.post(f"{restarted.url}/scoring/qunet_quality?run_sync=true", timeout=300).json()
+        assert counts == {"scored": BIG + len(SMALL) - len(kept), "skipped": len(kept), "failed": 0}, counts
+        after = quality_on_disk(studies)
+        assert all(after[k] == v for k, v in kept.items())
+
+        # training starts again from the published model's run
+        r = requests.post(f"{restarted.url}/train/qunet?run_sync=true", json={"max_epochs": 1, "train_batch_size": 4}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert requests.get(f"{restarted.url}/info/", timeout=30).ok
+    finally:
+        restarted.stop()
