@@ -1,9 +1,562 @@
-"""placeholder"""
+"""Speed benchmark: `python -m qunet bench [--out bench.json]`.
+
+Measures, in one run on this machine:
+
+- `matmul`: the fp32 matrix-multiply rate (GFLOP/s) of torch on this machine, the yardstick;
+- `scoring`: disagreement scoring (qunet.disagreement.disagreement_scores) of the default U-net++ at the
+  default image size: slices/s and GFLOP/s (FLOPs counted by torch's FlopCounterMode), as a fraction of the
+  matmul rate and against a plain loop of `network.eval()` forward passes, one slice at a time, in default
+  memory format under `torch.no_grad()`; plus the bf16 path and how far its Q values move;
+- `quality`: qunet.quality.slice_quality throughput on 512x512 slices;
+- `next_sample`: POST /activelearning/qunet latency (p50, p95) from a client, against a real
+  `monailabel start_server` whose datastore holds N volumes scored by the app's `qunet_quality` method
+  (initial phase, no model) and then by `qunet_disagreement` with a small model (disagreement phase, a scan
+  over every volume);
+- `memory`: peak resident memory beyond the loaded volume while scoring 512x512xD volumes of two depths, in
+  fresh subprocesses (Linux VmHWM, reset after the volume is built).
+
+Each figure is measured, never assumed; `targets` compares them with the issue's goals.
+"""
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / "apps" / "qunet"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _best(fn, repeats: int) -> float:
+    """Shortest wall time of `repeats` calls (after one warm-up): the least disturbed by other load."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
+    """fp32 torch.mm rate, the best of `repeats` runs of an n x n product."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = _best(lambda: torch.mm(a, b), repeats)
+    return {"n": n, "seconds": round(seconds, 4), "gflops": round(2 * n**3 / seconds / 1e9, 1)}
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def forward_flops(network, image_size: int) -> float:
+    """FLOPs of one single-slice forward pass (multiply-adds counted as two), by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        network(torch.zeros(1, 1, image_size, image_size))
+    return float(counter.get_total_flops())
+
+
+def scoring_bench(features=None, image_size: int | None = None, slices: int = 16, batch_size: int | None = None,
+                  plain_slices: int = 4, rounds: int = 3, batch_sizes=(8, 16), seed: int = 0) -> dict:
+    """disagreement_scores over `slices` slices vs a plain eval() loop over `plain_slices`, same network.
+
+    Measured in `rounds` interleaved rounds (matmul, plain loop, scoring at each batch size), keeping the best
+    time of each: on a shared machine every figure then comes from its least disturbed moment, and the ratios
+    compare figures taken minutes apart at most."""
+    import torch
+
+    from qunet.config import DEFAULT_FEATURES, ModelConfig, SelectionConfig
+    from qunet.disagreement import disagreement_scores, prepare
+    from qunet.network import build_network
+
+    features = tuple(features or DEFAULT_FEATURES)
+    image_size = image_size or ModelConfig.image_size
+    batch_size = batch_size or SelectionConfig.score_batch_size
+    batch_sizes = sorted(set(batch_sizes) | {batch_size})
+    torch.manual_seed(seed)
+    network = build_network(features).eval()
+    flops = forward_flops(network, image_size)
+    rng = np.random.default_rng(seed)
+    volume = rng.random((image_size, image_size, slices), dtype=np.float32)  # on the network's grid: no resizing
+    plain_x = torch.from_numpy(np.moveaxis(volume[:, :, :plain_slices], 2, 0).copy())[:, None]
+
+    def plain_loop() -> None:
+        with torch.no_grad():
+            for k in range(plain_slices):
+                network(plain_x[k : k + 1])
+
+    fast = prepare(build_network(features), torch.device("cpu"))
+    fast.load_state_dict(network.state_dict())
+    device = torch.device("cpu")
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = {"matmul": float("inf"), "plain": float("inf"), **{bs: float("inf") for bs in batch_sizes}}
+    plain_loop()
+    for bs in batch_sizes:  # warm-up: one-off kernel selection and allocation
+        disagreement_scores(fast, volume[:, :, :bs], image_size, bs, device=device)
+    for _ in range(rounds):
+        best["matmul"] = min(best["matmul"], _best(lambda: torch.mm(a, b), 2))
+        t = time.perf_counter()
+        plain_loop()
+        best["plain"] = min(best["plain"], (time.perf_counter() - t) / plain_slices)
+        for bs in batch_sizes:
+            t = time.perf_counter()
+            disagreement_scores(fast, volume, image_size, bs, device=device)
+            best[bs] = min(best[bs], (time.perf_counter() - t) / slices)
+    q32 = disagreement_scores(fast, volume, image_size, batch_size, device=device)
+    scored, plain = best[batch_size], best["plain"]
+    matmul = 2 * 2048**3 / best["matmul"] / 1e9
+    result = {
+        "features": list(features), "image_size": image_size, "batch_size": batch_size, "slices": slices,
+        "rounds": rounds, "gflop_per_slice": round(flops / 1e9, 2),
+        "slices_per_s": round(1 / scored, 3), "gflops": round(flops / scored / 1e9, 1),
+        "matmul_gflops_same_rounds": round(matmul, 1),
+        "fraction_of_matmul": round(flops / scored / 1e9 / matmul, 3),
+        "plain_loop_slices_per_s": round(1 / plain, 3), "plain_loop_gflops": round(flops / plain / 1e9, 1),
+        "speedup_vs_plain_loop": round(plain / scored, 2),
+        "by_batch_size": {str(bs): {"slices_per_s": round(1 / best[bs], 3), "gflops": round(flops / best[bs] / 1e9, 1),
+                                    "fraction_of_matmul": round(flops / best[bs] / 1e9 / matmul, 3)}
+                          for bs in batch_sizes},
+    }
+    with contextlib.suppress(RuntimeError):  # bf16 autocast is optional on some CPUs
+        result["bf16"] = _bf16_bench(fast, volume, image_size, batch_size, flops, q32, 1)
+    return result
+
+
+def _bf16_bench(network, volume, image_size, batch_size, flops, q32, repeats) -> dict:
+    """bf16 autocast: raw forward speed and Q change, and the safe path (fp32 re-scoring where Q could move > 0.01)."""
+    import torch
+
+    from qunet.disagreement import _batches, _heads, disagreement_scores, jaccard
+
+    device = torch.device("cpu")
+    slices = volume.shape[2]
+
+    def raw() -> np.ndarray:
+        q = np.full(slices, np.nan)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for chunk, x in _batches(volume, list(range(slices)), image_size, batch_size, device):
+                l3, l4 = _heads(network, x, (2, 3))
+                q[chunk] = jaccard(l3 > 0, l4 > 0).numpy()
+        return q
+
+    q_raw = raw()
+    t_raw = _best(raw, repeats) / slices
+    q_safe = disagreement_scores(network, volume, image_size, batch_size, device=device, precision="bf16")
+    t_safe = _best(lambda: disagreement_scores(network, volume, image_size, batch_size, device=device,
+                                               precision="bf16"), repeats) / slices
+    return {"raw_slices_per_s": round(1 / t_raw, 3), "raw_gflops_equivalent": round(flops / t_raw / 1e9, 1),
+            "raw_max_abs_q_difference": round(float(np.nanmax(np.abs(q_raw - q32))), 5),
+            "safe_slices_per_s": round(1 / t_safe, 3),
+            "safe_max_abs_q_difference": round(float(np.nanmax(np.abs(q_safe - q32))), 5)}
+
+
+# ----------------------------------------------------------------------------------------------- quality
+
+
+def quality_volume(shape=(512, 512, 48), seed: int = 0) -> np.ndarray:
+    """A CT-like synthetic stack of the given shape (qunet.synthetic), as the app would load it (float32)."""
+    from qunet.synthetic import generate_stack
+
+    return generate_stack("ct", seed, tuple(shape)).image.astype(np.float32)
+
+
+def quality_bench(shape=(512, 512, 48), repeats: int = 3) -> dict:
+    from qunet.config import QualityConfig
+    from qunet.quality import slice_quality
+
+    volume = quality_volume(shape)
+    window = QualityConfig.median_window
+    seconds = _best(lambda: slice_quality(volume, median_window=window), repeats)
+    return {"shape": list(shape), "median_window": window, "seconds": round(seconds, 3),
+            "slices_per_s": round(shape[2] / seconds, 1)}
+
+
+# ----------------------------------------------------------------------------------------------- Next sample
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_studies(folder: Path, count: int, shape=(16, 16, 8), seed: int = 0) -> None:
+    """`count` small textured int16 NIfTI volumes vol0000.nii.gz ... in `folder`."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        base = ndimage.gaussian_filter(rng.normal(size=shape), (1.5, 1.5, 0)) * 300 + 400
+        base += rng.normal(scale=20, size=shape)
+        nib.save(nib.Nifti1Image(base.astype(np.int16), np.diag([0.7, 0.7, 5.0, 1.0])), folder / f"vol{i:04d}.nii.gz")
+
+
+class Server:
+    """A `monailabel start_server` over a copy of the app, on 127.0.0.1 and a free port (loopback only)."""
+
+    def __init__(self, studies: Path, workdir: Path, conf: dict[str, str], auto_scoring: bool) -> None:
+        self.app_dir = workdir / "app"
+        shutil.copytree(APP, self.app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+        self.studies, self.conf, self.port = studies, conf, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "server.log"
+        self.env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false",
+                    "MONAI_LABEL_AUTO_UPDATE_SCORING": "true" if auto_scoring else "false",
+                    "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions")}
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        import requests
+
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir), "--studies",
+               str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in self.conf.items():
+            cmd += ["--conf", k, str(v)]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.app_dir.parent, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"monailabel server exited with {self.proc.returncode}: see {self.log}")
+            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
+                if requests.get(f"{self.url}/info/", timeout=2).ok:
+                    return self
+            time.sleep(0.5)
+        raise TimeoutError(f"monailabel server did not answer in 180 s: see {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+
+
+def _latencies(session, url: str, requests_count: int, client: str) -> tuple[dict, dict]:
+    times, last = [], {}
+    for _ in range(requests_count):
+        t = time.perf_counter()
+        r = session.post(url, json={"client_id": client}, timeout=60)
+        times.append(time.perf_counter() - t)
+        r.raise_for_status()
+        last = r.json()
+    ms = np.array(times) * 1000
+    return ({"requests": requests_count, "p50_ms": round(float(np.percentile(ms, 50)), 1),
+             "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)},
+            {"phase": last.get("phase"), "id": last.get("id"), "slices": last.get("slices")})
+
+
+def _app_modules(app_dir: Path):
+    """The app's own classes (its `lib` package), imported from `app_dir`."""
+    import importlib
+
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    return (importlib.import_module("lib.conf"), importlib.import_module("lib.datastore"),
+            importlib.import_module("lib.scoring"), importlib.import_module("lib.strategies"))
+
+
+@contextlib.contextmanager
+def _one_write(datastore):
+    """Defer the datastore's file writes to one at the end (N per-image rewrites of an N-image JSON are O(N^2))."""
+    write = datastore._update_datastore_file
+    datastore._update_datastore_file = lambda lock=True: None
+    try:
+        yield
+    finally:
+        datastore._update_datastore_file = write
+        write()
+
+
+def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: Path) -> dict:
+    """Run the app's qunet_quality and qunet_disagreement scoring methods over `studies`, in this process."""
+    conf_mod, ds_mod, scoring, strategies = _app_modules(app_dir)
+    app_conf = conf_mod.AppConf.from_conf(conf)
+    datastore = ds_mod.QUNetDatastore(str(studies), auto_reload=False)
+    out = {}
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # set-up, not a measured figure: small networks run best on one thread
+    with _one_write(datastore):
+        t = time.perf_counter()
+        out["qunet_quality"] = scoring.QualityScoring(app_conf)({}, datastore)
+        out["qunet_quality_seconds"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        out["qunet_disagreement"] = scoring.DisagreementScoring(app_conf, lambda: str(model))({}, datastore)
+        out["qunet_disagreement_seconds"] = round(time.perf_counter() - t, 1)
+    torch.set_num_threads(threads)
+    # where a Next sample's time goes, in this process: the strategy's scan, and one datastore write
+    strategy = strategies.QUNetStrategy(app_conf, lambda: str(model))
+    image_id = datastore.list_images()[0]
+    scan = _best(lambda: strategy._pick(datastore, "disagreement", "bench", time.time()), 3)
+    write = _best(lambda: datastore.update_image_info(image_id, {"bench": time.time()}), 3)
+    text = json.dumps(datastore._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+    out["in_process"] = {"strategy_scan_ms": round(scan * 1000, 3), "datastore_write_ms": round(write * 1000, 3),
+                         "datastore_json_mb": round(len(text) / 2**20, 2)}
+    return out
+
+
+def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16, 16, 8), auto_scoring: bool = False,
+                      workdir: str | None = None) -> dict:
+    """Latency of POST /activelearning/qunet with `volumes` scored volumes, in both phases of the strategy.
+
+    The volumes are scored by the app's own scoring classes in this process first (one datastore write at the
+    end); the server, started on them, then confirms both scorings are up to date (every image skipped)."""
+    import requests
+    import torch
+
+    from qunet.network import build_network
+
+    features = "4,4,8,8,16,4"
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        write_studies(root / "studies", volumes, shape)
+        model, parked = root / "pretrained.pt", root / "pretrained.off"
+        torch.manual_seed(0)
+        torch.save({"model": build_network(tuple(int(f) for f in features.split(","))).state_dict()}, model)
+        conf = {"image_size": "32", "features": features, "q0": "1.01", "pretrained_path": str(model)}
+        out: dict = {"volumes": volumes, "volume_shape": list(shape), "auto_update_scoring": auto_scoring,
+                     "write_seconds": round(time.perf_counter() - t, 1)}
+        out["scoring"] = score_in_process(APP, root / "studies", conf, model)
+        os.rename(model, parked)  # no model: the initial phase (rename keeps the file's signature)
+        with Server(root / "studies", root, conf, auto_scoring) as server, requests.Session() as session:
+            url = f"{server.url}/activelearning/qunet"
+            t = time.perf_counter()
+            r = session.post(f"{server.url}/scoring/qunet_quality", params={"run_sync": "true"}, timeout=3600)
+            r.raise_for_status()
+            out["quality_rescoring"] = {**r.json(), "seconds": round(time.perf_counter() - t, 2)}  # all skipped
+            out["initial"], out["initial_answer"] = _latencies(session, url, requests_count, "bench")
+            os.rename(parked, model)
+            t = time.perf_counter()
+            r = session.post(f"{server.url}/scoring/qunet_disagreement", params={"run_sync": "true"}, timeout=3600)
+            r.raise_for_status()
+            out["disagreement_rescoring"] = {**r.json(), "seconds": round(time.perf_counter() - t, 2)}
+            out["disagreement"], out["disagreement_answer"] = _latencies(session, url, requests_count, "bench")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _hwm_mb() -> float:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def _rss_mb() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def memory_probe(kind: str, shape: tuple[int, int, int], image_size: int, features: tuple[int, ...], batch_size: int) -> dict:
+    """Run in a fresh process: build the volume, reset the peak, score it, report the peak beyond the start."""
+    import torch
+
+    from qunet.disagreement import disagreement_scores, prepare
+    from qunet.network import build_network
+    from qunet.quality import slice_quality
+
+    torch.manual_seed(0)
+    network = prepare(build_network(features), torch.device("cpu"))
+    volume = np.empty(shape, np.float32)
+    rng = np.random.default_rng(0)
+    for k in range(shape[2]):  # slice by slice: no temporary the size of the volume
+        volume[:, :, k] = rng.random(shape[:2], dtype=np.float32) * 1000
+    if kind == "disagreement":  # warm up once so that one-off allocations (kernels, thread pools) are not counted
+        disagreement_scores(network, volume[:, :, :batch_size], image_size, batch_size)
+    else:
+        slice_quality(volume[:, :, :4])
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    start = _rss_mb()
+    t = time.perf_counter()
+    if kind == "disagreement":
+        disagreement_scores(network, volume, image_size, batch_size)
+    else:
+        slice_quality(volume)
+    return {"kind": kind, "shape": list(shape), "volume_mb": round(volume.nbytes / 2**20, 1),
+            "rss_before_mb": round(start, 1), "peak_mb": round(_hwm_mb(), 1),
+            "extra_mb": round(_hwm_mb() - start, 1), "seconds": round(time.perf_counter() - t, 2)}
+
+
+def memory_bench(depths=(100, 600), size: int = 512, image_size: int = 256, features=(8, 16, 32, 64, 128, 8),
+                 batch_size: int = 16, in_process: bool = False) -> dict:
+    """Peak memory beyond the volume while scoring (quality and disagreement), per depth, each in a fresh process
+    (`in_process`: in this one, for quick checks)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return {"skipped": "needs Linux /proc to reset the peak"}
+    out = {"image_size": image_size, "features": list(features), "batch_size": batch_size, "runs": []}
+    for kind in ("quality", "disagreement"):
+        for depth in depths:
+            if in_process:
+                out["runs"].append(memory_probe(kind, (size, size, depth), image_size, tuple(features), batch_size))
+                continue
+            code = (f"import json; from qunet.bench import memory_probe; print(json.dumps(memory_probe("
+                    f"{kind!r}, ({size}, {size}, {depth}), {image_size}, {tuple(features)!r}, {batch_size})))")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+            if r.returncode:
+                raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")
+            out["runs"].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+TARGETS = {
+    "scoring_fraction_of_matmul": 0.60,
+    "scoring_speedup_vs_plain_loop": 1.5,
+    "quality_slices_per_s_512": 50.0,
+    "next_sample_p95_ms": 100.0,
+}
+
+
+def targets(result: dict) -> dict:
+    out = {}
+    s, m = result.get("scoring"), result.get("matmul")
+    if s:
+        frac = s["fraction_of_matmul"]  # against the matmul rate measured in the same rounds
+        out["scoring >= 60% of matmul GFLOP/s"] = {"value": round(frac, 3), "met": frac >= TARGETS["scoring_fraction_of_matmul"]}
+        out["scoring >= 1.5x plain eval() loop"] = {"value": s["speedup_vs_plain_loop"],
+                                               "met": s["speedup_vs_plain_loop"] >= TARGETS["scoring_speedup_vs_plain_loop"]}
+    if result.get("quality"):
+        v = result["quality"]["slices_per_s"]
+        out["quality >= 50 slices/s at 512x512"] = {"value": v, "met": v >= TARGETS["quality_slices_per_s_512"]}
+    n = result.get("next_sample")
+    if n:
+        worst = max(n["initial"]["p95_ms"], n["disagreement"]["p95_ms"])
+        out[f"Next sample p95 < 100 ms ({n['volumes']} volumes)"] = {"value": worst, "met": worst < TARGETS["next_sample_p95_ms"]}
+    mem = result.get("memory", {}).get("runs")
+    if mem:
+        for kind in ("quality", "disagreement"):
+            runs = sorted((r for r in mem if r["kind"] == kind), key=lambda r: r["shape"][2])
+            if len(runs) >= 2:
+                small, big = runs[0], runs[-1]
+                # bounded: the deeper volume needs at most a batch-sized margin (here 5% of the volume) more
+                grow = big["extra_mb"] - small["extra_mb"]
+                out[f"{kind} scoring memory bounded (extra MB at depth {small['shape'][2]} vs {big['shape'][2]})"] = {
+                    "value": [small["extra_mb"], big["extra_mb"]], "met": grow <= 0.05 * big["volume_mb"]}
+    return out
+
+
+def render(result: dict) -> str:
+    lines = [f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+             f"{result['machine']['torch']} ({result['machine']['torch_threads']} threads), load "
+             f"{result['machine']['load_average_1min']}"]
+    if "matmul" in result:
+        lines.append(f"matmul fp32 {result['matmul']['n']}^3: {result['matmul']['gflops']} GFLOP/s")
+    if "scoring" in result:
+        s = result["scoring"]
+        lines.append(f"scoring ({s['image_size']}px, features {s['features']}, {s['gflop_per_slice']} GFLOP/slice, batch "
+                     f"{s['batch_size']}): {s['slices_per_s']} slices/s = {s['gflops']} GFLOP/s "
+                     f"({s['fraction_of_matmul'] * 100:.0f}% of the {s['matmul_gflops_same_rounds']} GFLOP/s matmul of the "
+                     f"same rounds); plain eval() loop {s['plain_loop_slices_per_s']} slices/s; speed-up "
+                     f"{s['speedup_vs_plain_loop']}x")
+        lines.append("  by batch size: " + ", ".join(f"{bs}: {v['slices_per_s']} slices/s ({v['fraction_of_matmul'] * 100:.0f}%)"
+                                                    for bs, v in s["by_batch_size"].items()))
+        if "bf16" in s:
+            b = s["bf16"]
+            lines.append(f"  bf16 autocast: {b['raw_slices_per_s']} slices/s, max |dQ| {b['raw_max_abs_q_difference']}; "
+                         f"with fp32 re-scoring where Q could move > 0.01: {b['safe_slices_per_s']} slices/s, "
+                         f"max |dQ| {b['safe_max_abs_q_difference']}")
+    if "quality" in result:
+        q = result["quality"]
+        lines.append(f"quality metrics {q['shape']}: {q['slices_per_s']} slices/s")
+    if "next_sample" in result:
+        n = result["next_sample"]
+        for phase in ("initial", "disagreement"):
+            lines.append(f"Next sample ({n['volumes']} volumes, {phase} phase): p50 {n[phase]['p50_ms']} ms, "
+                         f"p95 {n[phase]['p95_ms']} ms over {n[phase]['requests']} requests")
+        ip = n["scoring"]["in_process"]
+        lines.append(f"  in process: strategy scan over all volumes {ip['strategy_scan_ms']} ms; one datastore write "
+                     f"{ip['datastore_write_ms']} ms (JSON {ip['datastore_json_mb']} MB); re-scoring with nothing "
+                     f"new: quality {n['quality_rescoring']['seconds']} s, disagreement "
+                     f"{n['disagreement_rescoring']['seconds']} s")
+    if "memory" in result and "runs" in result["memory"]:
+        for r in result["memory"]["runs"]:
+            lines.append(f"memory {r['kind']} {r['shape']}: volume {r['volume_mb']} MB, peak beyond it {r['extra_mb']} MB")
+    for name, t in result.get("targets", {}).items():
+        lines.append(f"[{'met' if t['met'] else 'NOT met'}] {name}: {t['value']}")
+    return "\n".join(lines)
+
+
+SECTIONS = ("matmul", "scoring", "quality", "next_sample", "memory")
+
+
+def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_count: int = 30,
+        auto_scoring: bool = False) -> dict:
+    """All sections; `quick` shrinks every size (for tests: the figures then mean nothing)."""
+    result: dict = {"machine": machine(), "quick": quick}
+    if "matmul" in sections:
+        result["matmul"] = matmul_gflops(256 if quick else 2048, 2 if quick else 5)
+    if "scoring" in sections:
+        result["scoring"] = (scoring_bench((4, 4, 8, 8, 16, 4), 32, slices=4, batch_size=2, plain_slices=2, rounds=1,
+                                           batch_sizes=(2,)) if quick else scoring_bench())
+    if "quality" in sections:
+        result["quality"] = quality_bench((64, 64, 8), 1) if quick else quality_bench()
+    if "next_sample" in sections:
+        result["next_sample"] = next_sample_bench(volumes, requests_count, auto_scoring=auto_scoring)
+    if "memory" in sections:
+        result["memory"] = (memory_bench((4, 12), 64, 32, (4, 4, 8, 8, 16, 4), 4, in_process=True) if quick else memory_bench())
+    result["targets"] = targets(result)
+    return result
 
 
 def add_arguments(p) -> None:
-    pass
+    p.add_argument("--out", default="bench.json", help="JSON file for the figures")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these parts")
+    p.add_argument("--volumes", type=int, default=1000, help="scored volumes in the Next sample datastore")
+    p.add_argument("--requests", type=int, default=30, help="Next sample requests timed per phase")
+    p.add_argument("--auto-scoring", action="store_true",
+                   help="keep MONAI Label's auto-update scoring on (each Next sample then queues a scoring run)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check that everything runs")
 
 
 def main(args) -> None:
-    pass
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run(tuple(args.only), args.quick, args.volumes, args.requests, args.auto_scoring)
+    result["command"] = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(render(result))
+    print(f"written: {args.out}")

@@ -85,6 +85,9 @@ class ExperimentConfig:
     max_initial: int = QualityConfig.max_initial
     epsilon0: float = QualityConfig.epsilon0
     median_window: int = QualityConfig.median_window
+    blur_percentile: float | None = QualityConfig.blur_percentile
+    psnr_percentile: float | None = QualityConfig.psnr_percentile
+    s0_roi: str = "auto"  # "auto": the app's automatic foreground ROI; "label": the ground truth, as the paper's notebook
     mc_passes: int = 5
     mc_dropout: float = 0.2
     mc_score: str = "entropy"  # or "variance"
@@ -100,6 +103,8 @@ class ExperimentConfig:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        if self.s0_roi not in ("auto", "label"):
+            raise ValueError(f"s0_roi must be auto or label, got {self.s0_roi!r}")
         if self.mc_score not in ("entropy", "variance"):
             raise ValueError(f"mc_score must be entropy or variance, got {self.mc_score!r}")
         if self.seeds < 1 or self.epochs < 1 or self.mc_passes < 2:
@@ -163,8 +168,9 @@ def load_cases(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig) -> 
         truth = label > 0
         everything = list(range(stack.num_slices))
         x, y = training_pairs(stack.array, truth.astype(np.uint8), everything, config.image_size, 1)
-        quality = slice_quality(stack.array, median_window=config.median_window)  # the app's automatic ROI
-        s0 = select_initial(quality, config.epsilon0, config.max_initial)
+        roi = label if config.s0_roi == "label" else None  # None: the app's automatic foreground ROI
+        quality = slice_quality(stack.array, roi, config.median_window)
+        s0 = select_initial(quality, config.epsilon0, config.max_initial, config.blur_percentile, config.psnr_percentile)
         cases.append(Case(stack_id(image_path), stack.array, truth, x, y, s0))
     return cases
 
@@ -259,6 +265,7 @@ class Result:
     per_stack: dict[str, dict[str, float]]
     pooled: dict[str, float]
     seconds: float = 0.0
+    lesion: dict[str, int] = field(default_factory=dict)  # training slices holding foreground, per stack
 
     @property
     def n_train(self) -> int:
@@ -267,6 +274,10 @@ class Result:
     @property
     def n_test(self) -> int:
         return sum(len(v) for v in self.test.values())
+
+    @property
+    def n_lesion(self) -> int:
+        return sum(self.lesion.values())
 
 
 def evaluate(network, cases: list[Case], train_sets: dict[str, list[int]], config: ExperimentConfig, device) -> tuple:
@@ -289,7 +300,7 @@ def evaluate(network, cases: list[Case], train_sets: dict[str, list[int]], confi
         counts += [(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()]
     pooled = {k: float(np.concatenate(v).mean()) if v else float("nan") for k, v in pooled_slices.items()}
     tp, fp, fn = counts
-    pooled["dice_voxels"] = float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else 1.0
+    pooled["dice_voxels"] = float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else (1.0 if per_stack else float("nan"))
     return test_sets, per_stack, pooled
 
 
@@ -325,8 +336,9 @@ class Runner:
     def result(self, network, seed: int, method: str, train_sets: dict[str, list[int]], start: float) -> Result:
         test, per_stack, pooled = evaluate(network, self.cases, train_sets, self.config, self.device)
         self.progress(method)
+        lesion = {c.name: int(c.truth[:, :, train_sets[c.name]].any(axis=(0, 1)).sum()) for c in self.cases}
         return Result(seed, method, {k: list(v) for k, v in train_sets.items()}, test, per_stack, pooled,
-                      round(time.perf_counter() - start, 2))
+                      round(time.perf_counter() - start, 2), lesion)
 
     def random_fraction(self, seed: int, fraction: float, kind: str, method: str) -> Result:
         start = time.perf_counter()
@@ -430,11 +442,12 @@ def summarise(results: list[Result], cases: list[Case]) -> list[dict]:
                 continue
             n_train = [r.n_train if stack == "all" else len(r.train[stack]) for r in runs]
             n_test = [r.n_test if stack == "all" else len(r.test[stack]) for r in runs]
+            n_lesion = [r.n_lesion if stack == "all" else r.lesion.get(stack, 0) for r in runs]
             depth = total if stack == "all" else next(c.depth for c in cases if c.name == stack)
             label, model = method_label(method)
             row = {"stack": stack, "method": method, "label": label, "model": model, "seeds": len(runs),
                    "n_train": float(np.mean(n_train)), "n_train_sd": _sd(n_train), "n_test": float(np.mean(n_test)),
-                   "n_test_sd": _sd(n_test),
+                   "n_test_sd": _sd(n_test), "n_train_lesion": float(np.mean(n_lesion)),
                    "fraction": float(np.mean(n_train)) / depth}
             for k in TABLE_COLUMNS:
                 row[k] = float(np.mean([v[k] for v in values]))
@@ -452,11 +465,12 @@ def _count(mean: float, sd: float) -> str:
 
 
 def markdown_table(rows: list[dict], stack: str = "all") -> str:
-    head = ["Method", "Model", "#train/#test", *TABLE_COLUMNS.values()]
+    head = ["Method", "Model", "#train/#test", "#train with lesion", *TABLE_COLUMNS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in (r for r in rows if r["stack"] == stack):
-        cells = [r["label"], r["model"], f"{_count(r['n_train'], r['n_train_sd'])}/{_count(r['n_test'], r['n_test_sd'])}"]
-        cells += [f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" for k in TABLE_COLUMNS]
+        cells = [r["label"], r["model"], f"{_count(r['n_train'], r['n_train_sd'])}/{_count(r['n_test'], r['n_test_sd'])}",
+                 f"{r['n_train_lesion']:.1f}"]
+        cells += ["–" if r[k] != r[k] else f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" for k in TABLE_COLUMNS]  # – : no test slice
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -469,7 +483,7 @@ def per_stack_dice_table(rows: list[dict], cases: list[Case]) -> str:
         cells = [" ".join(method_label(method))]
         for n in names:
             r = next((r for r in rows if r["method"] == method and r["stack"] == n), None)
-            cells.append(f"{r['dice']:.2f} / {r['dice_voxels']:.2f}" if r else "-")
+            cells.append(f"{r['dice']:.2f} / {r['dice_voxels']:.2f}" if r else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -489,7 +503,9 @@ def run_rows(results: list[Result]) -> list[dict]:
             train_slices = "" if stack == "all" else " ".join(map(str, r.train[stack]))
             n_train = r.n_train if stack == "all" else len(r.train[stack])
             n_test = r.n_test if stack == "all" else len(r.test[stack])
+            n_lesion = r.n_lesion if stack == "all" else r.lesion.get(stack, 0)
             rows.append({"seed": r.seed, "method": r.method, "stack": stack, "n_train": n_train, "n_test": n_test,
+                         "n_train_lesion": n_lesion,
                          **{k: round(values[k], 5) for k in TABLE_COLUMNS}, "seconds": r.seconds,
                          "train_slices": train_slices})
     return rows
@@ -632,6 +648,10 @@ def add_arguments(p) -> None:
     p.add_argument("--sm-limit", type=int, default=d.sm_limit, help="cap on Sm per stack (default: none)")
     p.add_argument("--max-initial", type=int, default=d.max_initial, help="cap on S0 per stack")
     p.add_argument("--epsilon0", type=float, default=d.epsilon0)
+    p.add_argument("--blur-percentile", type=float, default=d.blur_percentile, help="S0 cut-off (default: the mean)")
+    p.add_argument("--psnr-percentile", type=float, default=d.psnr_percentile, help="S0 cut-off (default: the mean)")
+    p.add_argument("--s0-roi", choices=("auto", "label"), default=d.s0_roi,
+                   help="ROI for S0's CoV and mean: the app's automatic foreground, or the ground truth (paper's notebook)")
     p.add_argument("--mc-passes", type=int, default=d.mc_passes)
     p.add_argument("--mc-dropout", type=float, default=d.mc_dropout)
     p.add_argument("--mc-score", choices=("entropy", "variance"), default=d.mc_score)
@@ -647,7 +667,8 @@ def config_from_args(args) -> ExperimentConfig:
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         learning_rate=args.lr, augment_range=args.augment_range, random_fraction=args.random_fraction,
         extra_fractions=tuple(args.extra_fractions), q0=args.q0, sm_limit=args.sm_limit,
-        max_initial=args.max_initial, epsilon0=args.epsilon0, mc_passes=args.mc_passes, mc_dropout=args.mc_dropout,
+        max_initial=args.max_initial, epsilon0=args.epsilon0, blur_percentile=args.blur_percentile,
+        psnr_percentile=args.psnr_percentile, s0_roi=args.s0_roi, mc_passes=args.mc_passes, mc_dropout=args.mc_dropout,
         mc_score=args.mc_score, methods=tuple(args.methods), device=args.device)
 
 

@@ -46,12 +46,72 @@ class SliceQuality:
 
 
 def stack_range(volume: np.ndarray) -> tuple[float, float]:
-    """Robust intensity range (0.5th, 99.5th percentile) from a sub-sample of the stack."""
+    """Robust intensity range (0.5th, 99.5th percentile) from a sub-sample of the stack.
+
+    For float32 stacks (what qunet.io loads) the percentiles are computed exactly, chunk by chunk, so memory does
+    not grow with the stack's depth; the values equal NumPy's np.percentile of the same sample."""
     sample = volume[::2, ::2, :]
-    lo, hi = np.percentile(sample, (0.5, 99.5))
+    if volume.dtype == np.float32 and sample.size:
+        lo, hi = _percentiles(sample, (0.5, 99.5))
+    else:
+        lo, hi = np.percentile(sample, (0.5, 99.5))
     if hi <= lo:
         lo, hi = float(volume.min()), float(volume.max())
     return float(lo), float(hi)
+
+
+def _chunks(sample: np.ndarray, depth: int = CHUNK):
+    return lambda: (sample[:, :, z : z + depth] for z in range(0, sample.shape[2], depth))
+
+
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 keys in the same order as the floats (sign bit flipped, negatives inverted)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).ravel()
+    return np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
+
+
+def _from_key(key: int) -> np.float32:
+    key = np.uint32(key)
+    bits = key & np.uint32(0x7FFFFFFF) if key & np.uint32(0x80000000) else ~key
+    return np.array(bits, np.uint32).view(np.float32)[()]
+
+
+def _order_statistics(chunks, ranks: list[int]) -> dict[int, np.float32]:
+    """Exact k-th smallest float32 values (0-based) by a two-pass radix select on 16-bit halves of the keys."""
+    high = np.zeros(1 << 16, np.int64)
+    for chunk in chunks():
+        high += np.bincount(_sort_keys(chunk) >> 16, minlength=1 << 16)
+    cumulative = np.cumsum(high)
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for r in ranks:
+        h = int(np.searchsorted(cumulative, r, side="right"))
+        wanted.setdefault(h, []).append((r, r - (int(cumulative[h - 1]) if h else 0)))
+    low = {h: np.zeros(1 << 16, np.int64) for h in wanted}
+    for chunk in chunks():
+        keys = _sort_keys(chunk)
+        top = keys >> 16
+        for h, counts in low.items():
+            inside = keys[top == h]
+            if inside.size:
+                counts += np.bincount(inside & 0xFFFF, minlength=1 << 16)
+    out = {}
+    for h, items in wanted.items():
+        cumulative_low = np.cumsum(low[h])
+        for r, within in items:
+            out[r] = _from_key((h << 16) | int(np.searchsorted(cumulative_low, within, side="right")))
+    return out
+
+
+def _percentiles(sample: np.ndarray, q: tuple[float, ...]) -> list[float]:
+    """np.percentile(sample, q) (linear interpolation), exactly, without copying the sample."""
+    n = sample.size
+    virtual = np.true_divide(np.asanyarray(q, dtype=np.float64), 100) * (n - 1)
+    below = np.floor(virtual).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    values = _order_statistics(_chunks(sample), sorted(set(below.tolist()) | set(above.tolist())))
+    # np.quantile of the two neighbours at the same fraction runs NumPy's own interpolation
+    return [float(np.quantile(np.array([values[int(b)], values[int(a)]], np.float32), v - b))
+            for v, b, a in zip(virtual, below, above)]
 
 
 def scale_to_unit(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -139,5 +199,17 @@ def _from_rows(rows: list[tuple], masked: bool) -> SliceQuality:
 
 
 def _otsu(volume: np.ndarray, lo: float, hi: float) -> float:
-    unit = scale_to_unit(volume[::2, ::2, :], lo, hi)
-    return float(threshold_otsu(unit.ravel())) if unit.max() > unit.min() else 1.0
+    """skimage's Otsu threshold (256 bins over the value range) of the scaled sub-sampled stack, chunk by chunk."""
+    sample = volume[::2, ::2, :]
+    scaled = lambda: (scale_to_unit(c, lo, hi) for c in _chunks(sample)())  # noqa: E731
+    parts = [(c.min(), c.max()) for c in scaled() if c.size]
+    if not parts:
+        return 1.0
+    vmin, vmax = min(p[0] for p in parts), max(p[1] for p in parts)
+    if not vmax > vmin:
+        return 1.0
+    counts, edges = 0, None
+    for c in scaled():
+        h, edges = np.histogram(c, bins=256, range=(vmin, vmax))
+        counts = counts + h
+    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2.0)))
