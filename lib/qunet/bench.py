@@ -41,6 +41,11 @@ APP = REPO / "apps" / "qunet"
 # ----------------------------------------------------------------------------------------------- helpers
 
 
+
+def _sig(x: float) -> float:
+    """Four significant figures: tiny --quick figures must not round to zero."""
+    return float(f"{x:.4g}")
+
 def _best(fn, repeats: int) -> float:
     """Shortest wall time of `repeats` calls (after one warm-up): the least disturbed by other load."""
     fn()
@@ -73,7 +78,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     seconds = _best(lambda: torch.mm(a, b), repeats)
-    return {"n": n, "seconds": round(seconds, 4), "gflops": round(2 * n**3 / seconds / 1e9, 1)}
+    return {"n": n, "seconds": _sig(seconds), "gflops": _sig(2 * n**3 / seconds / 1e9)}
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -141,14 +146,14 @@ def scoring_bench(features=None, image_size: int | None = None, slices: int = 16
     matmul = 2 * 2048**3 / best["matmul"] / 1e9
     result = {
         "features": list(features), "image_size": image_size, "batch_size": batch_size, "slices": slices,
-        "rounds": rounds, "gflop_per_slice": round(flops / 1e9, 2),
-        "slices_per_s": round(1 / scored, 3), "gflops": round(flops / scored / 1e9, 1),
-        "matmul_gflops_same_rounds": round(matmul, 1),
-        "fraction_of_matmul": round(flops / scored / 1e9 / matmul, 3),
-        "plain_loop_slices_per_s": round(1 / plain, 3), "plain_loop_gflops": round(flops / plain / 1e9, 1),
-        "speedup_vs_plain_loop": round(plain / scored, 2),
-        "by_batch_size": {str(bs): {"slices_per_s": round(1 / best[bs], 3), "gflops": round(flops / best[bs] / 1e9, 1),
-                                    "fraction_of_matmul": round(flops / best[bs] / 1e9 / matmul, 3)}
+        "rounds": rounds, "gflop_per_slice": _sig(flops / 1e9),
+        "slices_per_s": _sig(1 / scored), "gflops": _sig(flops / scored / 1e9),
+        "matmul_gflops_same_rounds": _sig(matmul),
+        "fraction_of_matmul": _sig(flops / scored / 1e9 / matmul),
+        "plain_loop_slices_per_s": _sig(1 / plain), "plain_loop_gflops": _sig(flops / plain / 1e9),
+        "speedup_vs_plain_loop": _sig(plain / scored),
+        "by_batch_size": {str(bs): {"slices_per_s": _sig(1 / best[bs]), "gflops": _sig(flops / best[bs] / 1e9),
+                                    "fraction_of_matmul": _sig(flops / best[bs] / 1e9 / matmul)}
                           for bs in batch_sizes},
     }
     with contextlib.suppress(RuntimeError):  # bf16 autocast is optional on some CPUs
@@ -178,7 +183,7 @@ def _bf16_bench(network, volume, image_size, batch_size, flops, q32, repeats) ->
     q_safe = disagreement_scores(network, volume, image_size, batch_size, device=device, precision="bf16")
     t_safe = _best(lambda: disagreement_scores(network, volume, image_size, batch_size, device=device,
                                                precision="bf16"), repeats) / slices
-    return {"raw_slices_per_s": round(1 / t_raw, 3), "raw_gflops_equivalent": round(flops / t_raw / 1e9, 1),
+    return {"raw_slices_per_s": _sig(1 / t_raw), "raw_gflops_equivalent": _sig(flops / t_raw / 1e9),
             "raw_max_abs_q_difference": round(float(np.nanmax(np.abs(q_raw - q32))), 5),
             "safe_slices_per_s": round(1 / t_safe, 3),
             "safe_max_abs_q_difference": round(float(np.nanmax(np.abs(q_safe - q32))), 5)}
