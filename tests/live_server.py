@@ -65,3 +65,15 @@ class LiveServer:
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    """Poll until `predicate()` is truthy and return it; TimeoutError naming `what` and the last value otherwise."""
+    deadline = time.time() + timeout
+    value = None
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: still {value!r} after {timeout} s")

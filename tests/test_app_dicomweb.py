@@ -24,7 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from monailabel.client import MONAILabelClient
 from orthanc import orthanc_server  # noqa: F401 (fixture)
 
-from live_server import LiveServer
+from live_server import LiveServer, wait_for
 from qunet.dicomweb import upload
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
@@ -71,16 +71,6 @@ def image_info(server: LiveServer, image_id: str) -> dict:
     assert r.ok, r.text
     return r.json()
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    value = None
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"{what}: still {value!r} after {timeout} s")
 
 
 def download_image(server: LiveServer, image_id: str, dest: Path) -> Path:

@@ -6,7 +6,6 @@ Two rounds of Next sample / download / Submit label / Train / score / Next sampl
 
 import json
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -16,7 +15,7 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from live_server import LiveServer
+from live_server import LiveServer, wait_for
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
@@ -68,15 +67,6 @@ def annotate(data: dict, image_id: str, image_file: Path, slices: list[int], out
     sitk.WriteImage(label, str(out))
     return out
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"{what}: still {value!r} after {timeout} s")
 
 
 def train(client: MONAILabelClient, server: LiveServer) -> dict:

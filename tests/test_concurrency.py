@@ -20,7 +20,7 @@ import requests
 import torch
 
 from app_inprocess import app_client
-from live_server import LiveServer
+from live_server import LiveServer, wait_for
 from qunet import build_network
 from qunet.synthetic import generate_stack
 
@@ -52,15 +52,6 @@ def image_infos(url: str) -> dict[str, dict]:
     objects = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
     return {k: v["image"]["info"] for k, v in objects.items()}
 
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what}: not within {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import pytest
 import requests
 import torch
 
-from live_server import APP, LiveServer
+from live_server import APP, LiveServer, wait_for
 from qunet import build_network
 from qunet.io import load_label, load_stack
 from qunet.network import load_weights
@@ -252,15 +252,6 @@ def quality_on_disk(studies: Path) -> dict[str, dict]:
     return {k: v["image"]["info"]["qunet_quality"] for k, v in objects.items() if v["image"]["info"].get("qunet_quality")}
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what}: not within {timeout} s")
-
 
 def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
     workdir = studies.parent
@@ -278,13 +269,13 @@ def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
             assert r.status_code == 200, r.text
         r = requests.post(f"{server.url}/train/qunet", json={"max_epochs": 100000, "train_batch_size": 4})
         assert r.status_code == 200, r.text
-        wait_until(lambda: model.exists(), 240, "a published model", poll=0.2)  # training runs and publishes
+        wait_for(lambda: model.exists(), 240, "a published model", poll=0.2)  # training runs and publishes
 
         storm = Storm(server.url, tmp_path)
         storm.start()
-        wait_until(lambda: len(storm.done) >= 5, 120, "labels saved")
+        wait_for(lambda: len(storm.done) >= 5, 120, "labels saved", poll=0.02)
         assert requests.post(f"{server.url}/scoring/qunet_quality", timeout=30).status_code == 200
-        seen = wait_until(lambda: quality_on_disk(studies), 240, "quality scoring under way")
+        seen = wait_for(lambda: quality_on_disk(studies), 240, "quality scoring under way", poll=0.02)
         assert len(seen) < BIG + len(SMALL), "scoring finished before the kill: make it slower"
         assert storm.is_alive() and not storm.failed, storm.failed
         assert requests.get(f"{server.url}/train/", timeout=10).json()["status"] == "RUNNING"
