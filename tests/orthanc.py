@@ -1,6 +1,6 @@
 """A throw-away Orthanc DICOMweb server on 127.0.0.1, for tests and for trying the app by hand.
 
-Tests import the fixture, which yields the DICOMweb root URL (http://127.0.0.1:PORT/dicom-web):
+tests/conftest.py imports the fixture, which yields the DICOMweb root URL (http://127.0.0.1:PORT/dicom-web):
 
     from orthanc import orthanc_server  # module scope; make_orthanc_fixture("session") for one per session
 

@@ -22,7 +22,6 @@ import requests
 import SimpleITK as sitk
 from dicomweb_client.api import DICOMwebClient
 from monailabel.client import MONAILabelClient
-from orthanc import orthanc_server  # noqa: F401 (fixture)
 
 from live_server import LiveServer, wait_for
 from qunet.dicomweb import upload

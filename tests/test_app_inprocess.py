@@ -32,7 +32,7 @@ def test_conf_parsing_and_errors():
     assert conf.blur_percentile == 40 and conf.psnr_percentile is None
     assert AppConf.from_conf({}).features == (32, 64, 128, 256, 512, 32)
     for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"image_size": "100"}, "multiple of 16"),
-                         ({"labels": " , "}, "labels")):
+                         ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy")):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
 
@@ -78,3 +78,17 @@ def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
     client = app_client(studies, {"features": TINY, "image_size": "32"})
     assert client.post("/activelearning/qunet", json={"client_id": "a"}).json() == {}
     assert client.get("/info/").json()["datastore"]["completed"] == 2
+
+
+@pytest.mark.parametrize("random_strategy", ["qunet", "random"])
+def test_random_strategy_setting(studies, random_strategy):
+    """OHIF's panel always asks for "random": by default that is the QU-net++ pick, with slices and a hold."""
+    client = app_client(studies, {"features": TINY, "image_size": "32", "random_strategy": random_strategy})
+    sample = client.post("/activelearning/random", json={"client_id": "ohif"}).json()
+    info = client.get("/datastore/image/info", params={"image": sample["id"]}).json()
+    if random_strategy == "qunet":
+        assert sample["phase"] == "initial" and sample["slices"] == info["qunet_quality"]["initial"][: len(sample["slices"])]
+        assert info["qunet_served"]["ohif"]["slices"] == sample["slices"]
+    else:  # MONAI Label's: a volume, no slices, nothing held
+        assert sample["id"] in ("ct1", "ct2") and "slices" not in sample and "qunet_served" not in info
+    assert info["strategy"]["random"]["client_id"] == "ohif"

@@ -18,7 +18,7 @@ from dicomweb_client.api import DICOMwebClient
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.utils.convert import dicom_to_nifti, nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_download_series
-from orthanc import free_port, orthanc_server  # noqa: F401 (orthanc_server is a fixture)
+from orthanc import free_port
 from scipy.spatial.transform import Rotation
 
 from qunet.dicomweb import stack_to_series, upload

@@ -145,6 +145,33 @@ def test_label_save_killed_at_every_step(tmp_path, first):
         assert now["files"] == after_commit["files"]
 
 
+
+def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
+    """Each write replaces the whole datastore JSON (1,000 volumes: megabytes); an update that changes nothing
+    leaves the file alone. What is written reads back the same, also from another process's view."""
+    write_stack(tmp_path / "img.nii.gz")
+    store = open_store(tmp_path)
+    path = tmp_path / "datastore_v2.json"
+    info = {"qunet_served": {"a": {"slices": [3, 1], "ts": 5}}, "score": np.float32(0.5), "q": [0.25, None]}
+
+    def version() -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_ino, st.st_mtime_ns
+
+    first = version()
+    store.update_image_info("img", info)
+    written = version()
+    assert written != first
+    store.update_image_info("img", info)
+    assert version() == written
+    store.update_image_info("img", {"q": [0.25, 0.5]})
+    assert version() != written
+    json.loads(path.read_text())
+    again = open_store(tmp_path).get_image_info("img")
+    assert again["qunet_served"] == info["qunet_served"] and again["q"] == [0.25, 0.5]
+    assert float(again["score"]) == 0.5  # a value JSON has no type for is written as its text
+
+
 def _publish_and_die(model_dir: str, die: bool) -> None:
     """Child: publish the run's model and stats as training does after an epoch, dying mid-copy when `die`."""
     from types import SimpleNamespace

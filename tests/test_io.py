@@ -1,4 +1,3 @@
-import gzip
 
 import itk
 import nibabel as nib

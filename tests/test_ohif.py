@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from orthanc import orthanc_server  # noqa: F401 (fixture)
+import requests
 from PIL import Image
 
 from live_server import LiveServer
@@ -171,7 +171,8 @@ def test_monai_label_panel_connects_to_the_app(server, studies, browser, tmp_pat
     """OHIF's MONAI Label mode: the panel reads the app's /info/, and its Next Sample opens a study of the datastore.
 
     MONAI Label 0.8.5's OHIF panel never applies its Strategy list (its onChange handler is missing): Next
-    Sample always asks for "random", MONAI Label's strategy, which names no slices (see docs/dicomweb.md).
+    Sample always asks for "random", which the app answers with its QU-net++ pick: the dialog shows the slices
+    to annotate in its Patient ID row (see docs/dicomweb.md).
     """
     from selenium.webdriver.support.ui import Select
 
@@ -200,3 +201,10 @@ def test_monai_label_panel_connects_to_the_app(server, studies, browser, tmp_pat
     shown = [s for s in studies.values() if s["study"] in form and s["series"] in form]
     assert len(shown) == 1, form  # a series of the datastore, with the study its OK button opens
     browser.save_screenshot(str(tmp_path / "ohif-next-sample.png"))
+    # the QU-net++ pick: the slices in the dialog are the series' first S0 slices, recorded as served
+    found = re.search(r"annotate slices \(K\) ([\d, ]+)", form)
+    assert found, form
+    slices = [int(k) for k in found.group(1).split(",")]
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": shown[0]["series"]}, timeout=30).json()
+    assert slices == info["qunet_quality"]["initial"][: len(slices)]
+    assert info["qunet_served"]["anonymous"]["slices"] == slices

@@ -88,7 +88,8 @@ class QUNetApp(MONAILabelApp):
         return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published)}
 
     def init_strategies(self) -> dict:
-        return {MODEL: QUNetStrategy(self.qconf, self.model_path), "random": Random()}
+        qunet = QUNetStrategy(self.qconf, self.model_path)
+        return {MODEL: qunet, "random": qunet if self.qconf.random_strategy == "qunet" else Random()}
 
     def init_scoring_methods(self) -> dict:
         return {

@@ -454,7 +454,7 @@ TARGETS = {
 
 def targets(result: dict) -> dict:
     out = {}
-    s, m = result.get("scoring"), result.get("matmul")
+    s = result.get("scoring")
     if s:
         frac = s["fraction_of_matmul"]  # against the matmul rate measured in the same rounds
         out["scoring >= 60% of matmul GFLOP/s"] = {"value": round(frac, 3), "met": frac >= TARGETS["scoring_fraction_of_matmul"]}

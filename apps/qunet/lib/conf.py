@@ -36,6 +36,9 @@ class AppConf:
     pretrained_path: str = ""
     auto_train_after: int = 0  # train after every N submitted labels; 0 = never on its own
     hold_seconds: int = 600  # a served slice is not offered to another client for this long
+    # what strategy "random" answers: "qunet" (the app's pick) or "random" (MONAI Label's: a volume, no slices).
+    # The OHIF panel of MONAI Label 0.8.5 always asks for "random" (its strategy list has no change handler)
+    random_strategy: str = "qunet"
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
@@ -52,6 +55,8 @@ class AppConf:
         result = cls(**values)
         if len(result.features) != 6:
             raise ValueError(f"--conf features needs six comma-separated integers, got {result.features}")
+        if result.random_strategy not in ("qunet", "random"):
+            raise ValueError(f"--conf random_strategy must be qunet or random, got {result.random_strategy!r}")
         if result.image_size < 16 or result.image_size % 16:
             raise ValueError(f"--conf image_size must be a multiple of 16 (four poolings), got {result.image_size}")
         return result

@@ -17,7 +17,6 @@ copy (another process's update is lost). Here:
 """
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -167,7 +166,8 @@ class QUNetDatastore(LocalDatastore):
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         with self._lock() if lock else contextlib.nullcontext():
-            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            # pydantic's encoder: json.dumps with indent falls back to pure Python, 10x slower on 1,000 volumes
+            text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
             fd, tmp = tempfile.mkstemp(dir=self._datastore_path, prefix=TMP_PREFIX, suffix=".json")
             try:
                 with os.fdopen(fd, "w") as f:
@@ -248,6 +248,12 @@ class QUNetDatastore(LocalDatastore):
     # ---- writes ----------------------------------------------------------------------------------------------
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with self._lock():
+            self._reload()
+            obj = self._datastore.objects.get(image_id)
+            if obj and all(k in obj.image.info and obj.image.info[k] == v for k, v in info.items()):
+                return  # nothing changes: no rewrite of the whole file (Next sample's latency)
+
         def change() -> None:
             obj = self._datastore.objects.get(image_id)
             if not obj:

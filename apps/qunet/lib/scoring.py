@@ -10,7 +10,7 @@ as failed, and the other images are scored. It is not read again until its file 
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -44,7 +44,7 @@ def _quality_params(conf: AppConf) -> list:
     return [conf.median_window, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile]
 
 
-def _signature(path: str) -> str | None:
+def signature_or_none(path: str) -> str | None:
     try:
         return file_signature(path)
     except OSError:
@@ -57,7 +57,7 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
         try:
             info = datastore.get_image_info(image_id)
             path = datastore.get_image_uri(image_id)
-            source = _signature(path)
+            source = signature_or_none(path)
             if info.get(records.ERROR) and source is not None and info.get(ERROR_SOURCE) == source:
                 counts["failed"] += 1  # known bad, file unchanged: not read again
                 continue
@@ -88,11 +88,11 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
     return counts
 
 
-def _infos_read_only(datastore: Datastore):
-    """(id, info) of every image, without LocalDatastore's deep copy of each info (this runs on every Next sample).
-
-    An image the datastore lists but has no record of yet (a DICOMweb series not fetched) has info {}."""
-    image_ids = datastore.list_images()
+def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
+    """(id, info) of every image, read-only, without LocalDatastore's deep copy of each info: with a thousand scored
+    volumes the copies cost more than the rest of Next sample. In id order; an image the datastore lists but has no
+    record of yet (a DICOMweb series not fetched) has info {}."""
+    image_ids = sorted(datastore.list_images())
     if not isinstance(getattr(getattr(datastore, "_datastore", None), "objects", None), dict):
         yield from ((i, datastore.get_image_info(i)) for i in image_ids)
         return
@@ -106,11 +106,11 @@ def _infos_read_only(datastore: Datastore):
 def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) -> bool:
     """Whether a run would score anything: an image without an up-to-date record that is not known to be bad.
     Cheap: no image is read (or, from DICOMweb, fetched)."""
-    for image_id, info in _infos_read_only(datastore):
+    for image_id, info in infos_read_only(datastore):
         if not info.get(key) and not info.get(records.ERROR):
             return True
         path = datastore.get_image_uri(image_id)
-        source = _signature(path)
+        source = signature_or_none(path)
         if source is None or info.get(records.ERROR) and info.get(ERROR_SOURCE) == source:
             continue
         if not done(info, path):

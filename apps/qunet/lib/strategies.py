@@ -5,8 +5,9 @@ whose unannotated slices disagree most (lowest Q below q0), with those slices, l
 to another client within `hold_seconds` are held back, then offered again if no label came.
 """
 
+import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -16,7 +17,9 @@ from qunet.io import StackError
 
 from lib import records
 from lib.conf import AppConf
-from lib.scoring import quality_record
+from lib.scoring import ERROR_SOURCE, infos_read_only, quality_record, signature_or_none
+
+logger = logging.getLogger(__name__)
 
 
 class QUNetStrategy(Strategy):
@@ -47,7 +50,7 @@ class QUNetStrategy(Strategy):
         """The best (key, image id, candidates) for a phase, and whether any image had scores for it."""
         best: tuple[Any, ...] | None = None
         scored = False
-        for image_id, info in _image_infos(datastore, sorted(datastore.list_images())):
+        for image_id, info in infos_read_only(datastore):
             if phase == "initial" and not info.get(records.QUALITY) and not info.get(records.ERROR):
                 info = self._score_now(datastore, image_id)
             scored |= bool(info.get(records.QUALITY if phase == "initial" else records.DISAGREEMENT))
@@ -75,7 +78,11 @@ class QUNetStrategy(Strategy):
         slices = [k for k, _ in found]
         info = datastore.get_image_info(image_id)
         served = {**(info.get(records.SERVED) or {}), client_id: {"slices": slices, "ts": int(now)}}
-        datastore.update_image_info(image_id, {records.SERVED: served})
+        # MONAI Label's endpoint then records {"strategy": {name: ts, client}}; writing the same here makes its
+        # update a no-op, so Next sample rewrites the datastore file once, not twice
+        used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
+            "ts": int(time.time()), "client_id": request.get("client_id")}}
+        datastore.update_image_info(image_id, {records.SERVED: served, "strategy": used})
         if phase == "initial":
             rec = info[records.QUALITY]
             scores = {k: [rec[k][i] for i in slices] for k in ("blurriness", "psnr_inv")}
@@ -92,29 +99,15 @@ class QUNetStrategy(Strategy):
 
     def _score_now(self, datastore: Datastore, image_id: str) -> dict:
         """Quality for an image the background scoring has not reached yet (e.g. Next sample right after start)."""
+        path = datastore.get_image_uri(image_id)
         try:
-            rec = quality_record(datastore.get_image_uri(image_id), self.conf)
+            rec = quality_record(path, self.conf)
+        except StackError as e:  # a bad file: skipped until it changes (as the scoring run does)
+            datastore.update_image_info(image_id, {records.ERROR: str(e), ERROR_SOURCE: signature_or_none(path)})
+        except Exception:  # anything else must not fail Next sample for every client: skip it this time
+            logger.exception(f"cannot score {image_id} for Next sample")
+            return {}
+        else:
             datastore.update_image_info(image_id, {records.QUALITY: rec})
-        except StackError as e:
-            datastore.update_image_info(image_id, {records.ERROR: str(e)})
         return datastore.get_image_info(image_id)
 
-
-def _image_infos(datastore: Datastore, image_ids: list[str]) -> Iterator[tuple[str, dict]]:
-    """(id, info) of each image, read-only: the strategy never changes them.
-
-    LocalDatastore.get_image_info deep-copies the info (and our datastores first check the JSON file for another
-    process's writes), which with a thousand scored volumes costs more than the rest of Next sample. For a
-    datastore with LocalDatastore's in-memory model, the file is checked once per scan and each info is read in
-    place; any other datastore goes through get_image_info."""
-    model = getattr(datastore, "_datastore", None)
-    if not isinstance(getattr(model, "objects", None), dict):
-        for image_id in image_ids:
-            yield image_id, datastore.get_image_info(image_id)
-        return
-    fresh = getattr(datastore, "_fresh", None)
-    if callable(fresh):
-        fresh()
-    for image_id in image_ids:
-        obj = datastore._datastore.objects.get(image_id)  # looked up each time: a write during the scan may reload it
-        yield image_id, (obj.image.info if obj is not None else {})
