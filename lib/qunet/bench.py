@@ -277,9 +277,9 @@ class Server:
 
 def _latencies(session, url: str, requests_count: int, client: str) -> tuple[dict, dict]:
     times, last = [], {}
-    for _ in range(requests_count):
-        t = time.perf_counter()
-        r = session.post(url, json={"client_id": client}, timeout=60)
+    for i in range(requests_count):
+        t = time.perf_counter()  # a new client each time: slices held for the others, so every answer is stored
+        r = session.post(url, json={"client_id": f"{client}-{i}"}, timeout=60)
         times.append(time.perf_counter() - t)
         r.raise_for_status()
         last = r.json()
@@ -334,7 +334,7 @@ def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: 
     image_id = datastore.list_images()[0]
     scan = _best(lambda: strategy._pick(datastore, "disagreement", "bench", time.time()), 3)
     write = _best(lambda: datastore.update_image_info(image_id, {"bench": time.time()}), 3)
-    text = json.dumps(datastore._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+    text = datastore._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
     out["in_process"] = {"strategy_scan_ms": round(scan * 1000, 3), "datastore_write_ms": round(write * 1000, 3),
                          "datastore_json_mb": round(len(text) / 2**20, 2)}
     return out
