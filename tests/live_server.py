@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
+import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "qunet"
@@ -77,3 +79,15 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
             return value
         time.sleep(poll)
     raise TimeoutError(f"{what}: still {value!r} after {timeout} s")
+
+
+def draw_truth(truth_file: Path, image_file: Path, slices: list[int], out: Path) -> np.ndarray:
+    """What an annotator draws: the ground truth on `slices` only, saved to `out` in the geometry of the image as
+    the server handed it out. Returns the drawing as (X, Y, Z), as qunet.io reads it."""
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))  # (Z, Y, X)
+    drawn = np.zeros_like(truth, dtype=np.uint8)
+    drawn[slices] = truth[slices] > 0
+    label = sitk.GetImageFromArray(drawn)
+    label.CopyInformation(sitk.ReadImage(str(image_file)))
+    sitk.WriteImage(label, str(out))
+    return drawn.transpose(2, 1, 0)

@@ -17,7 +17,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from live_server import free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 INSTALL_HINT = "run .ci/services.sh (installs the Debian packages orthanc and orthanc-dicomweb)"
@@ -44,12 +45,6 @@ def find_orthanc() -> str:
     if not DICOMWEB_PLUGIN.exists():
         raise OrthancMissing(f"the Orthanc DICOMweb plugin {DICOMWEB_PLUGIN} is not installed: {INSTALL_HINT}")
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -19,11 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-import SimpleITK as sitk
 from dicomweb_client.api import DICOMwebClient
 from monailabel.client import MONAILabelClient
 
-from live_server import LiveServer, wait_for
+from live_server import LiveServer, draw_truth, wait_for
 from qunet.dicomweb import upload
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
@@ -85,17 +84,6 @@ def download_image(server: LiveServer, image_id: str, dest: Path) -> Path:
     assert r.ok, r.text
     dest.write_bytes(r.content)
     return dest
-
-
-def annotate(truth_file: Path, image_file: Path, slices: list[int], out: Path) -> np.ndarray:
-    """What the annotator draws: the ground truth on the served slices only, in the downloaded image's geometry."""
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))  # (Z, Y, X)
-    drawn = np.zeros_like(truth, dtype=np.uint8)
-    drawn[slices] = truth[slices] > 0
-    label = sitk.GetImageFromArray(drawn)
-    label.CopyInformation(sitk.ReadImage(str(image_file)))
-    sitk.WriteImage(label, str(out))
-    return drawn.transpose(2, 1, 0)  # (X, Y, Z) as qunet.io reads it
 
 
 def segs_of(url: str, image_id: str) -> list[pydicom.Dataset]:
@@ -170,7 +158,7 @@ def test_dicomweb_loop(server, data, tmp_path):
         assert np.allclose(served.affine, original.affine, atol=1e-4)
 
         label_file = tmp_path / f"{round_}-{image_id}-label.nii.gz"
-        drawn = annotate(stack["truth"], image_file, slices, label_file)
+        drawn = draw_truth(stack["truth"], image_file, slices, label_file)
         before = len(segs_of(url, image_id))
         saved = client.save_label(image_id, str(label_file), params={"label_info": [{"name": "lesion", "idx": 1}]})
         assert set(saved["annotated_slices"]) == set(slices) | annotated.get(image_id, set())
@@ -242,7 +230,7 @@ def test_ohif_binary_label(server, data, tmp_path):
     image = load_stack(image_file)
     truth = load_stack(stack["truth"]).array
     labelled = [int(k) for k in np.nonzero(truth.any(axis=(0, 1)))[0]][-2:]
-    drawn = annotate(stack["truth"], image_file, labelled, tmp_path / "drawn.nii.gz")
+    drawn = draw_truth(stack["truth"], image_file, labelled, tmp_path / "drawn.nii.gz")
     earlier = set(image_info(server, image_id).get("qunet_annotated") or [])  # the loop test may have labelled it
     earlier_label = fetch_label(server, image_id, image, tmp_path / "earlier.nii.gz") if earlier else None
     before = len(segs_of(data["url"], image_id))
@@ -313,7 +301,7 @@ def test_seg_made_elsewhere_is_read_on_the_grid(server, data, tmp_path):
     truth = load_stack(stack["truth"]).array
     labelled = sorted(int(k) for k in np.nonzero(truth.any(axis=(0, 1)))[0])[:3]
     assert labelled, "the synthetic stack has lesions"
-    drawn = annotate(stack["truth"], image_file, labelled, tmp_path / "elsewhere.nii.gz")
+    drawn = draw_truth(stack["truth"], image_file, labelled, tmp_path / "elsewhere.nii.gz")
     time.sleep(1.1)  # SEG times have one-second steps: be newer than the app's last one
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     old_path, os.environ["PATH"] = os.environ["PATH"], env["PATH"]

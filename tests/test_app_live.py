@@ -15,7 +15,7 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from live_server import LiveServer, wait_for
+from live_server import LiveServer, draw_truth, wait_for
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
@@ -54,19 +54,6 @@ def server(data):
 
 def truth_path(data: dict, image_id: str) -> Path:
     return next(data["truth"].glob(f"{image_id}.*"))
-
-
-def annotate(data: dict, image_id: str, image_file: Path, slices: list[int], out: Path) -> Path:
-    """What the annotator draws: the ground truth on the served slices only, in the image's geometry."""
-    truth = sitk.ReadImage(str(truth_path(data, image_id)))
-    array = sitk.GetArrayFromImage(truth)  # (Z, Y, X)
-    drawn = np.zeros_like(array, dtype=np.uint8)
-    drawn[slices] = array[slices] > 0
-    label = sitk.GetImageFromArray(drawn)
-    label.CopyInformation(sitk.ReadImage(str(image_file)))
-    sitk.WriteImage(label, str(out))
-    return out
-
 
 
 def train(client: MONAILabelClient, server: LiveServer) -> dict:
@@ -112,7 +99,8 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
         assert r.ok
         image_file = tmp_path / sample["name"]
         image_file.write_bytes(r.content)
-        label_file = annotate(data, image_id, image_file, slices, tmp_path / f"{image_id}-label-{round_}.nii.gz")
+        label_file = tmp_path / f"{image_id}-label-{round_}.nii.gz"
+        draw_truth(truth_path(data, image_id), image_file, slices, label_file)
         params = {"label_info": [{"name": "lesion", "idx": 1}]}
         saved = client.save_label(image_id, str(label_file), params=params)
         # the label only has content on the served slices: annotated = earlier ones + the served ones
@@ -155,7 +143,8 @@ def test_auto_train_after_each_label(data, tmp_path):
             client.train_status()  # nothing trained yet: 404
         sample = client.next_sample("qunet", {})
         image_file = Path(sample["path"])
-        label = annotate(data, sample["id"], image_file, sample["slices"], tmp_path / "label.nii.gz")
+        label = tmp_path / "label.nii.gz"
+        draw_truth(truth_path(data, sample["id"]), image_file, sample["slices"], label)
         client.save_label(sample["id"], str(label), params={"label_info": [{"name": "lesion", "idx": 1}]})
         status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training")
         assert status["status"] == "DONE", srv.tail()

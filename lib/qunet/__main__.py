@@ -16,7 +16,8 @@ def cmd_quality(args: argparse.Namespace) -> dict:
     stack = load_stack(args.stack)
     roi = load_label(args.roi, stack) if args.roi else None
     q = slice_quality(stack.array, roi, args.median_window)
-    initial = select_initial(q, args.epsilon0, args.max_initial, args.blur_percentile, args.psnr_percentile)
+    initial = select_initial(q, args.epsilon0, args.max_initial, args.blur_percentile, args.psnr_percentile,
+                             args.min_initial)
     return {"stack": args.stack, "shape": list(stack.array.shape), "slice_axis": 2, **q.to_dict(),
             "initial": initial, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--median-window", type=int, default=d.median_window)
     q.add_argument("--epsilon0", type=float, default=d.epsilon0)
     q.add_argument("--max-initial", type=int, default=d.max_initial)
+    q.add_argument("--min-initial", type=int, default=d.min_initial, help="S0 filled up to this many (0: cut-offs only)")
     q.add_argument("--blur-percentile", type=float, default=d.blur_percentile, help="default: the stack's mean")
     q.add_argument("--psnr-percentile", type=float, default=d.psnr_percentile, help="default: the stack's mean")
     q.set_defaults(run=cmd_quality)

@@ -16,6 +16,7 @@ class QualityConfig:
     psnr_percentile: float | None = None  # S0 cut-off for PSNR-inv; None = the stack's mean
     epsilon0: float = 0.05  # min distance in normalised (CoV, mean) space between two S0 slices
     max_initial: int = 10  # at most this many S0 slices per stack
+    min_initial: int = 5  # S0 is filled up to this many when the quality cut-offs leave fewer (0: never)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class ExperimentConfig:
     q0: float = SelectionConfig.q0
     sm_limit: int | None = None  # at most this many Sm slices per stack; None = all with Q < q0 (Algorithm 1)
     max_initial: int = QualityConfig.max_initial
+    min_initial: int = QualityConfig.min_initial
     epsilon0: float = QualityConfig.epsilon0
     median_window: int = QualityConfig.median_window
     blur_percentile: float | None = QualityConfig.blur_percentile
@@ -170,7 +171,8 @@ def load_cases(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig) -> 
         x, y = training_pairs(stack.array, truth.astype(np.uint8), everything, config.image_size, 1)
         roi = label if config.s0_roi == "label" else None  # None: the app's automatic foreground ROI
         quality = slice_quality(stack.array, roi, config.median_window)
-        s0 = select_initial(quality, config.epsilon0, config.max_initial, config.blur_percentile, config.psnr_percentile)
+        s0 = select_initial(quality, config.epsilon0, config.max_initial, config.blur_percentile, config.psnr_percentile,
+                            config.min_initial)
         cases.append(Case(stack_id(image_path), stack.array, truth, x, y, s0))
     return cases
 
@@ -647,6 +649,7 @@ def add_arguments(p) -> None:
     p.add_argument("--q0", type=float, default=d.q0)
     p.add_argument("--sm-limit", type=int, default=d.sm_limit, help="cap on Sm per stack (default: none)")
     p.add_argument("--max-initial", type=int, default=d.max_initial, help="cap on S0 per stack")
+    p.add_argument("--min-initial", type=int, default=d.min_initial, help="S0 filled up to this many (0: cut-offs only)")
     p.add_argument("--epsilon0", type=float, default=d.epsilon0)
     p.add_argument("--blur-percentile", type=float, default=d.blur_percentile, help="S0 cut-off (default: the mean)")
     p.add_argument("--psnr-percentile", type=float, default=d.psnr_percentile, help="S0 cut-off (default: the mean)")
@@ -667,8 +670,8 @@ def config_from_args(args) -> ExperimentConfig:
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         learning_rate=args.lr, augment_range=args.augment_range, random_fraction=args.random_fraction,
         extra_fractions=tuple(args.extra_fractions), q0=args.q0, sm_limit=args.sm_limit,
-        max_initial=args.max_initial, epsilon0=args.epsilon0, blur_percentile=args.blur_percentile,
-        psnr_percentile=args.psnr_percentile, s0_roi=args.s0_roi, mc_passes=args.mc_passes, mc_dropout=args.mc_dropout,
+        max_initial=args.max_initial, min_initial=args.min_initial, epsilon0=args.epsilon0,
+        blur_percentile=args.blur_percentile, psnr_percentile=args.psnr_percentile, s0_roi=args.s0_roi, mc_passes=args.mc_passes, mc_dropout=args.mc_dropout,
         mc_score=args.mc_score, methods=tuple(args.methods), device=args.device)
 
 

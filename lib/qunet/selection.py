@@ -27,13 +27,20 @@ def select_initial(
     max_initial: int = 10,
     blur_percentile: float | None = None,
     psnr_percentile: float | None = None,
+    min_initial: int = 5,
 ) -> list[int]:
     """S0: sharp, high-contrast slices with distinct ROI statistics, best first.
 
     A valid slice is a candidate when its blurriness and PSNR-inv are both at or below the stack's cut-off
-    (the mean over valid slices, geometric for blurriness; or the given percentile). Candidates are ranked by the sum of their ranks in
-    blurriness and in PSNR-inv among the stack's valid slices (ties by index) and taken greedily; one within `epsilon0` (Euclidean, in
-    (CoV, mean) space min-max normalised over the stack's valid slices) of an already kept slice is dropped.
+    (the mean over valid slices, geometric for blurriness; or the given percentile). Candidates are ranked by
+    the sum of their ranks in blurriness and in PSNR-inv among the stack's valid slices (ties by index) and
+    taken greedily; one within `epsilon0` (Euclidean, in (CoV, mean) space min-max normalised over the stack's
+    valid slices) of an already kept slice is dropped.
+
+    The two metrics pull apart on noisy stacks (noise raises the Laplacian's variance, so a noisy slice looks
+    sharp, and PSNR-inv, so it looks low-contrast): both cut-offs together can leave one or two slices, too few
+    to train on. Then S0 is filled up to `min_initial` (the paper's code: "select 5-10 images") with the next
+    valid slices in the same ranking, under the same near-duplicate rule.
     """
     valid = np.flatnonzero(quality.valid)
     if valid.size == 0 or max_initial <= 0:
@@ -45,13 +52,17 @@ def select_initial(
     keep = (log_blur <= _cutoff(log_blur, blur_percentile)) & (psnr <= _cutoff(psnr, psnr_percentile))
     features = np.stack([_normalise(quality.cov[valid]), _normalise(quality.mean[valid])], axis=1)
     badness = _ranks(blur) + _ranks(psnr)
-    order = sorted(np.flatnonzero(keep), key=lambda i: (badness[i], valid[i]))
     chosen: list[int] = []
-    for i in order:
-        if all(np.linalg.norm(features[i] - features[j]) > epsilon0 for j in chosen):
-            chosen.append(i)
-            if len(chosen) == max_initial:
-                break
+
+    def take(candidates: np.ndarray, limit: int) -> None:
+        for i in sorted(candidates, key=lambda i: (badness[i], valid[i])):
+            if len(chosen) >= limit:
+                return
+            if all(np.linalg.norm(features[i] - features[j]) > epsilon0 for j in chosen):
+                chosen.append(i)
+
+    take(np.flatnonzero(keep), max_initial)
+    take(np.flatnonzero(~keep), min(min_initial, max_initial))
     return [int(valid[i]) for i in chosen]
 
 

@@ -29,6 +29,7 @@ class AppConf:
     image_size: int = ModelConfig.image_size
     features: tuple[int, ...] = DEFAULT_FEATURES
     max_initial: int = QualityConfig.max_initial
+    min_initial: int = QualityConfig.min_initial
     epsilon0: float = QualityConfig.epsilon0
     median_window: int = QualityConfig.median_window
     blur_percentile: float | None = QualityConfig.blur_percentile

@@ -34,14 +34,16 @@ logger = logging.getLogger(__name__)
 def quality_record(path: str, conf: AppConf) -> dict[str, Any]:
     stack = load_stack(path)
     quality = slice_quality(stack.array, median_window=conf.median_window)
-    initial = select_initial(quality, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile)
+    initial = select_initial(quality, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile,
+                             conf.min_initial)
     metrics = {k: records.rounded(getattr(quality, k)) for k in ("blurriness", "psnr_inv", "cov", "mean")}
     return {"source": file_signature(path), "params": _quality_params(conf), "slices": stack.num_slices,
             "valid": quality.valid.tolist(), "roi": quality.roi, "initial": initial, **metrics}
 
 
 def _quality_params(conf: AppConf) -> list:
-    return [conf.median_window, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile]
+    return [conf.median_window, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile,
+            conf.min_initial]
 
 
 def signature_or_none(path: str) -> str | None:
