@@ -109,14 +109,16 @@ def disagreement_scores(
     """Q per slice of a (X, Y, Z) stack, from one forward pass per batch (levels 3 and 4); NaN where not scored.
 
     precision="bf16" runs the network under bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX and on GPUs).
-    Its first batch is also run in fp32 to measure how far bf16 moves the logits; a slice whose Q could move by
-    more than Q_TOLERANCE if every pixel within twice that distance of the threshold flipped is re-scored in fp32."""
+    The first slice of every batch is also run in fp32: the largest logit change bf16 caused so far, doubled,
+    is the margin; a slice whose Q could move by more than Q_TOLERANCE if every pixel within that margin of the
+    threshold flipped is re-scored in fp32. So no slice's Q moves by more than Q_TOLERANCE unless bf16 moved a
+    logit by over twice as much as on every calibration slice."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     device = device or next(network.parameters()).device
     q = np.full(volume.shape[2], np.nan)
     todo = list(range(volume.shape[2])) if slices is None else list(slices)
-    margin = None
+    margin = 0.0
     for chunk, x in _batches(volume, todo, image_size, batch_size, device):
         if precision == "fp32":
             l3, l4 = _heads(network, x, (2, 3))
@@ -124,13 +126,12 @@ def disagreement_scores(
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16):
             low = [h.float() for h in _heads(network, x, (2, 3))]
-        if margin is None:  # calibrate on the first batch, which is then scored in fp32
-            full = _heads(network, x, (2, 3))
-            margin = 2 * max(float((lo - hi).abs().max()) for lo, hi in zip(low, full))
-            q[chunk] = jaccard(full[0] > 0, full[1] > 0).cpu().numpy()
-            continue
+        exact = _heads(network, x[:1], (2, 3))
+        margin = max(margin, 2 * max(float((lo[:1] - ex).abs().max()) for lo, ex in zip(low, exact)))
         value, q_low, q_high = _q_bounds(low[0], low[1], margin)
+        value[0] = jaccard(exact[0] > 0, exact[1] > 0)[0]
         unsafe = ((value - q_low > Q_TOLERANCE) | (q_high - value > Q_TOLERANCE)).nonzero().flatten().tolist()
+        unsafe = [i for i in unsafe if i > 0]
         if unsafe:
             l3, l4 = _heads(network, x[unsafe], (2, 3))
             value[unsafe] = jaccard(l3 > 0, l4 > 0)
