@@ -157,14 +157,22 @@ def test_monailabel_image_keeps_slice_order(datastore, uploaded, files, name):
     assert os.path.basename(path) == f"{uid}.nii.gz"  # the cached copy is named after the series
 
 
-def test_left_handed_stack_is_refused(orthanc_server, files):
-    client = DICOMwebClient(orthanc_server)
-    before = len(client.search_for_series())
-    with pytest.raises(StackError, match="left.nii.gz.*left-handed"):
-        stack_to_series(files["left.nii.gz"])
-    with pytest.raises(StackError, match="left-handed"):
-        upload([files["left.nii.gz"]], orthanc_server)
-    assert len(client.search_for_series()) == before
+def test_left_handed_stack_keeps_its_slices_with_rows_reversed(orthanc_server, files, tmp_path):
+    """ITK returns a right-handed grid: slice k stays slice k, axis j comes back reversed, each voxel in place."""
+    original = load_stack(files["left.nii.gz"])
+    assert np.linalg.det(original.affine[:3, :3]) < 0
+    (tmp_path / "dcm").mkdir()
+    for ds in stack_to_series(files["left.nii.gz"]):
+        ds.save_as(str(tmp_path / "dcm" / f"{ds.SOPInstanceUID}.dcm"))
+    back = load_stack(dicom_to_nifti(str(tmp_path / "dcm")))
+    assert back.array.shape == SHAPE
+    for k in range(SHAPE[2]):
+        assert np.array_equal(back.array[:, :, k], original.array[:, ::-1, k]), f"slice {k}"
+    reverse_j = np.eye(4)
+    reverse_j[1, 1], reverse_j[1, 3] = -1, SHAPE[1] - 1  # voxel (i, j, k) -> (i, J-1-j, k)
+    assert np.allclose(back.affine, original.affine @ reverse_j, atol=1e-4)  # the same place in the patient
+    [uid] = upload([files["left.nii.gz"]], orthanc_server)
+    assert DICOMwebClient(orthanc_server).search_for_series(search_filters={"SeriesInstanceUID": uid})
 
 
 def test_reupload_keeps_one_copy(orthanc_server, uploaded, files):

@@ -5,6 +5,11 @@ ImageSeriesReader (`monailabel.datastore.utils.convert.dicom_to_nifti`). That re
 position along the normal row x column and gives the NIfTI the voxel order (column, row, slice).
 The series written here is laid out so that this conversion gives back the stack's own voxel order:
 slice k of the NIfTI is slice k of the file (`qunet.io` convention), with the same affine.
+
+ITK always returns a right-handed grid, so a left-handed stack (axis k against i x j, as in radiological-order
+NIfTI files) cannot come back unchanged. Its series is written with axis j reversed instead: slice k is still
+slice k, each with its rows in reverse order and the affine changed to match, so every voxel keeps its place
+in the patient (and in any viewer).
 """
 
 import hashlib
@@ -40,15 +45,6 @@ def _geometry(affine: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray, np
     di, dj, dk = (lps / spacing).T
     if max(abs(di @ dj), abs(di @ dk), abs(dj @ dk)) > 1e-4:
         raise StackError(f"{path}: sheared voxel grid (axes not orthogonal) cannot be written as a DICOM series")
-    if np.cross(di, dj) @ dk < 0:
-        # ITK sorts a series along row x column whatever the InstanceNumbers and always returns a right-handed
-        # grid, so no layout brings such a stack back unchanged: slice k would return as slice Z-1-k, or the
-        # planes transposed if rows and columns swapped roles.
-        raise StackError(
-            f"{path}: left-handed voxel grid (slice axis k points against i x j, as in many radiological-order "
-            "NIfTI files); MONAI Label's DICOM-to-NIfTI conversion would reverse the slice order. Reorient the "
-            "file to a right-handed grid (e.g. flip axis i or j) before uploading, or use a local datastore."
-        )
     return di, dj, dk, spacing
 
 
@@ -90,6 +86,9 @@ def stack_to_series(
     di, dj, dk, spacing = _geometry(stack.affine, str(path))
     origin = RAS_TO_LPS @ stack.affine[:3, 3]
     stored, slope, intercept = _pixels(stack.array)
+    if np.cross(di, dj) @ dk < 0:  # left-handed: reverse axis j (see the module docstring)
+        origin = origin + (stored.shape[1] - 1) * spacing[1] * dj
+        dj, stored = -dj, stored[:, ::-1, :]
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     seed = [digest, name, modality, patient_id, series_description]
