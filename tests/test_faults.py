@@ -152,7 +152,8 @@ def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
     write_stack(tmp_path / "img.nii.gz")
     store = open_store(tmp_path)
     path = tmp_path / "datastore_v2.json"
-    info = {"qunet_served": {"a": {"slices": [3, 1], "ts": 5}}, "score": np.float32(0.5), "q": [0.25, None]}
+    info = {"qunet_served": {"a": {"slices": [3, 1], "ts": 5}}, "score": np.float32(0.5), "q": [0.25, None],
+            "array": np.arange(3)}
 
     def version() -> tuple[int, int]:
         st = os.stat(path)
@@ -162,14 +163,17 @@ def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
     store.update_image_info("img", info)
     written = version()
     assert written != first
-    store.update_image_info("img", info)
+    store.update_image_info("img", {k: v for k, v in info.items() if k != "array"})
     assert version() == written
+    store.update_image_info("img", info)  # an array is never compared equal: written again
+    assert version() != written
+    written = version()
     store.update_image_info("img", {"q": [0.25, 0.5]})
     assert version() != written
     json.loads(path.read_text())
     again = open_store(tmp_path).get_image_info("img")
     assert again["qunet_served"] == info["qunet_served"] and again["q"] == [0.25, 0.5]
-    assert float(again["score"]) == 0.5  # a value JSON has no type for is written as its text
+    assert float(again["score"]) == 0.5 and again["array"] == "[0 1 2]"  # JSON has no type for them: their text
 
 
 def _publish_and_die(model_dir: str, die: bool) -> None:

@@ -96,6 +96,13 @@ def _suffixes(path: str) -> str:
     return "".join(Path(path).suffixes) or "(none)"
 
 
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # e.g. arrays, whose == is elementwise
+        return False
+
+
 def file_suffix(path: str) -> str:
     """The image suffix of a file name ('.nii.gz', '.nrrd', ...), '' when it has none we read."""
     name = os.path.basename(path).lower()
@@ -251,7 +258,7 @@ class QUNetDatastore(LocalDatastore):
         with self._lock():
             self._reload()
             obj = self._datastore.objects.get(image_id)
-            if obj and all(k in obj.image.info and obj.image.info[k] == v for k, v in info.items()):
+            if obj and all(k in obj.image.info and _same(obj.image.info[k], v) for k, v in info.items()):
                 return  # nothing changes: no rewrite of the whole file (Next sample's latency)
 
         def change() -> None:
