@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reruns every experiment whose results are in docs/experiments/ (CPU settings; about 10 minutes each on 2 cores).
-# Usage: bash benchmarks/run_experiments.sh [NAME...]   NAME in: oct oct-sm3 ct-sm3 pyradiomics-sm3 (default: all)
+# Usage: bash benchmarks/run_experiments.sh [NAME...]   NAME in: oct oct-sm3 ct-sm3 pyradiomics-sm3
+#        oct-sm3-roi-label pyradiomics-sm3-roi-label (default: all)
 # On a GPU, drop --threads and raise --image-size 256 --features 32,64,128,256,512,32 --epochs 60 --seeds 20.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ run() {
 }
 
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(oct oct-sm3 ct-sm3 pyradiomics-sm3)
+[ ${#names[@]} -eq 0 ] && names=(oct oct-sm3 ct-sm3 pyradiomics-sm3 oct-sm3-roi-label pyradiomics-sm3-roi-label)
 for name in "${names[@]}"; do
     case $name in
         oct) run oct --data sample-data --include 'oct*' \
@@ -27,6 +28,11 @@ for name in "${names[@]}"; do
         pyradiomics-sm3) run pyradiomics-sm3 --data "$REAL" --labels "$REAL" --include '*_image.nrrd' \
                  --label-replace _image _label --sm-limit 3 \
                  --title "Real pyradiomics stacks (brain1 MRI, breast1 MRI, lung1 CT), Sm capped at 3 per stack" ;;
+        oct-sm3-roi-label) run oct-sm3-roi-label --data sample-data --include 'oct*' --sm-limit 3 --s0-roi label \
+                 --title "Synthetic OCT-like stacks, Sm capped at 3, S0's CoV and mean inside the lesion mask (as the paper's code)" ;;
+        pyradiomics-sm3-roi-label) run pyradiomics-sm3-roi-label --data "$REAL" --labels "$REAL" --include '*_image.nrrd' \
+                 --label-replace _image _label --sm-limit 3 --s0-roi label \
+                 --title "Real pyradiomics stacks, Sm capped at 3, S0's CoV and mean inside the lesion mask (as the paper's code)" ;;
         *) echo "unknown experiment $name" >&2; exit 2 ;;
     esac
 done
