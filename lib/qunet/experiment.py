@@ -65,8 +65,8 @@ LABEL = {
 }
 
 
-@dataclass
-class ExperimentConfig:
+@dataclass(frozen=True)
+class ExperimentConfig(QualityConfig):  # the quality and S0 settings, plus:
     """Defaults are the paper's recipe (qunet.config); reduce image size, features, epochs and seeds on a CPU."""
 
     seeds: int = 20
@@ -82,12 +82,6 @@ class ExperimentConfig:
     extra_fractions: tuple[float, ...] = ()
     q0: float = SelectionConfig.q0
     sm_limit: int | None = None  # at most this many Sm slices per stack; None = all with Q < q0 (Algorithm 1)
-    max_initial: int = QualityConfig.max_initial
-    min_initial: int = QualityConfig.min_initial
-    epsilon0: float = QualityConfig.epsilon0
-    median_window: int = QualityConfig.median_window
-    blur_percentile: float | None = QualityConfig.blur_percentile
-    psnr_percentile: float | None = QualityConfig.psnr_percentile
     s0_roi: str = "auto"  # "auto": the app's automatic foreground ROI; "label": the ground truth, as the paper's notebook
     mc_passes: int = 5
     mc_dropout: float = 0.2

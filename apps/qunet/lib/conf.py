@@ -21,19 +21,13 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class AppConf:
+class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     labels: tuple[str, ...] = ModelConfig.labels
     q0: float = SelectionConfig.q0
     slices_per_sample: int = SelectionConfig.slices_per_sample
     score_batch_size: int = SelectionConfig.score_batch_size
     image_size: int = ModelConfig.image_size
     features: tuple[int, ...] = DEFAULT_FEATURES
-    max_initial: int = QualityConfig.max_initial
-    min_initial: int = QualityConfig.min_initial
-    epsilon0: float = QualityConfig.epsilon0
-    median_window: int = QualityConfig.median_window
-    blur_percentile: float | None = QualityConfig.blur_percentile
-    psnr_percentile: float | None = QualityConfig.psnr_percentile
     pretrained_path: str = ""
     auto_train_after: int = 0  # train after every N submitted labels; 0 = never on its own
     hold_seconds: int = 600  # a served slice is not offered to another client for this long
