@@ -209,6 +209,8 @@ def test_model_publish_killed_mid_copy_keeps_the_previous_model(tmp_path):
     (tmp_path / "train_01").mkdir()
     torch.save({"model": old}, tmp_path / "qunet.pt")
     torch.save({"model": new}, tmp_path / "train_01" / "model.pt")
+    st = os.stat(tmp_path / "qunet.pt")  # same size, and the same mtime (as two quick saves can have): still new
+    os.utime(tmp_path / "train_01" / "model.pt", ns=(st.st_atime_ns, st.st_mtime_ns))
     (tmp_path / "train_stats.json").write_text(json.dumps({"epoch": 7}))
     ctx = multiprocessing.get_context("fork")
     for die, expected in ((True, old), (False, new)):

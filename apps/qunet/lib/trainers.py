@@ -83,11 +83,11 @@ class AtomicPublisher(PublishStatsAndModel):
             atomic_write(text, self._stats_path)
         final_model = os.path.join(self.output_dir, self._key_metric_filename)
         if self._publish_path and os.path.exists(final_model):
-            if not os.path.exists(self._publish_path) or not filecmp.cmp(self._publish_path, final_model):
+            # by content: models of one network have the same size, and two saved close together can share an mtime
+            if not os.path.exists(self._publish_path) or not filecmp.cmp(self._publish_path, final_model, shallow=False):
                 atomic_copy(final_model, self._publish_path)
                 logger.info(f"New Model published: {final_model} => {self._publish_path}")
         return stats
-
 
 
 class QUNetTrain(BasicTrainTask):
