@@ -1,3 +1,4 @@
+import os
 
 import itk
 import nibabel as nib
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 
 from qunet.annotation import annotated_slices, foreground_slices
-from qunet.io import StackError, load_label, load_stack, stack_id
+from qunet.io import StackError, file_signature, load_label, load_stack, stack_id
 
 
 @pytest.fixture
@@ -95,3 +96,15 @@ def test_annotated_slices_rules():
     assert annotated_slices(label, served=[1], declared=[3]) == [3]
     with pytest.raises(ValueError, match="0..5"):
         annotated_slices(label, served=[9])
+
+
+def test_file_signature_sees_a_same_size_replace_within_one_clock_tick(tmp_path):
+    target, other = tmp_path / "model.pt", tmp_path / "new.pt"
+    target.write_bytes(b"old weights")
+    other.write_bytes(b"new weights")
+    st = os.stat(target)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = file_signature(target)
+    os.replace(other, target)  # how a model is published
+    assert file_signature(target) != before
+    assert file_signature(target) == file_signature(target)

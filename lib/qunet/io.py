@@ -80,6 +80,7 @@ def stack_id(path: str | Path) -> str:
 
 
 def file_signature(path: str | Path) -> str:
-    """Size and modification time: changes whenever the file's content is replaced."""
+    """Size, modification time and inode: changes whenever the file's content is replaced, also by an atomic
+    replace within one tick of the file system's clock (same-size models are common)."""
     st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
