@@ -78,10 +78,21 @@ def stored(studies: Path, image_id: str) -> dict:
             "files": sorted(p.name for p in studies.rglob("*") if p.is_file() and p.name != ".lock")}
 
 
+def copy_then_die(keep: int):
+    """A shutil.copyfile that writes the first `keep` bytes and kills the process: a crash mid-copy."""
+
+    def copyfile(src, dst, **kw):
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read()[:keep])
+        os._exit(9)
+
+    return copyfile
+
+
 def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool) -> None:
     """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`)."""
     store = open_store(Path(studies))
-    real_replace, real_copy = os.replace, shutil.copyfile
+    real_replace = os.replace
     calls = []
 
     def replace(src, dst):
@@ -90,14 +101,9 @@ def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int
         calls.append(dst)
         return real_replace(src, dst)
 
-    def copyfile(src, dst, **kw):
-        if truncate:
-            with open(src, "rb") as f, open(dst, "wb") as g:
-                g.write(f.read()[:100])
-            os._exit(9)
-        return real_copy(src, dst, **kw)
-
-    os.replace, shutil.copyfile = replace, copyfile
+    os.replace = replace
+    if truncate:
+        shutil.copyfile = copy_then_die(100)
     store.save_label(image_id, label_file, "final", {"annotated_slices": slices, "client_id": "k"})
     os._exit(0)
 
@@ -186,16 +192,8 @@ def _publish_and_die(model_dir: str, die: bool) -> None:
     state = SimpleNamespace(epoch=1, max_epochs=2, best_metric=0.5, metrics={"dice": 0.5}, key_metric_name="dice",
                             best_metric_epoch=1)
     trainer = SimpleNamespace(get_stats=lambda: {"total_epochs": 2}, state=state)
-    real_copy = shutil.copyfile
-
-    def copyfile(src, dst, **kw):
-        if die:
-            with open(src, "rb") as f, open(dst, "wb") as g:
-                g.write(f.read()[:1000])
-            os._exit(9)
-        return real_copy(src, dst, **kw)
-
-    shutil.copyfile = copyfile
+    if die:
+        shutil.copyfile = copy_then_die(1000)
     run_dir = os.path.join(model_dir, "train_01")
     AtomicPublisher(os.path.join(model_dir, "train_stats.json"), os.path.join(model_dir, "qunet.pt"), "model.pt",
                     time.time(), "run", run_dir, trainer, None).iteration_completed()
