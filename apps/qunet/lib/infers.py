@@ -5,7 +5,6 @@ or was trained with other `features`/`labels`), 422 for an image that cannot be 
 """
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from qunet import build_network, segment
 from qunet.disagreement import prepare
-from qunet.io import StackError, load_stack
+from qunet.io import StackError, file_signature, load_stack
 from qunet.network import load_weights
 
 from lib.conf import AppConf
@@ -70,10 +69,9 @@ class QUNetInfer(BasicInferTask):
         if not path:
             raise Conflict(NO_MODEL)
         try:
-            st = os.stat(path)
+            version = (path, file_signature(path))
         except FileNotFoundError:  # removed since get_path looked
             raise Conflict(NO_MODEL) from None
-        version = (path, st.st_mtime_ns, st.st_size)
         cached = self._networks.get(device)
         if cached and cached[1] == version:
             return cached[0]
