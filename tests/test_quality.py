@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from qunet.config import QualityConfig
 from qunet.quality import BLUR_FLOOR, SliceQuality, slice_quality
 from qunet.selection import select_by_disagreement, select_initial
 
@@ -88,8 +89,8 @@ def quality(blur, psnr, cov, mean, valid=None) -> SliceQuality:
 
 def test_s0_keeps_only_sharp_high_contrast_slices_ranked():
     q = quality(blur=[1, 5, 2, 9, 1.5], psnr=[1, 1, 2, 9, 1.2], cov=[0, 0.25, 0.5, 0.75, 1], mean=[0, 0.25, 0.5, 0.75, 1])
-    assert select_initial(q, epsilon0=0.01, min_initial=0) == [0, 4, 2]
-    assert select_initial(q, epsilon0=0.01, min_initial=3) == [0, 4, 2]  # enough passed the cut-offs
+    assert select_initial(q, QualityConfig(epsilon0=0.01, min_initial=0)) == [0, 4, 2]
+    assert select_initial(q, QualityConfig(epsilon0=0.01, min_initial=3)) == [0, 4, 2]  # enough passed the cut-offs
 
 
 def test_s0_never_keeps_near_duplicates_or_too_many():
@@ -97,7 +98,7 @@ def test_s0_never_keeps_near_duplicates_or_too_many():
     n = 200
     q = quality(rng.random(n), rng.random(n), rng.random(n), rng.random(n))
     for eps, cap in ((0.05, 10), (0.2, 50), (0.0, 3)):
-        chosen = select_initial(q, epsilon0=eps, max_initial=cap, min_initial=cap)
+        chosen = select_initial(q, QualityConfig(epsilon0=eps, max_initial=cap, min_initial=cap))
         assert 0 < len(chosen) <= cap
         feats = np.stack([q.cov, q.mean], 1)  # already in [0, 1]-ish; normalise as the code does
         feats = (feats - feats.min(0)) / (feats.max(0) - feats.min(0))
@@ -113,20 +114,20 @@ def test_s0_drops_exact_duplicate_and_invalid_slices():
 
 def test_s0_percentile_cutoffs():
     q = quality(blur=[1, 2, 3, 4], psnr=[1, 2, 3, 4], cov=[0, 0.3, 0.6, 1], mean=[0, 0.3, 0.6, 1])
-    assert select_initial(q, blur_percentile=30, psnr_percentile=30, min_initial=0) == [0]
-    assert len(select_initial(q, blur_percentile=100, psnr_percentile=100)) == 4
+    assert select_initial(q, QualityConfig(blur_percentile=30, psnr_percentile=30, min_initial=0)) == [0]
+    assert len(select_initial(q, QualityConfig(blur_percentile=100, psnr_percentile=100))) == 4
 
 
 
 def test_s0_filled_up_to_min_initial_in_rank_order():
     """Noisy stacks: sharp-looking slices are the low-contrast ones, so few pass both cut-offs."""
     q = quality(blur=[1, 2, 3, 4, 5, 6], psnr=[6, 5, 4, 3, 2, 1], cov=[0, 0.2, 0.4, 0.6, 0.8, 1], mean=[0] * 6)
-    assert select_initial(q, min_initial=0) == []  # anti-correlated: no slice is below both means
-    assert select_initial(q, min_initial=3) == [0, 1, 2]  # all tie on rank sum: by index, up to min_initial
+    assert select_initial(q, QualityConfig(min_initial=0)) == []  # anti-correlated: no slice is below both means
+    assert select_initial(q, QualityConfig(min_initial=3)) == [0, 1, 2]  # all tie on rank sum: by index, up to min_initial
     blurred = quality(blur=[1, 9, 9, 9], psnr=[1, 1, 2, 3], cov=[0, 0.3, 0.6, 1], mean=[0] * 4)
-    assert select_initial(blurred, min_initial=0) == [0]
-    assert select_initial(blurred, min_initial=3) == [0, 1, 2]  # next by rank sum: lowest PSNR-inv first
-    assert select_initial(blurred, min_initial=9, max_initial=2) == [0, 1]  # never above max_initial
+    assert select_initial(blurred, QualityConfig(min_initial=0)) == [0]
+    assert select_initial(blurred, QualityConfig(min_initial=3)) == [0, 1, 2]  # next by rank sum: lowest PSNR-inv first
+    assert select_initial(blurred, QualityConfig(min_initial=9, max_initial=2)) == [0, 1]  # never above max_initial
 
 def test_disagreement_pick_lowest_first_excluding():
     q = np.array([0.9, 0.1, 0.4, np.nan, 0.3, 0.5])

@@ -15,9 +15,11 @@ def cmd_quality(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     stack = load_stack(args.stack)
     roi = load_label(args.roi, stack) if args.roi else None
-    q = slice_quality(stack.array, roi, args.median_window)
-    initial = select_initial(q, args.epsilon0, args.max_initial, args.blur_percentile, args.psnr_percentile,
-                             args.min_initial)
+    settings = QualityConfig(median_window=args.median_window, blur_percentile=args.blur_percentile,
+                             psnr_percentile=args.psnr_percentile, epsilon0=args.epsilon0,
+                             max_initial=args.max_initial, min_initial=args.min_initial)
+    q = slice_quality(stack.array, roi, settings.median_window)
+    initial = select_initial(q, settings)
     return {"stack": args.stack, "shape": list(stack.array.shape), "slice_axis": 2, **q.to_dict(),
             "initial": initial, "seconds": round(time.perf_counter() - start, 3)}
 

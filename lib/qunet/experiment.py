@@ -165,8 +165,7 @@ def load_cases(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig) -> 
         x, y = training_pairs(stack.array, truth.astype(np.uint8), everything, config.image_size, 1)
         roi = label if config.s0_roi == "label" else None  # None: the app's automatic foreground ROI
         quality = slice_quality(stack.array, roi, config.median_window)
-        s0 = select_initial(quality, config.epsilon0, config.max_initial, config.blur_percentile, config.psnr_percentile,
-                            config.min_initial)
+        s0 = select_initial(quality, config)
         cases.append(Case(stack_id(image_path), stack.array, truth, x, y, s0))
     return cases
 
@@ -665,8 +664,8 @@ def config_from_args(args) -> ExperimentConfig:
         learning_rate=args.lr, augment_range=args.augment_range, random_fraction=args.random_fraction,
         extra_fractions=tuple(args.extra_fractions), q0=args.q0, sm_limit=args.sm_limit,
         max_initial=args.max_initial, min_initial=args.min_initial, epsilon0=args.epsilon0,
-        blur_percentile=args.blur_percentile, psnr_percentile=args.psnr_percentile, s0_roi=args.s0_roi, mc_passes=args.mc_passes, mc_dropout=args.mc_dropout,
-        mc_score=args.mc_score, methods=tuple(args.methods), device=args.device)
+        blur_percentile=args.blur_percentile, psnr_percentile=args.psnr_percentile, s0_roi=args.s0_roi,
+        mc_passes=args.mc_passes, mc_dropout=args.mc_dropout, mc_score=args.mc_score, methods=tuple(args.methods), device=args.device)
 
 
 def main(args) -> None:

@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from qunet.config import QualityConfig
 from qunet.quality import SliceQuality
 
 
@@ -21,27 +22,21 @@ def _normalise(values: np.ndarray) -> np.ndarray:
     return (values - values.min()) / span if span > 0 else np.zeros_like(values, dtype=float)
 
 
-def select_initial(
-    quality: SliceQuality,
-    epsilon0: float = 0.05,
-    max_initial: int = 10,
-    blur_percentile: float | None = None,
-    psnr_percentile: float | None = None,
-    min_initial: int = 5,
-) -> list[int]:
-    """S0: sharp, high-contrast slices with distinct ROI statistics, best first.
+def select_initial(quality: SliceQuality, settings: QualityConfig = QualityConfig()) -> list[int]:
+    """S0: sharp, high-contrast slices with distinct ROI statistics, best first (`settings`: its S0 fields).
 
     A valid slice is a candidate when its blurriness and PSNR-inv are both at or below the stack's cut-off
     (the mean over valid slices, geometric for blurriness; or the given percentile). Candidates are ranked by
     the sum of their ranks in blurriness and in PSNR-inv among the stack's valid slices (ties by index) and
     taken greedily; one within `epsilon0` (Euclidean, in (CoV, mean) space min-max normalised over the stack's
-    valid slices) of an already kept slice is dropped.
+    valid slices) of an already kept slice is dropped; at most `max_initial` are kept.
 
     The two metrics pull apart on noisy stacks (noise raises the Laplacian's variance, so a noisy slice looks
     sharp, and PSNR-inv, so it looks low-contrast): both cut-offs together can leave one or two slices, too few
     to train on. Then S0 is filled up to `min_initial` (the paper's code: "select 5-10 images") with the next
     valid slices in the same ranking, under the same near-duplicate rule.
     """
+    epsilon0, max_initial = settings.epsilon0, settings.max_initial
     valid = np.flatnonzero(quality.valid)
     if valid.size == 0 or max_initial <= 0:
         return []
@@ -49,7 +44,7 @@ def select_initial(
     # Blurriness, an inverse variance, spans orders of magnitude: a few very blurry slices would pull its plain
     # mean above nearly every slice, so its mean is taken on the log scale (the geometric mean).
     log_blur = np.log(blur)
-    keep = (log_blur <= _cutoff(log_blur, blur_percentile)) & (psnr <= _cutoff(psnr, psnr_percentile))
+    keep = (log_blur <= _cutoff(log_blur, settings.blur_percentile)) & (psnr <= _cutoff(psnr, settings.psnr_percentile))
     features = np.stack([_normalise(quality.cov[valid]), _normalise(quality.mean[valid])], axis=1)
     badness = _ranks(blur) + _ranks(psnr)
     chosen: list[int] = []
@@ -62,7 +57,7 @@ def select_initial(
                 chosen.append(i)
 
     take(np.flatnonzero(keep), max_initial)
-    take(np.flatnonzero(~keep), min(min_initial, max_initial))
+    take(np.flatnonzero(~keep), min(settings.min_initial, max_initial))
     return [int(valid[i]) for i in chosen]
 
 

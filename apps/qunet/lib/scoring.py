@@ -11,6 +11,7 @@ as failed, and the other images are scored. It is not read again until its file 
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -18,6 +19,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from qunet import build_network, disagreement_scores, select_by_disagreement, select_initial, slice_quality
+from qunet.config import QualityConfig
 from qunet.disagreement import prepare
 from qunet.io import StackError, file_signature, load_stack
 from qunet.network import default_device, load_weights
@@ -34,16 +36,14 @@ logger = logging.getLogger(__name__)
 def quality_record(path: str, conf: AppConf) -> dict[str, Any]:
     stack = load_stack(path)
     quality = slice_quality(stack.array, median_window=conf.median_window)
-    initial = select_initial(quality, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile,
-                             conf.min_initial)
+    initial = select_initial(quality, conf)
     metrics = {k: records.rounded(getattr(quality, k)) for k in ("blurriness", "psnr_inv", "cov", "mean")}
     return {"source": file_signature(path), "params": _quality_params(conf), "slices": stack.num_slices,
             "valid": quality.valid.tolist(), "roi": quality.roi, "initial": initial, **metrics}
 
 
 def _quality_params(conf: AppConf) -> list:
-    return [conf.median_window, conf.epsilon0, conf.max_initial, conf.blur_percentile, conf.psnr_percentile,
-            conf.min_initial]
+    return [getattr(conf, f.name) for f in fields(QualityConfig)]  # the settings the record depends on
 
 
 def signature_or_none(path: str) -> str | None:

@@ -110,4 +110,3 @@ class QUNetStrategy(Strategy):
         else:
             datastore.update_image_info(image_id, {records.QUALITY: rec})
         return datastore.get_image_info(image_id)
-
