@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,9 +12,13 @@ APP = Path(__file__).resolve().parents[1] / "apps" / "qunet"
 
 
 def app_client(studies: Path, conf: dict[str, str]) -> TestClient:
+    """The app over `studies`, from its own copy beside that folder: its model and logs never touch the checkout."""
     from monailabel.config import settings
 
-    settings.MONAI_LABEL_APP_DIR = str(APP)
+    app_dir = studies.parent / "app"
+    if not app_dir.exists():
+        shutil.copytree(APP, app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    settings.MONAI_LABEL_APP_DIR = str(app_dir)
     settings.MONAI_LABEL_STUDIES = str(studies)
     settings.MONAI_LABEL_APP_CONF = {"server_mode": "true", **conf}
     settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False

@@ -14,6 +14,8 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "qunet"
+SAMPLES = ROOT / "sample-data"  # read-only here: tests copy what they change
+TRUTH = SAMPLES / "ground-truth"
 
 
 def free_port() -> int:

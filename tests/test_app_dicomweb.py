@@ -22,12 +22,11 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from monailabel.client import MONAILabelClient
 
-from live_server import LiveServer, draw_truth, wait_for
+from live_server import SAMPLES, TRUTH, LiveServer, draw_truth, wait_for
 from qunet.dicomweb import upload
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics"
 TINY_CONF = {"image_size": "64", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
 TRAIN = {"max_epochs": 2, "train_batch_size": 4}
 CLIENT = "ohif-a"
@@ -42,10 +41,10 @@ def data(tmp_path_factory, orthanc_server) -> dict:
     nib.save(nib.Nifti1Image(ct.image.astype(np.int16), affine), root / "ct3.nii.gz")
     nib.save(nib.Nifti1Image(ct.label.astype(np.uint8), affine), root / "ct3-truth.nii.gz")
     [ct_uid] = upload([root / "ct3.nii.gz"], orthanc_server, modality="CT")
-    [mr_uid] = upload([REAL / "breast1_image.nrrd"], orthanc_server, modality="MR")
+    [mr_uid] = upload([SAMPLES / "breast1.nrrd"], orthanc_server, modality="MR")
     stacks = {
         ct_uid: {"file": root / "ct3.nii.gz", "truth": root / "ct3-truth.nii.gz", "modality": "CT"},
-        mr_uid: {"file": REAL / "breast1_image.nrrd", "truth": REAL / "breast1_label.nrrd", "modality": "MR"},
+        mr_uid: {"file": SAMPLES / "breast1.nrrd", "truth": TRUTH / "breast1.nrrd", "modality": "MR"},
     }
     return {"root": root, "url": orthanc_server, "stacks": stacks}
 

@@ -15,11 +15,10 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from live_server import LiveServer, draw_truth, wait_for
+from live_server import SAMPLES, TRUTH, LiveServer, draw_truth, wait_for
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics"
 TINY_CONF = {"image_size": "64", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
 TRAIN = {"max_epochs": 3, "train_batch_size": 4}
 CLIENT = "slicer-a"
@@ -36,8 +35,8 @@ def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("live")
     studies, truth = root / "studies", root / "truth"
     studies.mkdir(), truth.mkdir()
-    shutil.copy(REAL / "breast1_image.nrrd", studies / "breast1.nrrd")
-    shutil.copy(REAL / "breast1_label.nrrd", truth / "breast1.nrrd")
+    shutil.copy(SAMPLES / "breast1.nrrd", studies / "breast1.nrrd")
+    shutil.copy(TRUTH / "breast1.nrrd", truth / "breast1.nrrd")
     ct = generate_stack("ct", seed=3, shape=(64, 64, 12))
     write_nifti(ct.image.astype(np.int16), studies / "ct3.nii.gz")
     write_nifti(ct.label.astype(np.uint8), truth / "ct3.nii.gz")
@@ -131,21 +130,26 @@ def test_infer_label_matches_image_geometry(server, data, tmp_path):
         assert result["label_names"] == {"lesion": 1}
 
 
-def test_auto_train_after_each_label(data, tmp_path):
+def test_stock_client_without_client_id_drives_the_loop_with_auto_train(data, tmp_path):
+    """MONAILabelClient(url) sends "client_id": null: an anonymous client, for Next sample, labels and holds."""
     studies = tmp_path / "studies"
     studies.mkdir()
-    for image in data["studies"].glob("*.*"):
+    for image in [*data["studies"].glob("*.nrrd"), *data["studies"].glob("*.nii.gz")]:  # not the other server's records
         shutil.copy(image, studies)
     srv = LiveServer(studies, tmp_path, conf={**TINY_CONF, "auto_train_after": "1"}).start()
     try:
-        client = MONAILabelClient(srv.url, tmpdir=str(tmp_path), client_id="slicer-b")
+        client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         with pytest.raises(Exception):
             client.train_status()  # nothing trained yet: 404
         sample = client.next_sample("qunet", {})
+        assert sample["slices"] and sample["phase"] == "initial"
+        served = image_info(srv, sample["id"])["qunet_served"]
+        assert list(served) == ["anonymous"] and served["anonymous"]["slices"] == sample["slices"]
         image_file = Path(sample["path"])
         label = tmp_path / "label.nii.gz"
         draw_truth(truth_path(data, sample["id"]), image_file, sample["slices"], label)
-        client.save_label(sample["id"], str(label), params={"label_info": [{"name": "lesion", "idx": 1}]})
+        saved = client.save_label(sample["id"], str(label), params={"label_info": [{"name": "lesion", "idx": 1}]})
+        assert saved["annotated_slices"] == sorted(sample["slices"])  # the anonymous client's served slices
         status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training")
         assert status["status"] == "DONE", srv.tail()
         assert (Path(srv.app_dir) / "model" / "qunet.pt").exists()

@@ -9,12 +9,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from live_server import SAMPLES, TRUTH
 from qunet.io import load_stack
 from qunet.quality import slice_quality
 from qunet.selection import select_initial
 from qunet.synthetic import generate_stack
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pyradiomics"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -22,12 +21,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_quality_on_a_real_stack_and_a_blurred_copy(tmp_path):
-    image = sitk.ReadImage(str(REAL / "brain1_image.nrrd"))
+    image = sitk.ReadImage(str(SAMPLES / "brain1.nrrd"))
     array = ndimage.gaussian_filter(sitk.GetArrayFromImage(image).astype(np.float32), (0, 1.5, 1.5))  # in-plane
     blurred = sitk.GetImageFromArray(array)
     blurred.CopyInformation(image)
     sitk.WriteImage(blurred, str(tmp_path / "blurred.nrrd"))
-    result = run_cli("quality", str(REAL / "brain1_image.nrrd"), "--roi", str(REAL / "brain1_label.nrrd"))
+    result = run_cli("quality", str(SAMPLES / "brain1.nrrd"), "--roi", str(TRUTH / "brain1.nrrd"))
     assert result.returncode == 0, result.stderr
     sharp = json.loads(result.stdout)
     assert sharp["shape"] == [256, 256, 25] and sharp["roi"] == "mask"

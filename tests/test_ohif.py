@@ -10,22 +10,17 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from live_server import LiveServer
+from live_server import SAMPLES, LiveServer
 from qunet.dicomweb import stack_to_series, upload
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "data" / "pyradiomics"
-SCREENSHOT = ROOT / "docs" / "ohif-screenshot.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 HINT = "run .ci/services.sh (installs the Debian packages chromium and chromium-driver) and pip install selenium"
@@ -35,7 +30,7 @@ TINY_CONF = {"image_size": "64", "features": "8,8,16,16,32,8", "slices_per_sampl
 @pytest.fixture(scope="module")
 def studies(orthanc_server) -> dict:
     """A synthetic CT (sample-data/ct1) and the real breast MRI, uploaded; name -> (study uid, slices)."""
-    stacks = {"ct1": (ROOT / "sample-data" / "ct1.nii.gz", "CT"), "breast1_image": (REAL / "breast1_image.nrrd", "MR")}
+    stacks = {"ct1": (SAMPLES / "ct1.nii.gz", "CT"), "breast1": (SAMPLES / "breast1.nrrd", "MR")}
     found = {}
     for name, (path, modality) in stacks.items():
         upload([path], orthanc_server, modality=modality)
@@ -137,19 +132,19 @@ def test_study_list_opens_a_study_with_its_image(server, studies, browser, tmp_p
     dismiss_banner(browser)
 
     # open the real MRI: its row unfolds into its series, then the basic viewer
-    browser.find_element("xpath", "//*[normalize-space(text())='breast1_image']").click()
+    browser.find_element("xpath", "//*[normalize-space(text())='breast1']").click()
     wait_until(lambda: browser.find_element("xpath", "//button[normalize-space()='Basic Viewer']"), 30, "the modes", browser)
     expanded = page_text(browser)
-    assert "MR" in expanded and str(studies["breast1_image"]["slices"]) in expanded
+    assert "MR" in expanded and str(studies["breast1"]["slices"]) in expanded
     click_button(browser, "Basic Viewer")
-    wait_until(lambda: studies["breast1_image"]["study"] in browser.current_url, 30, "the viewer URL", browser)
+    wait_until(lambda: studies["breast1"]["study"] in browser.current_url, 30, "the viewer URL", browser)
     assert "/ohif/viewer" in browser.current_url
 
     # the viewport draws the series: a non-uniform canvas, at the first of its 21 images (InstanceNumber 1 = slice 0)
     stats = wait_until(lambda: (s := browser.execute_script(CANVAS_STATS)) and s["std"] > 15 and s, 90,
                        "an image in the viewport", browser)
     assert stats["levels"] > 50 and stats["bright"] > 0.05, stats
-    wait_until(lambda: f"(1/{studies['breast1_image']['slices']})" in page_text(browser), 30, "the image counter", browser)
+    wait_until(lambda: f"(1/{studies['breast1']['slices']})" in page_text(browser), 30, "the image counter", browser)
     dismiss_banner(browser)
     time.sleep(1)
 
@@ -163,8 +158,6 @@ def test_study_list_opens_a_study_with_its_image(server, studies, browser, tmp_p
     # the middle of the viewport (where the breast is) has structure, not just a frame or text
     middle = viewport[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
     assert middle.std() > 15 and (middle > 40).mean() > 0.1
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "ohif-viewer.png", SCREENSHOT)
 
 
 def test_monai_label_panel_connects_to_the_app(server, studies, browser, tmp_path):

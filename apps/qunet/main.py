@@ -240,8 +240,10 @@ def _check_sample(args: dict) -> None:
     params = args.get("params") or {}
     if "strategy" in params and params["strategy"] != args.get("strategy"):
         raise BadRequest("params.strategy must match the strategy in the path")
-    if not isinstance(params.get("client_id", ""), (str, int)):
-        raise BadRequest(f"client_id must be a string, got {params['client_id']!r}")
+    try:
+        records.client_id(params.get("client_id"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 GUARDS: dict[str, dict[str, Callable[[dict], None]]] = {

@@ -11,6 +11,20 @@ SERVED = "qunet_served"  # {client_id: {"slices": [...], "ts": seconds}}: slices
 ERROR = "qunet_error"  # why the image cannot be scored, if it cannot
 
 
+ANONYMOUS = "anonymous"  # the client id of a client that sends none (the stock MONAILabelClient sends null)
+MAX_CLIENT_ID = 128  # characters: ids are keys of the served-slice records, which every Next sample rewrites
+
+
+def client_id(value: Any) -> str:
+    """A request's client id: missing, null or empty is the anonymous client; ValueError for anything but a short
+    string or integer."""
+    if value is None or value == "":
+        return ANONYMOUS
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or len(str(value)) > MAX_CLIENT_ID:
+        raise ValueError(f"client_id must be a string of at most {MAX_CLIENT_ID} characters, got {str(value)[:40]!r}")
+    return str(value)
+
+
 def annotated(datastore: Datastore, image_id: str, info: dict[str, Any], depth: int) -> list[int]:
     """Annotated slices; a label that came without the app's bookkeeping (imported) annotates all of them."""
     if ANNOTATED in info:

@@ -64,7 +64,7 @@ class QUNetStrategy(Strategy):
         return best, scored
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
-        client_id = str(request.get("client_id") or "anonymous")
+        client_id = records.client_id(request.get("client_id"))
         now = time.time()
         best, scored = self._pick(datastore, "disagreement", client_id, now) if self.model_path() else (None, False)
         phase = "disagreement"

@@ -86,7 +86,10 @@ def prepare_submission(datastore: Datastore, image_id: str, label_file: str, lab
     declared = _declared(label_info.get("annotated_slices"), stack.num_slices)
     info = datastore.get_image_info(image_id)
     served_all = info.get(records.SERVED) or {}
-    client = str(label_info.get("client_id") or "anonymous")
+    try:
+        client = records.client_id(label_info.get("client_id"))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     mine = served_all.get(client)
     served = mine["slices"] if mine else sorted({k for s in served_all.values() for k in s["slices"]}) or None
     previous = records.annotated(datastore, image_id, info, stack.num_slices)
