@@ -1,4 +1,4 @@
-"""The speed benchmark (qunet.bench) at tiny sizes: it runs, and reports positive figures in the right places.
+"""The speed benchmark (qunet.experiments.bench) at tiny sizes: it runs, and reports positive figures in the right places.
 
 The figures of a --quick run mean nothing; no test asserts a speed."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qunet import bench
+from qunet.experiments import bench
 from qunet.__main__ import main
 from qunet.disagreement import Q_TOLERANCE, _q_bounds, disagreement_scores, prepare
 from qunet.network import build_network

@@ -1,4 +1,4 @@
-"""The Table I experiment (qunet.experiment) on tiny synthetic stacks: bookkeeping, equal cost, outputs."""
+"""The Table I experiment (qunet.experiments.table1) on tiny synthetic stacks: bookkeeping, equal cost, outputs."""
 
 import csv
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qunet.__main__ import main
-from qunet.experiment import (
+from qunet.experiments.table1 import (
     ExperimentConfig,
     Runner,
     enable_dropout_only,

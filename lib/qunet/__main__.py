@@ -38,13 +38,13 @@ def cmd_upload(args: argparse.Namespace) -> dict:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from qunet import experiment
+    from qunet.experiments import table1 as experiment
 
     experiment.main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from qunet import bench
+    from qunet.experiments import bench
 
     bench.main(args)
 
@@ -75,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("stacks", nargs="+", help="NIfTI or NRRD files")
     u.add_argument("--modality", default="CT", help="DICOM modality (MONAI Label lists only CT unless told otherwise)")
     u.set_defaults(run=cmd_upload)
-    from qunet.bench import add_arguments as bench_arguments
-    from qunet.experiment import add_arguments as experiment_arguments
+    from qunet.experiments.bench import add_arguments as bench_arguments
+    from qunet.experiments.table1 import add_arguments as experiment_arguments
 
     e = sub.add_parser("experiment", help="rerun the paper's Table I comparison on stacks with full labels (docs/)")
     experiment_arguments(e)

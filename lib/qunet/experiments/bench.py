@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 APP = REPO / "apps" / "qunet"
 
 
@@ -433,7 +433,7 @@ def memory_bench(depths=(100, 600), size: int = 512, image_size: int = 256, feat
             if in_process:
                 out["runs"].append(memory_probe(kind, (size, size, depth), image_size, tuple(features), batch_size))
                 continue
-            code = (f"import json; from qunet.bench import memory_probe; print(json.dumps(memory_probe("
+            code = (f"import json; from qunet.experiments.bench import memory_probe; print(json.dumps(memory_probe("
                     f"{kind!r}, ({size}, {size}, {depth}), {image_size}, {tuple(features)!r}, {batch_size})))")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
             if r.returncode:

@@ -1,0 +1,1 @@
+"""Experiments and benchmarks (`python -m qunet experiment|bench|...`): kept apart from the core library."""
