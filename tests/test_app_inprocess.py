@@ -25,13 +25,13 @@ def load_conf_class():
 
 def test_conf_parsing_and_errors():
     AppConf = load_conf_class()
-    conf = AppConf.from_conf({"q0": "0.3", "features": TINY, "labels": "cyst, ggo", "image_size": "64",
+    conf = AppConf.from_conf({"q0": "0.3", "features": TINY, "labels": "cyst, ggo", "patch_size": "64",
                               "blur_percentile": "40", "psnr_percentile": "mean"})
-    assert conf.q0 == 0.3 and conf.features == (4, 4, 8, 8, 16, 4) and conf.image_size == 64
+    assert conf.q0 == 0.3 and conf.features == (4, 4, 8, 8, 16, 4) and conf.patch_size == 64
     assert conf.label_map() == {"cyst": 1, "ggo": 2}
     assert conf.blur_percentile == 40 and conf.psnr_percentile is None
-    assert AppConf.from_conf({}).features == (32, 64, 128, 256, 512, 32)
-    for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"image_size": "100"}, "multiple of 16"),
+    assert AppConf.from_conf({}).features == (16, 32, 64, 128, 256, 16)
+    for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"patch_size": "100"}, "multiple of 16"),
                          ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy")):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
@@ -51,7 +51,7 @@ def test_pretrained_model_drives_disagreement_and_infer(studies, tmp_path):
     weights = tmp_path / "other-modality.pt"
     torch.manual_seed(0)
     torch.save({"model": build_network(tuple(map(int, TINY.split(",")))).state_dict()}, weights)
-    client = app_client(studies, {"features": TINY, "image_size": "32", "pretrained_path": str(weights), "q0": "1.01"})
+    client = app_client(studies, {"features": TINY, "patch_size": "32", "pretrained_path": str(weights), "q0": "1.01"})
 
     r = client.post("/scoring/qunet_disagreement?run_sync=true")
     assert r.status_code == 200 and r.json()["scored"] == 2
@@ -75,7 +75,7 @@ def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
     for f in studies.glob("*.nii.gz"):  # labels present before the app ever served the volume: all slices annotated
         img = nib.load(f)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), labels / f.name)
-    client = app_client(studies, {"features": TINY, "image_size": "32"})
+    client = app_client(studies, {"features": TINY, "patch_size": "32"})
     assert client.post("/activelearning/qunet", json={"client_id": "a"}).json() == {}
     assert client.get("/info/").json()["datastore"]["completed"] == 2
 
@@ -83,7 +83,7 @@ def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
 @pytest.mark.parametrize("random_strategy", ["qunet", "random"])
 def test_random_strategy_setting(studies, random_strategy):
     """OHIF's panel always asks for "random": by default that is the QU-net++ pick, with slices and a hold."""
-    client = app_client(studies, {"features": TINY, "image_size": "32", "random_strategy": random_strategy})
+    client = app_client(studies, {"features": TINY, "patch_size": "32", "random_strategy": random_strategy})
     sample = client.post("/activelearning/random", json={"client_id": "ohif"}).json()
     info = client.get("/datastore/image/info", params={"image": sample["id"]}).json()
     if random_strategy == "qunet":

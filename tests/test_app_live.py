@@ -16,11 +16,12 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
 from live_server import SAMPLES, TRUTH, LiveServer, draw_truth, wait_for
+from qunet.config import TrainConfig
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
-TINY_CONF = {"image_size": "64", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
-TRAIN = {"max_epochs": 3, "train_batch_size": 4}
+TINY_CONF = {"patch_size": "32", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
+TRAIN = {"max_epochs": 3, "steps_per_epoch": 4, "train_batch_size": 4}
 CLIENT = "slicer-a"
 
 
@@ -72,7 +73,7 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
     assert "qunet" in info["models"] and info["models"]["qunet"]["type"] == "segmentation"
     assert {"qunet", "random"} <= set(info["strategies"])
     assert {"qunet_quality", "qunet_disagreement"} <= set(info["scoring"])
-    assert info["trainers"]["qunet"]["config"]["max_epochs"] == 60  # the paper's recipe is the default
+    assert info["trainers"]["qunet"]["config"]["max_epochs"] == TrainConfig().max_epochs  # the library's recipe
 
     annotated: dict[str, set[int]] = {}
     for round_ in (1, 2):
@@ -106,8 +107,18 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
         assert set(saved["annotated_slices"]) == set(slices) | annotated.get(image_id, set())
         annotated[image_id] = set(saved["annotated_slices"])
 
-        train(client, server)
-        assert json.loads(json.dumps(client.info()["train_stats"]["qunet"]))["total_epochs"] == TRAIN["max_epochs"]
+        status = train(client, server)
+        assert any(f"epoch {TRAIN['max_epochs']}/{TRAIN['max_epochs']}: loss" in line for line in status["details"])
+        stats = client.info()["train_stats"]["qunet"]  # what Slicer's progress bars read
+        assert stats["epoch"] == stats["total_epochs"] == TRAIN["max_epochs"] and stats["loss"] > 0
+        assert 0 <= stats["best_metric"] <= 1 and stats["slices"] == sum(map(len, annotated.values()))
+        history = json.loads(Path(server.app_dir, "model", "history.json").read_text())
+        assert len(history) == round_ and history[-1]["slices"] == stats["slices"]
+        assert history[-1]["model"] == file_signature(Path(server.app_dir, "model", "qunet.pt"))
+        if round_ == 1:
+            assert history[-1]["heldout"] is None  # no earlier model
+        else:  # the first model, on the slices annotated since it was trained
+            assert history[-1]["heldout"]["slices"] == len(slices) and 0 <= history[-1]["heldout"]["dice"] <= 1
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
         model = file_signature(Path(server.app_dir, "model", "qunet.pt"))

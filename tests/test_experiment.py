@@ -9,20 +9,15 @@ import pytest
 import torch
 
 from qunet.__main__ import main
-from qunet.experiments.table1 import (
-    ExperimentConfig,
-    Runner,
-    enable_dropout_only,
-    epistemic_slice_scores,
-    find_pairs,
-    load_cases,
-)
+from qunet.config import TrainConfig
+from qunet.experiments.data import find_pairs, load_cases
+from qunet.experiments.table1 import ExperimentConfig, Runner
+from qunet.experiments.uncertainty import enable_dropout_only, epistemic_slice_scores
 from qunet.network import build_network
 from qunet.synthetic import generate_stack
-from qunet.training import seed_everything, train
 
-TINY = dict(image_size=32, features=(4, 4, 8, 8, 16, 4), epochs=1, steps_per_epoch=2, batch_size=2,
-            learning_rate=1e-2, seeds=2, mc_passes=2, max_initial=2)
+TINY = dict(patch_size=32, features=(4, 4, 8, 8, 16, 4), train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2),
+            seeds=2, mc_passes=2, max_initial=2)
 
 
 def write(array: np.ndarray, path: Path) -> None:
@@ -54,7 +49,7 @@ def test_label_discovery(data, tmp_path):
 
 
 def test_config_rejects_bad_settings():
-    for bad in (dict(features=(4, 4)), dict(image_size=20), dict(methods=("nope",)), dict(random_fraction=1.5),
+    for bad in (dict(features=(4, 4)), dict(patch_size=20), dict(methods=("nope",)), dict(random_fraction=1.5),
                 dict(mc_score="max"), dict(s0_roi="x")):
         with pytest.raises(ValueError):
             ExperimentConfig(**bad)
@@ -62,11 +57,11 @@ def test_config_rejects_bad_settings():
 
 def test_runs_are_disjoint_equal_cost_and_reported(data, tmp_path, capsys):
     config = ExperimentConfig(**TINY, q0=1.01, sm_limit=2)  # q0 > 1 flags every slice: Sm = the 2 lowest-Q per stack
-    cases = load_cases(find_pairs(data), config)
+    cases = load_cases(find_pairs(data))
     runner = Runner(cases, config)
     results = [r for seed in (0, 1) for r in runner.run_seed(seed)]
     depth = {c.name: c.depth for c in cases}
-    s0 = {c.name: c.s0 for c in cases}
+    s0 = runner.s0
     assert all(s0.values()), "every stack gets an S0"
     for r in results:
         for name in depth:  # train and test are disjoint and cover the stack
@@ -87,8 +82,8 @@ def test_runs_are_disjoint_equal_cost_and_reported(data, tmp_path, capsys):
 
     # the CLI writes the same kinds of results
     out = tmp_path / "out"
-    argv = ["experiment", "--data", str(data), "--out", str(out), "--seeds", "2", "--image-size", "32", "--features",
-            "4,4,8,8,16,4", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--mc-passes", "2",
+    argv = ["experiment", "--data", str(data), "--out", str(out), "--seeds", "2", "--patch-size", "32", "--features",
+            "4,4,8,8,16,4", "--max-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--mc-passes", "2",
             "--max-initial", "2", "--sm-limit", "1", "--q0", "1.01", "--extra-fractions", "0.5", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -112,19 +107,6 @@ def test_runs_are_disjoint_equal_cost_and_reported(data, tmp_path, capsys):
     assert float(qunet["n_train"]) == float(s0_all["n_train"]) + 2  # one Sm slice in each of the two stacks
     runs = list(csv.DictReader(open(out / "runs.csv")))
     assert len(runs) == 2 * len(methods) * 3  # seeds x methods x (all + 2 stacks)
-
-
-def test_training_is_deterministic_by_seed():
-    x = torch.rand(4, 1, 32, 32)
-    y = (x > 0.7).float()
-    weights = []
-    for _ in range(2):
-        seed_everything(3)
-        net = build_network((4, 4, 8, 8, 16, 4))
-        history = train(net, x, y, epochs=2, batch_size=2, learning_rate=1e-2, seed=3)
-        weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
-    assert len(history) == 2
-    assert torch.equal(weights[0], weights[1])
 
 
 def test_epistemic_scores_match_monai_label():

@@ -3,7 +3,7 @@
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import disagreement_scores, segment
 from qunet.io import Stack, StackError, load_label, load_stack
-from qunet.network import build_network, deep_supervision_loss
+from qunet.network import build_network
 from qunet.quality import SliceQuality, slice_quality
 from qunet.selection import select_by_disagreement, select_initial
 
@@ -17,7 +17,6 @@ __all__ = [
     "StackError",
     "TrainConfig",
     "build_network",
-    "deep_supervision_loss",
     "disagreement_scores",
     "load_label",
     "load_stack",

@@ -1,4 +1,4 @@
-"""Command line: `python -m qunet {quality,generate,upload,experiment,bench} ...` (see README and docs/)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,bench} ...` (see README and docs/)."""
 
 import argparse
 import json
@@ -49,6 +49,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench.main(args)
 
 
+def cmd_curve(args: argparse.Namespace) -> None:
+    from qunet.experiments import curve
+
+    curve.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     d = QualityConfig()
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
@@ -81,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("experiment", help="rerun the paper's Table I comparison on stacks with full labels (docs/)")
     experiment_arguments(e)
     e.set_defaults(run=cmd_experiment)
+    from qunet.experiments.curve import add_arguments as curve_arguments
+
+    c = sub.add_parser("curve", help="learning curve: Dice on unseen slices against the number of annotated slices")
+    curve_arguments(c)
+    c.set_defaults(run=cmd_curve)
     b = sub.add_parser("bench", help="measure scoring, quality-metric and Next sample speed and scoring memory (docs/)")
     bench_arguments(b)
     b.set_defaults(run=cmd_bench)

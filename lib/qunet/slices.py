@@ -1,46 +1,119 @@
-"""Moving between (X, Y, Z) stacks and the network's (N, 1, S, S) slice batches."""
+"""Moving between (X, Y, Z) stacks and the network: intensities, annotated slices, and training patches.
+
+The network sees every stack the same way in training, scoring and segmentation: intensities normalised per
+stack (`normalise_stack`), slices at their native resolution (no resizing: a 20 px nodule in a 512 px slice
+stays 20 px), in square patches of `patch_size` pixels. Training draws patches (a fixed share centred on
+lesion, as nnU-Net's foreground oversampling); inference slides a window of the same size over whole slices
+(qunet.inference), so instance normalisation sees the same kind of input in both.
+"""
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropd
 
-from qunet.quality import scale_to_unit, stack_range
+CLIP_PERCENTILES = (0.5, 99.5)
+CHUNK = 32  # slices at a time: memory bounded by a chunk, not the stack's depth
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """A stack's intensity normalisation: clip to its 0.5-99.5 percentile range, then z-score.
+
+    Per-volume z-scoring is nnU-Net's scheme for MRI; clipping first keeps CT's extreme values (air, metal, bone)
+    from dominating the statistics, so one scheme serves CT, MRI and OCT without knowing the modality."""
+
+    lo: float
+    hi: float
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, volume: np.ndarray) -> "Intensity":
+        step = 2 if volume.size > 1 << 22 else 1  # percentiles of a sub-sample: the same range, an eighth of the copy
+        lo, hi = (float(v) for v in np.percentile(volume[::step, ::step, ::step], CLIP_PERCENTILES))
+        total = square = 0.0
+        for start in range(0, volume.shape[2], CHUNK):
+            chunk = np.clip(volume[:, :, start : start + CHUNK], lo, hi, dtype=np.float64)
+            total, square = total + chunk.sum(), square + (chunk**2).sum()
+        mean = total / volume.size
+        std = float(np.sqrt(max(square / volume.size - mean**2, 0.0)))
+        return cls(lo, hi, mean, std if std > 1e-6 * max(abs(hi), abs(lo), 1.0) else 1.0)
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        return ((np.clip(array, self.lo, self.hi, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
+
+    @property
+    def background(self) -> float:
+        """The lowest normalised value: what pads a slice smaller than a patch, in training and inference."""
+        return (self.lo - self.mean) / self.std
 
 
 def normalise_stack(volume: np.ndarray) -> np.ndarray:
-    """The network's intensity scaling: the stack's 0.5-99.5 percentile range mapped to [0, 1]."""
-    return scale_to_unit(volume, *stack_range(volume))
+    return Intensity.of(volume).apply(volume)
 
 
-def to_network(unit_slab: np.ndarray, image_size: int) -> torch.Tensor:
-    """(X, Y, n) scaled slices -> (n, 1, S, S) float tensor, resized with anti-aliasing."""
-    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(unit_slab, 2, 0)))[:, None].float()
-    if x.shape[-2:] == (image_size, image_size):
-        return x
-    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def labels_to_network(label_slab: np.ndarray, image_size: int, num_labels: int) -> torch.Tensor:
-    """(X, Y, n) integer labels -> (n, num_labels, S, S) binary float targets, one channel per label value.
+def label_channels(label: np.ndarray, num_labels: int) -> np.ndarray:
+    """(X, Y, ...) integer labels -> (num_labels, X, Y, ...) binary float32, one channel per label value.
 
     With a single label every non-zero value is foreground (a client may number its segments from 2)."""
-    y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(label_slab, 2, 0))).long()
-    values = [y > 0] if num_labels == 1 else [(y == v) for v in range(1, num_labels + 1)]
-    onehot = torch.stack(values, dim=1).float()
-    return F.interpolate(onehot, size=(image_size, image_size), mode="nearest-exact")
+    if num_labels == 1:
+        return (label > 0)[None].astype(np.float32)
+    return np.stack([label == v for v in range(1, num_labels + 1)]).astype(np.float32)
 
 
-def from_network(probs: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """(n, C, S, S) probabilities -> (X, Y, n) uint8 labels on the original grid: label c+1 where channel c wins above 0.5."""
-    probs = F.interpolate(probs.float(), size=shape, mode="bilinear", align_corners=False)
-    best, index = probs.max(dim=1)
-    label = torch.where(best > 0.5, index + 1, 0).to(torch.uint8)
-    return np.moveaxis(label.cpu().numpy(), 0, 2)
+@dataclass
+class TrainingSlice:
+    """One annotated slice at native resolution: image (1, X, Y) normalised as its stack, target (C, X, Y)."""
+
+    image: np.ndarray
+    target: np.ndarray
+    background: float  # the normalised stack's lowest value: what pads a slice smaller than a patch
+    name: str = ""
+
+    @property
+    def has_foreground(self) -> bool:
+        return bool(self.target.any())
 
 
-def training_pairs(
-    volume: np.ndarray, label: np.ndarray, slices: list[int], image_size: int, num_labels: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Network inputs (n, 1, S, S) and binary targets (n, num_labels, S, S) for the given slices of one stack."""
-    unit = normalise_stack(volume)
-    return to_network(unit[:, :, slices], image_size), labels_to_network(label[:, :, slices], image_size, num_labels)
+def training_slices(volume: np.ndarray, label: np.ndarray, slices: list[int], num_labels: int, name: str = "") -> list[TrainingSlice]:
+    """The annotated slices of one stack, normalised as the whole stack is for inference."""
+    intensity = Intensity.of(volume)
+    return [TrainingSlice(intensity.apply(volume[None, :, :, k]), label_channels(label[:, :, k], num_labels),
+                          intensity.background, f"{name}:{k}") for k in slices]
+
+
+class PatchSampler:
+    """Batches of `patch_size` patches from annotated slices, a share `foreground` of them centred on lesion.
+
+    Each patch first picks its slice: with probability `foreground` (when any slice holds lesion) a random
+    lesion slice, cropped around a random lesion pixel (MONAI's RandCropByPosNegLabeld, all positive), else any
+    slice, cropped anywhere (RandSpatialCropd). Drawing the lesion share per batch, not per slice, is what
+    keeps lesions in the batches when 2 of 20 annotated slices hold any. Slices smaller than a patch are padded
+    with the stack's lowest value (background), as sliding-window inference pads them."""
+
+    def __init__(self, slices: list[TrainingSlice], patch_size: int, foreground: float, seed: int) -> None:
+        if not slices:
+            raise ValueError("no annotated slices to sample patches from")
+        self.items = [_padded(s, patch_size) for s in slices]
+        self.lesion = [i for i, s in enumerate(slices) if s.has_foreground]
+        self.foreground = foreground
+        self.rng = np.random.default_rng(seed)
+        size = (patch_size, patch_size)
+        self.on_lesion = RandCropByPosNegLabeld(("image", "label"), "label", size, pos=1, neg=0, num_samples=1)
+        self.anywhere = RandSpatialCropd(("image", "label"), size, random_size=False)
+        for t in (self.on_lesion, self.anywhere):
+            t.set_random_state(seed=int(self.rng.integers(2**31)))
+
+    def patch(self) -> dict[str, torch.Tensor]:
+        lesion = bool(self.lesion) and self.rng.random() < self.foreground
+        i = int(self.rng.choice(self.lesion) if lesion else self.rng.integers(len(self.items)))
+        return self.on_lesion(self.items[i])[0] if lesion else self.anywhere(self.items[i])
+
+
+def _padded(s: TrainingSlice, patch_size: int) -> dict[str, torch.Tensor]:
+    """The slice as tensors, padded up to the patch size: image with its lowest value, target with 0."""
+    pad = [(0, 0)] + [((patch_size - n + 1) // 2, (patch_size - n) // 2) if n < patch_size else (0, 0) for n in s.image.shape[1:]]
+    image = np.pad(s.image, pad, constant_values=s.background)
+    return {"image": torch.from_numpy(image), "label": torch.from_numpy(np.pad(s.target, pad))}

@@ -25,8 +25,7 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     labels: tuple[str, ...] = ModelConfig.labels
     q0: float = SelectionConfig.q0
     slices_per_sample: int = SelectionConfig.slices_per_sample
-    score_batch_size: int = SelectionConfig.score_batch_size
-    image_size: int = ModelConfig.image_size
+    patch_size: int = ModelConfig.patch_size  # training patches and the inference window, native resolution
     features: tuple[int, ...] = DEFAULT_FEATURES
     pretrained_path: str = ""
     auto_train_after: int = 0  # train after every N submitted labels; 0 = never on its own
@@ -52,8 +51,8 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf features needs six comma-separated integers, got {result.features}")
         if result.random_strategy not in ("qunet", "random"):
             raise ValueError(f"--conf random_strategy must be qunet or random, got {result.random_strategy!r}")
-        if result.image_size < 16 or result.image_size % 16:
-            raise ValueError(f"--conf image_size must be a multiple of 16 (four poolings), got {result.image_size}")
+        if result.patch_size < 16 or result.patch_size % 16:
+            raise ValueError(f"--conf patch_size must be a multiple of 16 (four poolings), got {result.patch_size}")
         return result
 
     def label_map(self) -> dict[str, int]:

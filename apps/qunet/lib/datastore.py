@@ -78,12 +78,12 @@ def atomic_copy(src: str, dest: str) -> None:
     _fsync_dir(os.path.dirname(dest))
 
 
-def atomic_write(text: str, dest: str) -> None:
-    """Write `text` to `dest` so that `dest` is always either the old file or the complete new one."""
+def atomic_write(data: str | bytes, dest: str) -> None:
+    """Write `data` to `dest` so that `dest` is always either the old file or the complete new one."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=TMP_PREFIX)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)

@@ -13,12 +13,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from qunet import build_network, segment
-from qunet.disagreement import prepare
 from qunet.io import StackError, file_signature, load_stack
-from qunet.network import load_weights
+from qunet.network import load_weights, prepare
 
 from lib.conf import AppConf
-from lib.errors import BadRequest, Conflict, InvalidFile, as_bool, as_int, as_level, check_device
+from lib.errors import BadRequest, Conflict, InvalidFile, as_bool, as_level, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +35,12 @@ class QUNetInfer(BasicInferTask):
             labels=conf.label_map(),
             dimension=3,  # volumes in and out; the network itself is 2D
             description="QU-net++ (2D U-net++, deep supervision): level-4 segmentation of every slice",
-            config={"batch_size": conf.score_batch_size},
         )
         self.conf = conf
 
     def __call__(self, request, callbacks=None):
         request = dict(request)
         request["device"] = check_device(request.get("device", self._config.get("device")))
-        request["batch_size"] = as_int(request.get("batch_size", self.conf.score_batch_size), "batch_size", 1, 4096)
         request["logging"] = as_level(request.get("logging", "INFO"))
         if request.get("result_extension") not in (None, "", *EXTENSIONS):
             raise BadRequest(f"result_extension must be one of {', '.join(EXTENSIONS)}, got {request['result_extension']!r}")
@@ -89,7 +86,7 @@ class QUNetInfer(BasicInferTask):
             stack = load_stack(data["image_path"])
         except StackError as e:
             raise InvalidFile(f"image cannot be segmented: {e}") from e
-        label = segment(network, stack.array, self.conf.image_size, int(data.get("batch_size", 16)), torch.device(device))
+        label = segment(network, stack.array, self.conf.patch_size, device=torch.device(device))
         data["image"] = MetaTensor(torch.from_numpy(stack.array), affine=torch.from_numpy(stack.affine))
         data["pred"] = MetaTensor(torch.from_numpy(label), affine=torch.from_numpy(stack.affine))
         return data

@@ -20,9 +20,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from qunet import build_network, disagreement_scores, select_by_disagreement, select_initial, slice_quality
 from qunet.config import QualityConfig
-from qunet.disagreement import prepare
 from qunet.io import StackError, file_signature, load_stack
-from qunet.network import default_device, load_weights
+from qunet.network import default_device, load_weights, prepare
 
 from lib import records
 from lib.conf import AppConf
@@ -169,7 +168,7 @@ class DisagreementScoring(ScoringMethod):
             stack = load_stack(image_path)
             skip = set(records.annotated(datastore, image_id, info, stack.num_slices))
             todo = [k for k in range(stack.num_slices) if k not in skip]
-            q = disagreement_scores(network, stack.array, self.conf.image_size, self.conf.score_batch_size, todo, device)
+            q = disagreement_scores(network, stack.array, self.conf.patch_size, todo, device)
             return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0,
                     "q": records.rounded(q), "flagged": select_by_disagreement(q, self.conf.q0, skip)}
 

@@ -1,175 +1,136 @@
-"""Train task `qunet`: MONAI Label's BasicTrainTask over the annotated slices only (empty ones as negatives).
+"""Trainer `qunet`: the library's training recipe (qunet.training) on the annotated slices of the datastore.
 
-Robust to what a crash or a client can leave behind: the request's settings are checked (HTTP 400 naming the
-setting), nothing to train on is a 409, the published model and the train stats are replaced atomically (a
-kill mid-copy leaves the previous complete file), an unusable checkpoint of an earlier run is skipped with a
-warning, and an unusable `pretrained_path` is a clear error.
+MONAI Label runs it in a subprocess. After each epoch it publishes the model atomically (a stopped training keeps
+its progress) and writes the train stats GET /info/ shows (`train_stats`: epoch, total_epochs, loss, Dice, time,
+as 3D Slicer's progress bars read them); at the end it appends an entry to the history (history.json beside the
+model): how many slices it was trained on, and the held-out Dice of the model it replaces on the slices
+annotated since that one was trained.
 """
 
-import filecmp
+import io
 import json
 import logging
 import os
+import time
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
-from ignite.engine import Events
-from ignite.handlers import EarlyStopping
-from monai.handlers import MeanDice, from_engine, stopping_fn_from_metric
-from monai.inferers import SimpleInferer
-from monai.transforms import Activationsd, AsDiscreted, EnsureTyped, Lambdad
 from monailabel.interfaces.datastore import Datastore
-from monailabel.tasks.train.basic_train import BasicTrainTask, Context
-from monailabel.tasks.train.handler import PublishStatsAndModel, prepare_stats
+from monailabel.interfaces.tasks.train import TrainTask
 
-from qunet import build_network, deep_supervision_loss
+from qunet import build_network
 from qunet.config import TrainConfig
-from qunet.io import StackError, load_label, load_stack
-from qunet.network import load_weights
-from qunet.slices import training_pairs
-from qunet.training import augmentation
+from qunet.disagreement import segment
+from qunet.io import StackError, file_signature, load_label, load_stack
+from qunet.network import default_device, load_weights, prepare
+from qunet.slices import TrainingSlice, training_slices
+from qunet.training import EpochStats, seed_everything, train
 
 from lib import records
 from lib.conf import AppConf
-from lib.datastore import atomic_copy, atomic_write
-from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device, check_name
+from lib.datastore import atomic_write
+from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
 
 logger = logging.getLogger(__name__)
 
 NOTHING_TO_TRAIN = "no annotated slices to train on: submit a label first"
+REQUEST_KEYS = {  # request key -> TrainConfig field
+    "max_epochs": "max_epochs", "steps_per_epoch": "steps_per_epoch", "train_batch_size": "batch_size",
+    "learning_rate": "learning_rate", "foreground": "foreground", "augment": "augment",
+}
 
 
 def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
     """The request's training settings, checked; raises BadRequest naming the first bad one."""
     checks = {
         "max_epochs": lambda v: as_int(v, "max_epochs", 1, 100000),
+        "steps_per_epoch": lambda v: as_int(v, "steps_per_epoch", 1, 100000),
         "train_batch_size": lambda v: as_int(v, "train_batch_size", 1, 4096),
-        "val_batch_size": lambda v: as_int(v, "val_batch_size", 1, 4096),
         "learning_rate": lambda v: as_float(v, "learning_rate", 1e-12, 10.0),
-        "augment_range": lambda v: as_float(v, "augment_range", 0.0, 1.0),
-        "val_split": lambda v: as_float(v, "val_split", 0.0, 0.9),
-        "early_stop_patience": lambda v: as_int(v, "early_stop_patience", -1, 100000),
+        "foreground": lambda v: as_float(v, "foreground", 0.0, 1.0),
+        "augment": lambda v: as_bool(v, "augment"),
         "pretrained": lambda v: as_bool(v, "pretrained"),
-        "multi_gpu": lambda v: as_bool(v, "multi_gpu"),
-        "name": lambda v: check_name(v, "train run name"),
+        "seed": lambda v: as_int(v, "seed", 0, 2**31 - 1),
         "device": check_device,
     }
     checked = dict(request)
     for key, check in checks.items():
         if key in checked and not isinstance(checked[key], list):  # a list is MONAI Label's "choose one" default
             checked[key] = check(checked[key])
-    for key, allowed in (("dataset", ("SmartCacheDataset", "CacheDataset", "PersistentDataset", "Dataset")),
-                         ("dataloader", ("ThreadDataLoader", "DataLoader")), ("tracking", ("None", "mlflow", None))):
-        value = checked.get(key)
-        if value is not None and not isinstance(value, list) and value not in allowed:
-            raise BadRequest(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    gpus = checked.get("gpus", "all")
-    if gpus != "all" and not (isinstance(gpus, str) and all(g.strip().isdigit() for g in gpus.split(","))):
-        raise BadRequest(f"gpus must be 'all' or comma-separated GPU indices, got {gpus!r}")
     for key in ("train_ds", "val_ds", "tracking_uri"):  # server-side paths: not a client's to choose
         if checked.get(key):
             raise BadRequest(f"{key} is not supported by this app")
     return checked
 
 
-class AtomicPublisher(PublishStatsAndModel):
-    """MONAI Label's publisher with atomic replaces: a kill mid-copy cannot leave a truncated model or stats file."""
-
-    def iteration_completed(self):
-        stats = prepare_stats(self.start_ts, self.trainer, self.evaluator)
-        text = json.dumps(stats, indent=2)
-        atomic_write(text, os.path.join(self.output_dir, f"stats_{self.run_id}.json"))
-        if self._stats_path:
-            atomic_write(text, self._stats_path)
-        final_model = os.path.join(self.output_dir, self._key_metric_filename)
-        if self._publish_path and os.path.exists(final_model):
-            # by content: models of one network have the same size, and two saved close together can share an mtime
-            if not os.path.exists(self._publish_path) or not filecmp.cmp(self._publish_path, final_model, shallow=False):
-                atomic_copy(final_model, self._publish_path)
-                logger.info(f"New Model published: {final_model} => {self._publish_path}")
-        return stats
+def _read_json(path: str, default: Any) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
 
 
-class QUNetTrain(BasicTrainTask):
+class QUNetTrain(TrainTask):
     def __init__(self, model_dir: str, conf: AppConf, publish_path: str) -> None:
-        defaults = TrainConfig()
-        super().__init__(
-            model_dir=model_dir,
-            description="Train the U-net++ (Dice loss on all four heads) on the annotated slices",
-            config={
-                "max_epochs": defaults.max_epochs,
-                "train_batch_size": defaults.batch_size,
-                "learning_rate": defaults.learning_rate,
-                "augment_range": defaults.augment_range,
-                "val_split": 0.0,  # few slices: the best training Dice picks the published model
-                "tracking": "None",  # current mlflow refuses MONAI Label's file store; ask for "mlflow" explicitly
-            },
-            amp=torch.cuda.is_available(),
-            load_path=conf.pretrained_path or None,
-            publish_path=publish_path,
-            labels=conf.label_map(),
-        )
+        super().__init__("Train the U-net++ on the annotated slices (patches, Dice + CE on all four heads, AdamW)")
         self.conf = conf
+        self.model_dir = model_dir
+        self.publish_path = publish_path
+        self.stats_path = os.path.join(model_dir, "train_stats.json")
+        self.history_path = os.path.join(model_dir, "history.json")
+        self.trained_path = os.path.join(model_dir, "trained_slices.json")  # what the published model was trained on
 
-    def __call__(self, request, datastore: Datastore):
-        return super().__call__(check_train_request(request), datastore)
+    def config(self) -> dict[str, Any]:
+        d = TrainConfig()
+        return {"max_epochs": d.max_epochs, "steps_per_epoch": d.steps_per_epoch, "train_batch_size": d.batch_size,
+                "learning_rate": d.learning_rate, "foreground": d.foreground, "augment": d.augment, "pretrained": True}
 
-    def stats(self):
-        """The last run's stats; {} (logged) if the file cannot be read, so GET /info/ keeps answering."""
-        try:
-            return super().stats()
-        except (OSError, ValueError) as e:
-            logger.warning(f"train stats unreadable ({self._stats_path}): {e}")
-            return {}
+    def stats(self) -> dict[str, Any]:
+        return _read_json(self.stats_path, {})
 
-    def _usable(self, path: str) -> str | None:
-        """None if `path` holds weights for this network, else why not."""
-        try:
-            load_weights(build_network(self.conf.features, len(self.conf.labels)), path, "cpu")
-        except ValueError as e:
-            return str(e)
-        return None
+    def history(self) -> list[dict[str, Any]]:
+        history = _read_json(self.history_path, [])
+        return history if isinstance(history, list) else []
 
-    def load_path(self, output_dir, pretrained=True):
-        """The previous run's best model if usable (else a warning), then pretrained_path (which must be usable)."""
-        own = os.path.join(output_dir, self._key_metric_filename)
-        if os.path.exists(own):
-            problem = self._usable(own)
-            if problem is None:
-                return own
-            logger.warning(f"not continuing from the previous run's model: {problem}")
-        if pretrained and self._load_path:
-            if not os.path.exists(self._load_path):
-                raise Conflict(f"--conf pretrained_path {self._load_path}: no such file")
-            problem = self._usable(self._load_path)
-            if problem:
-                raise Conflict(f"--conf pretrained_path cannot be used: {problem}")
-            return self._load_path
-        return None
+    # ---- one training run --------------------------------------------------------------------------------------
 
-    def finalize(self, context):
-        """As BasicTrainTask's, with the atomic publisher."""
-        if context.local_rank == 0:
-            publisher = AtomicPublisher(self._stats_path, self._publish_path, self._key_metric_filename, context.start_ts,
-                                        context.run_id, context.output_dir, context.trainer, context.evaluator)
-            (context.evaluator or context.trainer).add_event_handler(event_name=Events.EPOCH_COMPLETED, handler=publisher)
-        patience = int(context.request.get("early_stop_patience", 0))
-        if patience > 0 and context.evaluator:
-            metric = next(iter(self.val_key_metric(context)))
-            stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric(metric), trainer=context.trainer)
-            context.evaluator.add_event_handler(event_name=Events.EPOCH_COMPLETED, handler=stopper)
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        request = check_train_request(request)
+        settings = replace(TrainConfig(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request
+                                             and not isinstance(request[k], list)})
+        device = torch.device(request["device"]) if isinstance(request.get("device"), str) else default_device()
+        annotated = self._annotated(datastore)
+        slices = [s for image_slices in annotated.values() for s in image_slices[1]]
+        if not slices:
+            raise Conflict(NOTHING_TO_TRAIN)
+        network, start_from = self._start(bool(request.get("pretrained", True)))
+        heldout = self._heldout(network, annotated, datastore, device) if start_from == self.publish_path else None
+        logger.info(f"training on {len(slices)} annotated slices of {len(annotated)} volumes "
+                    f"({sum(s.has_foreground for s in slices)} with foreground), from {start_from or 'scratch'}")
+        started = time.time()
+        seed = int(request.get("seed", 0))
+        seed_everything(seed)
+        os.makedirs(self.model_dir, exist_ok=True)
+        atomic_write(json.dumps({k: v[0] for k, v in annotated.items()}), self.trained_path)
 
-    def network(self, context: Context) -> torch.nn.Module:
-        return build_network(self.conf.features, out_channels=len(self.conf.labels))
+        def end_of_epoch(epoch: EpochStats) -> None:  # published every epoch: a stopped training keeps its progress
+            self._publish(network)
+            self._write_stats(epoch, started, heldout, len(slices))
 
-    def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        return torch.optim.Adam(context.network.parameters(), lr=float(context.request.get("learning_rate", 1e-4)))
+        history = train(network, slices, settings, self.conf.patch_size, seed=seed, device=device, on_epoch=end_of_epoch)
+        last = history[-1]
+        entry = {"ts": int(time.time()), "model": file_signature(self.publish_path), "slices": len(slices),
+                 "volumes": len(annotated), "lesion_slices": sum(s.has_foreground for s in slices),
+                 "heldout": heldout, "train_dice": round(last.dice, 4), "loss": round(last.loss, 4),
+                 "steps": last.epoch * settings.steps_per_epoch, "seconds": round(time.time() - started, 1)}
+        atomic_write(json.dumps(self.history() + [entry]), self.history_path)
+        return entry
 
-    def loss_function(self, context: Context):
-        return deep_supervision_loss()
-
-    def pre_process(self, request: dict[str, Any], datastore: Datastore) -> list[dict[str, Any]]:
-        items = []
+    def _annotated(self, datastore: Datastore) -> dict[str, tuple[list[int], list[TrainingSlice]]]:
+        """image id -> (annotated slice indices, their training slices), for every image with a final label."""
+        out = {}
         for image_id in datastore.get_labeled_images():
             try:
                 stack = load_stack(datastore.get_image_uri(image_id))
@@ -177,35 +138,59 @@ class QUNetTrain(BasicTrainTask):
             except StackError as e:
                 logger.error(f"skipping {image_id} in training: {e}")
                 continue
-            slices = records.annotated(datastore, image_id, datastore.get_image_info(image_id), stack.num_slices)
-            if not slices:
+            ks = records.annotated(datastore, image_id, datastore.get_image_info(image_id), stack.num_slices)
+            if ks:
+                out[image_id] = (ks, training_slices(stack.array, label, ks, len(self.conf.labels), image_id))
+        return out
+
+    def _start(self, pretrained: bool) -> tuple[torch.nn.Module, str | None]:
+        """The network to train and where its weights came from: the published model if usable (training goes on
+        from it, as the app's loop does), else conf pretrained_path (which must be usable), else fresh weights."""
+        network = build_network(self.conf.features, len(self.conf.labels))
+        if not pretrained:
+            return network, None
+        if os.path.exists(self.publish_path):
+            try:
+                return load_weights(network, self.publish_path), self.publish_path
+            except ValueError as e:
+                logger.warning(f"not continuing from the published model: {e}")
+        if self.conf.pretrained_path:
+            if not os.path.exists(self.conf.pretrained_path):
+                raise Conflict(f"--conf pretrained_path {self.conf.pretrained_path}: no such file")
+            try:
+                return load_weights(network, self.conf.pretrained_path), self.conf.pretrained_path
+            except ValueError as e:
+                raise Conflict(f"--conf pretrained_path cannot be used: {e}") from e
+        return network, None
+
+    def _heldout(self, network: torch.nn.Module, annotated: dict, datastore: Datastore, device: torch.device) -> dict | None:
+        """Dice of the published model on the slices annotated since it was trained: slices it never saw."""
+        seen = _read_json(self.trained_path, {})
+        if not isinstance(seen, dict):
+            return None
+        prepare(network, device)
+        overlap = size = count = lesion = 0
+        for image_id, (ks, _) in annotated.items():
+            new = [k for k in ks if k not in set(seen.get(image_id, []))]
+            if not new:
                 continue
-            x, y = training_pairs(stack.array, label, slices, self.conf.image_size, len(self.conf.labels))
-            items += [{"image": xi, "label": yi, "id": f"{image_id}:{k}"} for xi, yi, k in zip(x, y, slices)]
-        if not items:
-            raise Conflict(NOTHING_TO_TRAIN)
-        logger.info(f"training on {len(items)} annotated slices")
-        return items
+            stack = load_stack(datastore.get_image_uri(image_id))
+            truth = load_label(datastore.get_label_uri(image_id, "final"), stack)[:, :, new] > 0
+            found = segment(network, stack.array, self.conf.patch_size, new, device) > 0
+            overlap, size = overlap + 2 * int((found & truth).sum()), size + int(found.sum() + truth.sum())
+            count, lesion = count + len(new), lesion + int(truth.any(axis=(0, 1)).sum())
+        if not count:
+            return None
+        return {"dice": round(overlap / size, 4) if size else 1.0, "slices": count, "lesion_slices": lesion}
 
-    def train_pre_transforms(self, context: Context) -> list:
-        return augmentation(self.conf.image_size, float(context.request.get("augment_range", 0.2)))
+    def _write_stats(self, epoch: EpochStats, started: float, heldout: dict | None, slices: int) -> None:
+        logger.info(f"epoch {epoch.epoch}/{epoch.epochs}: loss {epoch.loss:.4f}, training Dice {epoch.dice:.3f}")
+        stats = {**asdict(epoch), "total_epochs": epoch.epochs, "best_metric": round(epoch.dice, 4),
+                 "total_time": f"{epoch.seconds:.0f} s", "start_ts": int(started), "slices": slices, "heldout": heldout}
+        os.makedirs(self.model_dir, exist_ok=True)
+        atomic_write(json.dumps(stats), self.stats_path)
 
-    def val_pre_transforms(self, context: Context) -> list:
-        return [EnsureTyped(keys=("image", "label"), track_meta=False)]
-
-    def train_post_transforms(self, context: Context) -> list:
-        return [
-            Lambdad(keys="pred", func=lambda heads: heads[-1] if isinstance(heads, (list, tuple)) else heads),
-            Activationsd(keys="pred", sigmoid=True),
-            AsDiscreted(keys="pred", threshold=0.5),
-        ]
-
-    def train_key_metric(self, context: Context) -> dict:
-        # one sigmoid channel per label, no background channel: keep channel 0
-        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=True)}
-
-    def val_key_metric(self, context: Context) -> dict:
-        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]), include_background=True)}
-
-    def val_inferer(self, context: Context):
-        return SimpleInferer()
+    def _publish(self, network: torch.nn.Module) -> None:
+        buffer = io.BytesIO()
+        torch.save({"model": network.state_dict()}, buffer)
+        atomic_write(buffer.getvalue(), self.publish_path)  # scoring and inference never read half a model

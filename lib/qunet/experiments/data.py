@@ -1,0 +1,134 @@
+"""Stacks with full labels for experiments, the simulated annotator's draws, and evaluation on unseen slices.
+
+Every experiment trains with the app's recipe (qunet.training) on slices whose ground truth it "annotates", and
+evaluates with the app's inference (qunet.disagreement.segment) on the slices it did not train on.
+"""
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qunet.disagreement import segment
+from qunet.io import IMAGE_SUFFIXES, StackError, load_label, load_stack, stack_id
+from qunet.slices import TrainingSlice, training_slices
+
+
+@dataclass
+class Case:
+    """One stack with its full label."""
+
+    name: str
+    volume: np.ndarray  # (X, Y, Z) float32, as loaded
+    truth: np.ndarray  # (X, Y, Z) bool foreground
+
+    @property
+    def depth(self) -> int:
+        return int(self.volume.shape[2])
+
+    @property
+    def lesion_slices(self) -> list[int]:
+        return [int(k) for k in np.flatnonzero(self.truth.any(axis=(0, 1)))]
+
+    def slices(self, ks: Sequence[int]) -> list[TrainingSlice]:
+        return training_slices(self.volume, self.truth.astype(np.uint8), list(ks), 1, self.name)
+
+
+def find_pairs(
+    data: str | Path, labels: str | Path | None = None, include: Sequence[str] = (), label_replace: tuple[str, str] | None = None
+) -> list[tuple[Path, Path]]:
+    """(image, label) paths: images in `data` (not recursive) matching any `include` glob, labels of the same
+    file name in `labels` (default data/ground-truth), or with `label_replace` = (old, new) applied to the name."""
+    data = Path(data)
+    if not data.is_dir():
+        raise StackError(f"{data}: not a folder")
+    labels = Path(labels) if labels else data / "ground-truth"
+    images = sorted(p for p in data.iterdir() if p.is_file() and p.name.endswith(IMAGE_SUFFIXES))
+    if include:
+        images = [p for p in images if any(fnmatch.fnmatch(p.name, g) for g in include)]
+    pairs, missing = [], []
+    for image in images:
+        name = image.name.replace(*label_replace) if label_replace else image.name
+        label = labels / name
+        if label == image or not label.is_file():
+            missing.append(image.name)
+        else:
+            pairs.append((image, label))
+    if missing and not label_replace:
+        raise StackError(f"no label in {labels} for {', '.join(missing)} (use --include to pick stacks)")
+    if not pairs:
+        raise StackError(f"no image with a label in {data} (labels looked up in {labels})")
+    return pairs
+
+
+def load_cases(pairs: Sequence[tuple[Path, Path]]) -> list[Case]:
+    cases = []
+    for image_path, label_path in pairs:
+        stack = load_stack(image_path)
+        cases.append(Case(stack_id(image_path), stack.array, load_label(label_path, stack) > 0))
+    return cases
+
+
+def _spread(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` split in proportion to `weights` by largest remainder."""
+    share = np.asarray(weights, float) / max(float(np.sum(weights)), 1e-12) * total
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def stratified_draw(cases: Sequence[Case], total: int, rng: np.random.Generator) -> dict[str, list[int]]:
+    """`total` annotated slices over a cohort: each stack's share in proportion to its depth, and within a stack
+    its lesion slices in proportion (at least one while another lesion slice stays unseen for testing)."""
+    picks = {}
+    for case, n in zip(cases, _spread(total, [c.depth for c in cases])):
+        lesion = case.lesion_slices
+        other = [k for k in range(case.depth) if k not in set(lesion)]
+        n = min(n, case.depth)
+        want = round(n * len(lesion) / case.depth)
+        if len(lesion) > 1 and n > 0:
+            want = min(max(want, 1), len(lesion) - 1)
+        want = max(min(want, len(lesion)), n - len(other))
+        chosen = list(rng.choice(lesion, want, replace=False)) + list(rng.choice(other, n - want, replace=False))
+        picks[case.name] = sorted(int(k) for k in chosen)
+    return picks
+
+
+def training_set(cases: Sequence[Case], picks: dict[str, list[int]]) -> list[TrainingSlice]:
+    return [s for c in cases for s in c.slices(picks.get(c.name, []))]
+
+
+@dataclass
+class Evaluation:
+    """Voxel Dice of one model on the slices each stack was not trained on: over all of them (false positives on
+    lesion-free slices count) and over the unseen slices that hold lesion."""
+
+    per_stack: dict[str, dict[str, float]]
+    pooled: dict[str, float]
+
+
+def _dice(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+
+
+@torch.inference_mode()
+def evaluate(network: torch.nn.Module, cases: Sequence[Case], trained: dict[str, list[int]], patch_size: int,
+             device: torch.device) -> Evaluation:
+    per_stack, totals = {}, np.zeros((2, 3), np.int64)
+    for case in cases:
+        test = [k for k in range(case.depth) if k not in set(trained.get(case.name, []))]
+        if not test:
+            continue
+        found, truth = segment(network, case.volume, patch_size, test, device) > 0, case.truth[:, :, test]
+        lesion = truth.any(axis=(0, 1))
+        counts = np.array([[(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
+                           for f, t in ((found, truth), (found[:, :, lesion], truth[:, :, lesion]))], np.int64)
+        totals += counts
+        per_stack[case.name] = {"dice": _dice(*counts[0]), "dice_lesion_slices": _dice(*counts[1]) if lesion.any()
+                                else float("nan"), "test_slices": len(test), "test_lesion_slices": int(lesion.sum())}
+    pooled = {"dice": _dice(*totals[0]), "dice_lesion_slices": _dice(*totals[1])}
+    return Evaluation(per_stack, pooled)
