@@ -129,7 +129,7 @@ def _lesion_slabs(rng: np.random.Generator, z: int, n: int) -> list[tuple[float,
     return slabs
 
 
-def _taper(z: int, centre: float, half: float) -> np.ndarray:
+def taper(z: int, centre: float, half: float) -> np.ndarray:
     """In-plane size factor per slice: lesions grow then shrink like 3D blobs, 0 outside."""
     t = (np.arange(z) - centre) / half
     return np.where(np.abs(t) < 1, 0.35 + 0.65 * np.sqrt(np.clip(1 - t**2, 0, 1)), 0.0)
@@ -137,11 +137,12 @@ def _taper(z: int, centre: float, half: float) -> np.ndarray:
 
 def _radius2(du: np.ndarray, dv: np.ndarray, ru: float, rv: float, size: np.ndarray) -> np.ndarray:
     """Squared normalised elliptical radius; infinite in slices where the lesion is absent."""
-    with np.errstate(divide="ignore"):
-        return ((du / ru) ** 2 + (dv / rv) ** 2) / size**2
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 at the centre of an absent slice
+        r2 = ((du / ru) ** 2 + (dv / rv) ** 2) / size**2
+    return np.where(size > 0, r2, np.inf)
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     return field / field.std()
 
@@ -185,7 +186,7 @@ def _oct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndar
         rx = max(3.0, nx * rng.uniform(0.04, 0.1)) / (nx / 2)
         rd = max(3.0, a.thick * rng.uniform(0.1, 0.18)) / a.thick
         x0, d0 = rng.uniform(-0.6, 0.6), rng.uniform(0.4, 0.6)
-        paint_cyst(a, label, x0, d0, rx, rd, _taper(nz, centre, half), 0.85)
+        paint_cyst(a, label, x0, d0, rx, rd, taper(nz, centre, half), 0.85)
     return speckle(rng, a.clean), label.astype(np.uint8)
 
 
@@ -205,15 +206,15 @@ def ct_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> CtAnato
     lungs = [(side * ax * rng.uniform(0.4, 0.46), rng.uniform(-0.08, 0.02),
               ax * rng.uniform(0.26, 0.3), ay * rng.uniform(0.6, 0.7)) for side in (-1, 1)]
     # Lobulated outline: the ellipse radius is wobbled by a smooth field; the heart dents the lungs.
-    wobble = 1 + 0.08 * _smooth_noise(rng, shape, (6.0, 6.0, 2.0))
+    wobble = 1 + 0.08 * smooth_noise(rng, shape, (6.0, 6.0, 2.0))
     lung = np.zeros(shape, dtype=bool)
     for cx, cy, rx, ry in lungs:
         lung |= _radius2(u - cx, v - cy, rx, ry, grow) <= wobble**2
     lung &= ((u - 0.12 * ax) / (0.3 * ax)) ** 2 + ((v + 0.35 * ay) / (0.4 * ay)) ** 2 > 1
     lung &= body < 0.7  # keep a chest wall between lung and outside air
     # Vessels: peaks of a smooth 3D random field are tubes running through the slices.
-    vessels = 1 / (1 + np.exp(-(_smooth_noise(rng, shape, (1.5, 1.5, 1.0)) - 1.6) / 0.1))
-    parenchyma = -850.0 + 15 * _smooth_noise(rng, shape, (1.5, 1.5, 0.5)) + 800 * vessels
+    vessels = 1 / (1 + np.exp(-(smooth_noise(rng, shape, (1.5, 1.5, 1.0)) - 1.6) / 0.1))
+    parenchyma = -850.0 + 15 * smooth_noise(rng, shape, (1.5, 1.5, 0.5)) + 800 * vessels
     return CtAnatomy(np.where(lung, parenchyma, img), lung, lungs, u, v)
 
 
@@ -229,13 +230,13 @@ def _ct(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarr
     nz = shape[2]
     a = ct_anatomy(rng, shape)
     label = np.zeros(shape, dtype=bool)
-    texture = 1 + 0.3 * _smooth_noise(rng, shape, (2.0, 2.0, 1.0))
+    texture = 1 + 0.3 * smooth_noise(rng, shape, (2.0, 2.0, 1.0))
     for centre, half in _lesion_slabs(rng, nz, int(rng.integers(1, 4))):
         cx, cy, rx, ry = a.lungs[int(rng.integers(2))]
         rx, ry = 0.8 * rx, 0.8 * ry  # smallest lung extent, so the core stays inside the lung
         cx, cy = cx + rng.uniform(-0.4, 0.4) * rx, cy + rng.uniform(-0.4, 0.4) * ry
         ru, rv = rng.uniform(0.3, 0.6) * rx, rng.uniform(0.2, 0.4) * ry
-        paint_opacity(a, label, texture, cx, cy, ru, rv, _taper(nz, centre, half), 270.0)  # -850 -> ~-580 HU
+        paint_opacity(a, label, texture, cx, cy, ru, rv, taper(nz, centre, half), 270.0)  # -850 -> ~-580 HU
     return a.image, label.astype(np.uint8)
 
 
