@@ -1,12 +1,13 @@
 """Hybrid cohort: synthetic lesions with known masks inserted into real scans (docs/cohorts.md).
 
-Each inserted lesion is an ellipsoid-like 3D blob with a smooth irregular border, spanning a few consecutive
-slices (qunet.cohorts.plan_spans), placed inside the organ of the scan's own lesion (regions of tissue as bright as
-the tissue around it, e.g. the brain or the lungs; the body, voxels above the air level, for a scan without
-a lesion) where the tissue under it is homogeneous, away from any other lesion. Inside it the smooth anatomy is replaced by the local tissue level
-plus a contrast step of 30-100 % of the contrast of the scan's own lesion against its surroundings
-(hyper- or hypo-intense, at least 3 local noise std), keeping the scan's own fine-scale noise, with a soft edge. Voxels outside the inserted masks keep their values; the hybrid's mask
-is the scan's own mask OR the inserted ones. Arrays follow qunet.io's convention: (X, Y, Z), slice k is [:, :, k].
+Each inserted lesion is an ellipsoid-like 3D blob with a smooth irregular border over a few consecutive slices
+(qunet.cohorts.plan_spans). It goes into the organ of the scan's own lesion (regions of tissue as bright as the
+tissue around that lesion, e.g. the brain or the lungs; for a scan without a lesion, the body: voxels above the
+air level), where the tissue under it is homogeneous, away from any other lesion. Inside it the smooth anatomy
+is replaced by the local tissue level plus a step of 30-100 % of the own lesion's contrast against its
+surroundings (hyper- or hypo-intense, at least 3 local noise std); the scan's own fine-scale noise stays, and
+the edge is soft. Voxels outside the inserted masks keep their values; the hybrid's mask is the scan's own mask
+OR the inserted ones. Arrays follow qunet.io's convention: (X, Y, Z), slice k is [:, :, k].
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ from qunet.synthetic import smooth_noise
 
 AIR = 0.1  # body = brighter than this fraction of the scan's robust range (0.5th-99.5th percentile)
 RADIUS_MM = (2.5, 10.0)  # in-plane radius at the widest slice, drawn log-uniformly
+MIN_RADIUS_PX = 2.0
 MARGIN_PX = 3  # ring around a lesion: kept in the body, clear of other lesions, and where the tissue is measured
 EDGE_PX = 1.5  # soft edge, inside the mask
 STEP = (0.3, 1.0)  # contrast step as a fraction of the scan's own lesion's contrast against its surroundings
 REFERENCE_OF_RANGE = 0.2  # that contrast, as a fraction of the robust range, for a scan without a lesion
 MIN_CNR = 3.0  # the step is at least this many local noise std
-ORGAN_SHARE = 0.25  # a region of organ-like tissue this large against the lesion's own region counts as organ
+ORGAN_SHARE = 0.25  # organ: regions this large against the own lesion's region; slices with this much of the most
 HOMOGENEOUS = 0.15  # max 5-95th percentile spread of the smoothed tissue under a lesion, as a fraction of the range
 INSERTED = (1, 3)  # inserted lesions per hybrid, inclusive
 SUFFIX_OUT = {".nhdr": ".nrrd", ".mhd": ".mha"}  # single-file formats for the copies
@@ -46,49 +48,40 @@ class Hybrid:
     lesions: int  # inserted lesions
 
 
+@dataclass
+class _Scan:
+    """What placing and shading a lesion needs to know about a scan."""
+    work: np.ndarray  # float32 copy of the image
+    smooth: np.ndarray  # in-plane smoothed: the anatomy without the fine noise
+    organ: np.ndarray  # bool: where lesions may go
+    tissue: tuple[float, float]  # smoothed level a lesion's tissue must have
+    reference: float  # contrast of a typical lesion in this scan
+    lo: float  # robust intensity range
+    hi: float
+
+
 def insert_lesions(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float], seed: int) -> Hybrid:
     """A copy of `image` (X, Y, Z) with 1-3 synthetic lesions, deterministic in `seed`; `mask` is its own label."""
     rng = np.random.default_rng(seed)
-    work = image.astype(np.float32)
-    lo, hi = stack_range(work)
-    smooth = ndimage.gaussian_filter(work, (1.5, 1.5, 0))  # anatomy without the fine noise, slice by slice
     own = mask > 0
-    body = np.stack([_fill_holes(work[:, :, k] > lo + AIR * (hi - lo)) for k in range(work.shape[2])], axis=2)
-    ring = _grow(own, 2 * MARGIN_PX) & ~_grow(own, MARGIN_PX) & body
-    if ring.any():  # lesions go into the organ around the scan's own lesion, with a contrast like its own
-        tissue = tuple(np.percentile(smooth[ring], (10, 90)))
-        reference = abs(float(np.median(work[own]) - np.median(work[ring])))
-        body = _organ(smooth, body, ring, tissue)
-    else:
-        tissue, reference = (lo, hi), REFERENCE_OF_RANGE * (hi - lo)
-    out, inserted, count = work.copy(), np.zeros(work.shape, bool), 0
-    spans = plan_spans(rng, work.shape[2], int(rng.integers(INSERTED[0], INSERTED[1] + 1)),
-                       own.any(axis=(0, 1)), body.any(axis=(0, 1)), min_new=2)
+    scan = _survey(image, own)
+    inserted, count = np.zeros(image.shape, bool), 0
+    out = scan.work.copy()
+    area = scan.organ.sum(axis=(0, 1))
+    spans = plan_spans(rng, image.shape[2], int(rng.integers(INSERTED[0], INSERTED[1] + 1)),
+                       own.any(axis=(0, 1)), area >= ORGAN_SHARE * area.max(), min_new=2)
     for start, length in spans:
-        radius = max(2.0, _log_uniform(rng, *RADIUS_MM) / float(np.mean(spacing[:2])))
-        free = body & ~_near(own | inserted)
-        for _ in range(3):  # smaller when it fits nowhere
-            blob = _blob(rng, min(radius, min(work.shape[:2]) / 8), length)
-            spot = _place(rng, blob, start, free, smooth, tissue, hi - lo)
+        radius = min(_log_uniform(rng, *RADIUS_MM) / float(np.mean(spacing[:2])), min(image.shape[:2]) / 8)
+        free = scan.organ & ~_near(own | inserted)
+        for _ in range(4):  # smaller when it fits nowhere
+            blob = _blob(rng, max(radius, MIN_RADIUS_PX), length)
+            spot = _place(rng, blob, start, free, scan)
             if spot is not None:
+                _shade(rng, out, blob, spot, start, scan)
+                inserted[_box(blob, spot, start)] |= blob > 0
+                count += 1
                 break
             radius *= 0.7
-        else:
-            continue
-        half = blob.shape[0] // 2
-        box = (slice(spot[0] - half, spot[0] + half + 1), slice(spot[1] - half, spot[1] + half + 1),
-               slice(start, start + length))
-        inside = blob > 0
-        around = _grow(inside, MARGIN_PX) & ~inside
-        level = float(np.median(smooth[box][around]))
-        step = max(rng.uniform(*STEP) * reference, MIN_CNR * _noise_std(work[box], around | inside))
-        step *= rng.choice([-1.0, 1.0])
-        if not lo <= level + step <= hi:  # out of the scan's range it would look saturated: go the other way
-            step = -step
-        heterogeneity = smooth_noise(rng, blob.shape, (half / 3, half / 3, 0.7))
-        out[box] += blob * (level + step * (1 + 0.1 * heterogeneity) - smooth[box])
-        inserted[box] |= inside
-        count += 1
     result = image.copy()
     values = out[inserted]
     if np.issubdtype(image.dtype, np.integer):
@@ -96,6 +89,42 @@ def insert_lesions(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]
         values = np.clip(np.round(values), info.min, info.max)
     result[inserted] = values.astype(image.dtype)
     return Hybrid(result, (own | inserted).astype(np.uint8), inserted, count)
+
+
+def _survey(image: np.ndarray, own: np.ndarray) -> _Scan:
+    work = image.astype(np.float32)
+    lo, hi = stack_range(work)
+    smooth = ndimage.gaussian_filter(work, (1.5, 1.5, 0))
+    body = np.stack([_fill_holes(work[:, :, k] > lo + AIR * (hi - lo)) for k in range(work.shape[2])], axis=2)
+    ring = _grow(own, 2 * MARGIN_PX) & ~_grow(own, MARGIN_PX) & body
+    if not ring.any():
+        return _Scan(work, smooth, body, (lo, hi), REFERENCE_OF_RANGE * (hi - lo), lo, hi)
+    # lesions go into the organ around the scan's own lesion, with a contrast like its own
+    tissue = tuple(float(t) for t in np.percentile(smooth[ring], (10, 90)))
+    reference = abs(float(np.median(work[own]) - np.median(work[ring])))
+    return _Scan(work, smooth, _organ(smooth, body, ring, tissue), tissue, reference, lo, hi)
+
+
+def _box(blob: np.ndarray, spot: tuple[int, int], start: int) -> tuple[slice, slice, slice]:
+    half = blob.shape[0] // 2
+    return (slice(spot[0] - half, spot[0] + half + 1), slice(spot[1] - half, spot[1] + half + 1),
+            slice(start, start + blob.shape[2]))
+
+
+def _shade(rng: np.random.Generator, out: np.ndarray, blob: np.ndarray, spot: tuple[int, int], start: int,
+           scan: _Scan) -> None:
+    """Blend the lesion into `out`: its smooth anatomy replaced by the local level plus a contrast step."""
+    box = _box(blob, spot, start)
+    inside = blob > 0
+    around = _grow(inside, MARGIN_PX) & ~inside
+    level = float(np.median(scan.smooth[box][around]))
+    step = max(rng.uniform(*STEP) * scan.reference, MIN_CNR * _noise_std(scan.work[box], around | inside))
+    step *= rng.choice([-1.0, 1.0])
+    if not scan.lo <= level + step <= scan.hi:  # out of the scan's range it would look saturated: other way
+        step = -step
+    half = blob.shape[0] // 2
+    heterogeneity = smooth_noise(rng, blob.shape, (half / 3, half / 3, 0.7))
+    out[box] += blob * (level + step * (1 + 0.1 * heterogeneity) - scan.smooth[box])
 
 
 def _grow(mask: np.ndarray, px: int) -> np.ndarray:
@@ -147,24 +176,24 @@ def _blob(rng: np.random.Generator, radius: float, length: int) -> np.ndarray:
     return np.clip((border - r) * radius * size / EDGE_PX, 0, 1).astype(np.float32)
 
 
-def _place(rng: np.random.Generator, blob: np.ndarray, start: int, free: np.ndarray, smooth: np.ndarray,
-           tissue: tuple[float, float], span: float, tries: int = 40) -> tuple[int, int] | None:
-    """Centre pixel where the blob and its ring lie in `free` in all its slices over homogeneous tissue whose
-    level is within `tissue`; None if none of `tries` random candidates qualifies."""
+def _place(rng: np.random.Generator, blob: np.ndarray, start: int, free: np.ndarray, scan: _Scan,
+           tries: int = 40) -> tuple[int, int] | None:
+    """Centre pixel where the blob and its ring lie in `free` in all its slices, over homogeneous tissue at the
+    scan's tissue level; None if none of `tries` random candidates qualifies."""
     half, length = blob.shape[0] // 2, blob.shape[2]
     foot = _grow(blob > 0, MARGIN_PX).any(axis=2)
     foot = (foot | foot[::-1, ::-1]).astype(np.uint8)  # symmetric, so erosion needs no reflection
     room = free[:, :, start:start + length].all(axis=2).astype(np.uint8)
     ok = cv2.erode(room, foot, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
-    centre = smooth[:, :, start + length // 2]
-    ok &= (centre >= tissue[0]) & (centre <= tissue[1])
+    centre = scan.smooth[:, :, start + length // 2]
+    ok &= (centre >= scan.tissue[0]) & (centre <= scan.tissue[1])
     ok[:half], ok[-half:], ok[:, :half], ok[:, -half:] = False, False, False, False
     candidates = np.argwhere(ok)
     for k in rng.permutation(len(candidates))[:tries]:
         i, j = candidates[k]
-        under = smooth[i - half:i + half + 1, j - half:j + half + 1, start:start + length][blob > 0]
+        under = scan.smooth[_box(blob, (i, j), start)][blob > 0]
         p5, p50, p95 = np.percentile(under, (5, 50, 95))
-        if p95 - p5 <= HOMOGENEOUS * span and tissue[0] <= p50 <= tissue[1]:
+        if p95 - p5 <= HOMOGENEOUS * (scan.hi - scan.lo) and scan.tissue[0] <= p50 <= scan.tissue[1]:
             return int(i), int(j)
     return None
 
