@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from qunet.synthetic import (KINDS, SyntheticStack, smooth_noise, taper, check_request, ct_anatomy, finish,
-                             oct_anatomy, paint_cyst, paint_opacity, speckle, write_dataset)
+from qunet.synthetic import (KINDS, SyntheticStack, check_request, ct_anatomy, finish, oct_anatomy, paint_cyst,
+                             paint_opacity, smooth_noise, speckle, taper, write_dataset)
 
 COHORTS = ("default", "prevalence", "hybrid")
 PREVALENCE = (0.05, 0.30)  # fraction of a stack's slices that hold a lesion
@@ -67,12 +67,12 @@ def _runs(present: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-def _profile(rng: np.random.Generator, nz: int, start: int, length: int) -> np.ndarray:
+def blob_profile(rng: np.random.Generator, nz: int, start: int, length: int) -> np.ndarray:
     """Per-slice size factor of a 3D blob: ellipsoid-like taper over its slices with a +-20 % jitter."""
     return taper(nz, start + (length - 1) / 2, length / 2) * rng.uniform(0.8, 1.2, nz)
 
 
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(max(high, low)))))
 
 
@@ -110,14 +110,14 @@ def _oct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
     for start, length in spans:
         # Radii in px: 1.5-2 px (a few pixels across) up to the default generator's largest; depth radius
         # >= 2 px keeps the nearest row to the centre inside even at the 0.28 smallest size factor.
-        rx_px, rd_px = _log_uniform(rng, 1.5, 0.1 * nx), _log_uniform(rng, 2.0, 0.18 * a.thick)
+        rx_px, rd_px = log_uniform(rng, 1.5, 0.1 * nx), log_uniform(rng, 2.0, 0.18 * a.thick)
         for _ in range(30):
             column, d0 = int(rng.integers(round(0.2 * nx), round(0.8 * nx))), rng.uniform(0.4, 0.6)
             if placed.clear(start, length, column, d0 * a.thick, max(rx_px, rd_px)):
                 break
         placed.add(start, length, column, d0 * a.thick, max(rx_px, rd_px))
         paint_cyst(a, label, float(a.x[column, 0, 0]), d0, rx_px * 2 / (nx - 1), rd_px / a.thick,
-                   _profile(rng, nz, start, length), rng.uniform(0.3, 0.85))  # some cysts faint
+                   blob_profile(rng, nz, start, length), rng.uniform(0.3, 0.85))  # some cysts faint
     return speckle(rng, a.clean), label.astype(np.uint8)
 
 
@@ -129,7 +129,7 @@ def _ct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
     texture = 1 + 0.3 * smooth_noise(rng, shape, (2.0, 2.0, 1.0))
     lung_px = min(a.lungs[0][2] * (nx - 1), a.lungs[0][3] * (ny - 1)) / 2  # smaller lung radius in px
     for start, length in spans:
-        ru_px, rv_px = _log_uniform(rng, 1.5, 0.5 * lung_px), _log_uniform(rng, 1.5, 0.5 * lung_px)
+        ru_px, rv_px = log_uniform(rng, 1.5, 0.5 * lung_px), log_uniform(rng, 1.5, 0.5 * lung_px)
         reach = 1.2 * 1.18 * max(ru_px, rv_px)  # labelled out to profile 0.5, size factor up to 1.2
         lung_run = a.lung[:, :, start:start + length].all(axis=2)
         inside = ndimage.binary_erosion(lung_run)
@@ -142,7 +142,7 @@ def _ct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
                 break
         placed.add(start, length, i, j, reach)
         paint_opacity(a, label, texture, float(a.u[i, 0, 0]), float(a.v[0, j, 0]), ru_px * 2 / (nx - 1),
-                      rv_px * 2 / (ny - 1), _profile(rng, nz, start, length), _log_uniform(rng, 80.0, 500.0))
+                      rv_px * 2 / (ny - 1), blob_profile(rng, nz, start, length), log_uniform(rng, 80.0, 500.0))
     return a.image, label.astype(np.uint8)
 
 
@@ -170,16 +170,14 @@ def write_cohort(out_dir: str | Path, cohort: str = "default", kinds: Sequence[s
     if stacks and cohort != "hybrid":
         raise ValueError("--stacks selects source stacks of --cohort hybrid")
     if cohort == "hybrid":
-        from qunet.hybrid import write_hybrids
+        from qunet.hybrid import write_hybrids  # qunet.hybrid imports this module
 
         written, summary = write_hybrids(source, out_dir, count, seed, stacks)
     else:
-        make = prevalence_stack if cohort == "prevalence" else None
-        written = (write_dataset(out_dir, kinds, count, seed, shape, make, "-p") if make
-                   else write_dataset(out_dir, kinds, count, seed, shape))
-        summary = [summarize(p.name, _read_mask(p.parent / "ground-truth" / p.name)) for p in written]
+        if cohort == "prevalence":
+            written = write_dataset(out_dir, kinds, count, seed, shape, prevalence_stack, "-p")
+        else:
+            written = write_dataset(out_dir, kinds, count, seed, shape)
+        summary = [summarize(p.name, np.asarray(nib.load(p.parent / "ground-truth" / p.name).dataobj))
+                   for p in written]
     return {"cohort": cohort, "written": [str(p) for p in written], "summary": summary}
-
-
-def _read_mask(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj)

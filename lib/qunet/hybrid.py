@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qunet.cohorts import _log_uniform, _profile, plan_spans, summarize
+from qunet.cohorts import blob_profile, log_uniform, plan_spans, summarize
 from qunet.io import IMAGE_SUFFIXES, stack_id
 from qunet.quality import _fill_holes, stack_range
 from qunet.synthetic import smooth_noise
@@ -71,15 +71,16 @@ def insert_lesions(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]
     spans = plan_spans(rng, image.shape[2], int(rng.integers(INSERTED[0], INSERTED[1] + 1)),
                        own.any(axis=(0, 1)), area >= ORGAN_SHARE * area.max(), min_new=2)
     for start, length in spans:
-        radius = min(_log_uniform(rng, *RADIUS_MM) / float(np.mean(spacing[:2])), min(image.shape[:2]) / 8)
+        radius = min(log_uniform(rng, *RADIUS_MM) / float(np.mean(spacing[:2])), min(image.shape[:2]) / 8)
         free = scan.organ & ~_near(own | inserted)
-        for _ in range(4):  # smaller when it fits nowhere
+        while True:  # smaller when it fits nowhere, down to MIN_RADIUS_PX
             blob = _blob(rng, max(radius, MIN_RADIUS_PX), length)
             spot = _place(rng, blob, start, free, scan)
             if spot is not None:
                 _shade(rng, out, blob, spot, start, scan)
                 inserted[_box(blob, spot, start)] |= blob > 0
                 count += 1
+            if spot is not None or radius <= MIN_RADIUS_PX:
                 break
             radius *= 0.7
     result = image.copy()
@@ -170,7 +171,7 @@ def _blob(rng: np.random.Generator, radius: float, length: int) -> np.ndarray:
     theta, aspect = rng.uniform(0, np.pi), rng.uniform(0.6, 1.0)
     du, dv = d[:, None, None], d[None, :, None]
     a, b = du * np.cos(theta) + dv * np.sin(theta), (dv * np.cos(theta) - du * np.sin(theta)) / aspect
-    size = _profile(rng, length, 0, length)
+    size = blob_profile(rng, length, 0, length)
     r = np.sqrt(a**2 + b**2) / (radius * size)
     border = 1 + 0.15 * np.clip(smooth_noise(rng, r.shape, (radius / 2, radius / 2, 0.7)), -2, 2)
     return np.clip((border - r) * radius * size / EDGE_PX, 0, 1).astype(np.float32)
