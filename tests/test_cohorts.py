@@ -181,3 +181,17 @@ def test_generate_cli_writes_cohorts(tmp_path, capsys):
                                                                       "--stacks", "nonesuch"]):
         code, err = run_generate(capsys, str(tmp_path / "x"), *args)
         assert code == 2 and err.startswith("error: "), args
+
+
+def test_hybrid_of_a_scan_without_a_lesion_and_a_mask_off_the_grid(breast, tmp_path):
+    image, array, own, _ = breast
+    h = insert_lesions(array, np.zeros_like(own), image.GetSpacing(), 3)
+    assert h.lesions >= 1 and np.array_equal(h.mask, h.inserted.astype(np.uint8))
+    assert np.array_equal(h.image[~h.inserted], array[~h.inserted])
+    (tmp_path / "ground-truth").mkdir()
+    shutil.copy(SAMPLES / "breast1.nrrd", tmp_path)
+    shifted = sitk.ReadImage(str(TRUTH / "breast1.nrrd"))
+    shifted.SetOrigin([o + 5 for o in shifted.GetOrigin()])
+    sitk.WriteImage(shifted, str(tmp_path / "ground-truth" / "breast1.nrrd"))
+    with pytest.raises(ValueError, match="not on the image's grid"):
+        write_hybrids(tmp_path, tmp_path / "out", 1, 0)
