@@ -25,10 +25,10 @@ def cmd_quality(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from qunet.synthetic import write_dataset
+    from qunet.cohorts import write_cohort
 
-    paths = write_dataset(args.out, args.kinds, args.count, args.seed, tuple(args.shape))
-    return {"written": [str(p) for p in paths]}
+    return write_cohort(args.out, args.cohort, args.kinds, args.count, args.seed, tuple(args.shape), args.source,
+                        args.stacks)
 
 
 def cmd_upload(args: argparse.Namespace) -> dict:
@@ -69,12 +69,22 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--blur-percentile", type=float, default=d.blur_percentile, help="default: the stack's mean")
     q.add_argument("--psnr-percentile", type=float, default=d.psnr_percentile, help="default: the stack's mean")
     q.set_defaults(run=cmd_quality)
-    g = sub.add_parser("generate", help="write synthetic OCT-like and CT-like stacks with lesion masks (NIfTI)")
-    g.add_argument("out", help="folder; labels go to OUT/ground-truth/")
-    g.add_argument("--kinds", nargs="+", default=["oct", "ct"], choices=["oct", "ct"])
-    g.add_argument("--count", type=int, default=2, help="stacks per kind")
+    g = sub.add_parser("generate", help="write a cohort of stacks with lesion masks: synthetic OCT-like and CT-like "
+                       "(NIfTI), or real scans with inserted lesions (docs/cohorts.md)")
+    g.add_argument("out", help="folder; masks go to OUT/ground-truth/ with the same file names")
+    g.add_argument("--cohort", default="default", choices=["default", "prevalence", "hybrid"],
+                   help="default: lesions in one slab of 35-55%% of the slices; prevalence: 2-4 lesions of varied size "
+                   "and contrast in 5-30%% of the slices; hybrid: lesions inserted into the scans of --from")
+    g.add_argument("--kinds", nargs="+", default=["oct", "ct"], choices=["oct", "ct"], help="synthetic cohorts only")
+    g.add_argument("--count", type=int, default=2,
+                   help="stacks per kind (default, prevalence), or variants per source stack (hybrid)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--shape", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"))
+    g.add_argument("--shape", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"),
+                   help="synthetic cohorts only; hybrids keep their source's shape")
+    g.add_argument("--from", dest="source", metavar="DIR",
+                   help="hybrid: folder of scans (NIfTI, NRRD, MetaImage) with same-named masks in DIR/ground-truth/")
+    g.add_argument("--stacks", nargs="+", metavar="NAME",
+                   help="hybrid: only these stacks of DIR, by name without suffix (e.g. brain1 breast1 lung1)")
     g.set_defaults(run=cmd_generate)
     u = sub.add_parser("upload", help="send stacks to a DICOMweb server as DICOM series (STOW-RS)")
     u.add_argument("url", help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
