@@ -30,7 +30,7 @@ def test_conf_parsing_and_errors():
     assert conf.q0 == 0.3 and conf.features == (4, 4, 8, 8, 16, 4) and conf.patch_size == 64
     assert conf.label_map() == {"cyst": 1, "ggo": 2}
     assert conf.blur_percentile == 40 and conf.psnr_percentile is None
-    assert AppConf.from_conf({}).features == (16, 32, 64, 128, 256, 16)
+    assert AppConf.from_conf({}).features == (8, 16, 32, 64, 128, 8)
     for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"patch_size": "100"}, "multiple of 16"),
                          ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy")):
         with pytest.raises(ValueError, match=message):

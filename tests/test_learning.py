@@ -49,6 +49,15 @@ def test_patches_hold_lesion_in_the_foreground_share_across_the_batch():
     assert np.mean([float(none.patch()["label"].sum() > 0) for _ in range(400)]) < 0.2
 
 
+def test_lesion_patches_are_shared_out_between_stacks():
+    """A tumour annotated on six slices of one stack and a nodule on one slice of another get as many patches."""
+    tumour = [TrainingSlice(s.image, s.target, s.background, "mri", k) for k, s in enumerate(_slices(8, set(range(6))))]
+    nodule = [TrainingSlice(s.image, s.target * 2, s.background, "ct", k) for k, s in enumerate(_slices(8, {3}))]
+    sampler = PatchSampler(tumour + nodule, 16, foreground=1.0, seed=0)
+    hits = [sampler.patch()["label"].max().item() for _ in range(300)]
+    assert 0.4 < np.mean([h == 2 for h in hits]) < 0.6  # the nodule's label value is 2 here
+
+
 def test_slices_smaller_than_a_patch_are_padded_with_background():
     sampler = PatchSampler(_slices(2, {0}, size=(10, 12)), 16, foreground=1.0, seed=1)
     p = sampler.patch()

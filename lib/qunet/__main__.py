@@ -1,4 +1,4 @@
-"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,bench} ...` (see README and docs/)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,bench} ...` (see README and docs/)."""
 
 import argparse
 import json
@@ -55,6 +55,12 @@ def cmd_curve(args: argparse.Namespace) -> None:
     curve.main(args)
 
 
+def cmd_rounds(args: argparse.Namespace) -> None:
+    from qunet.experiments import activelearning
+
+    activelearning.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     d = QualityConfig()
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
@@ -102,6 +108,11 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curve", help="learning curve: Dice on unseen slices against the number of annotated slices")
     curve_arguments(c)
     c.set_defaults(run=cmd_curve)
+    from qunet.experiments.activelearning import add_arguments as rounds_arguments
+
+    r = sub.add_parser("rounds", help="multi-round active-learning benchmark of the app's loop against baselines")
+    rounds_arguments(r)
+    r.set_defaults(run=cmd_rounds)
     b = sub.add_parser("bench", help="measure scoring, quality-metric and Next sample speed and scoring memory (docs/)")
     bench_arguments(b)
     b.set_defaults(run=cmd_bench)

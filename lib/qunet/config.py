@@ -5,9 +5,9 @@ The app's `--conf` keys, the CLI flags and the experiment read their defaults fr
 
 from dataclasses import dataclass
 
-# U-net++ widths as MONAI's BasicUNetPlusPlus takes them: five encoder levels, then the last decoder. Half the
-# paper's widths: a quarter of its cost per pixel, so training and scoring fit a CPU (see docs/learning-curve.md).
-DEFAULT_FEATURES: tuple[int, ...] = (16, 32, 64, 128, 256, 16)
+# U-net++ widths as MONAI's BasicUNetPlusPlus takes them: five encoder levels, then the last decoder. A quarter of
+# the paper's widths (a sixteenth of its cost per pixel), so training and scoring fit a CPU (docs/learning.md).
+DEFAULT_FEATURES: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
 PAPER_FEATURES: tuple[int, ...] = (32, 64, 128, 256, 512, 32)
 
 
@@ -35,16 +35,16 @@ class TrainConfig:
 
     max_epochs: int = 10
     steps_per_epoch: int = 50  # an epoch is a fixed number of updates, whatever the number of annotated slices
-    batch_size: int = 16
+    batch_size: int = 8
     learning_rate: float = 3e-3  # AdamW, decayed to 0 by the poly schedule (1 - step / steps) ** 0.9
     weight_decay: float = 3e-5
-    foreground: float = 0.5  # share of patches centred on a lesion pixel (when any annotated slice holds lesion)
+    foreground: float = 0.66  # share of patches centred on a lesion pixel (when any annotated slice holds lesion)
     augment: bool = True  # rotation, scaling, flips, intensity noise and gamma
 
 
 # On a GPU: the paper's widths, larger patches and batches, more updates (python -m qunet curve --preset gpu).
 GPU_MODEL = ModelConfig(features=PAPER_FEATURES, patch_size=192)
-GPU_TRAIN = TrainConfig(max_epochs=40, batch_size=32)
+GPU_TRAIN = TrainConfig(max_epochs=40, batch_size=24)
 
 
 @dataclass(frozen=True)

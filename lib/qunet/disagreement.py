@@ -52,35 +52,48 @@ def normalised_chunks(volume: np.ndarray, slices: list[int], device: torch.devic
         yield chunk, x.to(device), intensity.background
 
 
-@torch.inference_mode()
-def disagreement_scores(
-    network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """Q per slice of a (X, Y, Z) stack from one pass over levels 3 and 4; NaN where not scored."""
+def _levels_3_and_4(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None,
+                    device: torch.device | None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(slice indices, level-3 logits, level-4 logits) a chunk at a time; all slices by default."""
     device = device or next(network.parameters()).device
-    q = np.full(volume.shape[2], np.nan)
     todo = list(range(volume.shape[2])) if slices is None else list(slices)
     for chunk, x, background in normalised_chunks(volume, todo, device):
-        l3, l4 = heads(network, x, patch_size, background, (2, 3))
+        l3, l4 = heads(network, x, patch_size, background, (2, -1))
+        yield chunk, l3, l4
+
+
+def _labels(l4: torch.Tensor) -> np.ndarray:
+    """(n, C, X, Y) logits -> (X, Y, n) uint8: label c+1 where channel c wins above 0.5."""
+    best, index = l4.max(dim=1)
+    return np.moveaxis(torch.where(best > 0, index + 1, 0).to(torch.uint8).cpu().numpy(), 0, 2)
+
+
+@torch.inference_mode()
+def disagreement_scores(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
+                        device: torch.device | None = None) -> np.ndarray:
+    """Q per slice of a (X, Y, Z) stack from one pass over levels 3 and 4; NaN where not scored."""
+    q = np.full(volume.shape[2], np.nan)
+    for chunk, l3, l4 in _levels_3_and_4(network, volume, patch_size, slices, device):
         q[chunk] = jaccard(l3 > 0, l4 > 0).cpu().numpy()  # logit > 0 is sigmoid > 0.5
     return q
 
 
 @torch.inference_mode()
-def segment(
-    network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """Level-4 labels (uint8, (X, Y, n)) of the given slices (default all): label c+1 where channel c wins above 0.5."""
-    device = device or next(network.parameters()).device
-    todo = list(range(volume.shape[2])) if slices is None else list(slices)
-    out = np.zeros((*volume.shape[:2], len(todo)), np.uint8)
-    done = 0
-    for chunk, x, background in normalised_chunks(volume, todo, device):
-        [logits] = heads(network, x, patch_size, background, (-1,))
-        best, index = logits.max(dim=1)
-        label = torch.where(best > 0, index + 1, 0).to(torch.uint8)
-        out[:, :, done : done + len(chunk)] = np.moveaxis(label.cpu().numpy(), 0, 2)
-        done += len(chunk)
-    return out
+def segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
+            device: torch.device | None = None) -> np.ndarray:
+    """Level-4 labels (uint8, (X, Y, n)) of the given slices (default all), in that order."""
+    parts = [_labels(l4) for _, _, l4 in _levels_3_and_4(network, volume, patch_size, slices, device)]
+    return np.concatenate(parts, axis=2) if parts else np.zeros((*volume.shape[:2], 0), np.uint8)
+
+
+@torch.inference_mode()
+def score_and_segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int],
+                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Both from one pass: Q of the given slices (in their order) and their level-4 labels (X, Y, n)."""
+    qs, labels = [], []
+    for _, l3, l4 in _levels_3_and_4(network, volume, patch_size, slices, device):
+        qs.append(jaccard(l3 > 0, l4 > 0).cpu().numpy())
+        labels.append(_labels(l4))
+    if not qs:
+        return np.zeros(0), np.zeros((*volume.shape[:2], 0), np.uint8)
+    return np.concatenate(qs), np.concatenate(labels, axis=2)

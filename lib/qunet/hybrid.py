@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from qunet.cohorts import blob_profile, log_uniform, plan_spans, summarize
 from qunet.io import IMAGE_SUFFIXES, stack_id
-from qunet.quality import _fill_holes, stack_range
+from qunet.quality import fill_holes, stack_range
 from qunet.synthetic import smooth_noise
 
 AIR = 0.1  # body = brighter than this fraction of the scan's robust range (0.5th-99.5th percentile)
@@ -96,7 +96,7 @@ def _survey(image: np.ndarray, own: np.ndarray) -> _Scan:
     work = image.astype(np.float32)
     lo, hi = stack_range(work)
     smooth = ndimage.gaussian_filter(work, (1.5, 1.5, 0))
-    body = np.stack([_fill_holes(work[:, :, k] > lo + AIR * (hi - lo)) for k in range(work.shape[2])], axis=2)
+    body = np.stack([fill_holes(work[:, :, k] > lo + AIR * (hi - lo)) for k in range(work.shape[2])], axis=2)
     ring = _grow(own, 2 * MARGIN_PX) & ~_grow(own, MARGIN_PX) & body
     if not ring.any():
         return _Scan(work, smooth, body, (lo, hi), REFERENCE_OF_RANGE * (hi - lo), lo, hi)
@@ -151,7 +151,7 @@ def _organ(smooth: np.ndarray, body: np.ndarray, ring: np.ndarray, tissue: tuple
         return body
     keep = np.union1d(touched, np.flatnonzero(sizes >= ORGAN_SHARE * sizes[touched].max()))
     organ = np.isin(regions, keep)
-    return np.stack([_fill_holes(organ[:, :, k]) for k in range(organ.shape[2])], axis=2)
+    return np.stack([fill_holes(organ[:, :, k]) for k in range(organ.shape[2])], axis=2)
 
 
 def _near(mask: np.ndarray) -> np.ndarray:

@@ -128,7 +128,7 @@ def _median_filter(unit: np.ndarray, window: int) -> np.ndarray:
     return cv2.medianBlur(u8, window | 1).astype(np.float32) / 255
 
 
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_holes(mask: np.ndarray) -> np.ndarray:
     """scipy's binary_fill_holes with 4-connectivity, for one slice: background not 4-connected to the edge is filled."""
     count, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
     if count <= 1:
@@ -144,7 +144,7 @@ def _one_slice(raw: np.ndarray, lo: float, hi: float, otsu: float | None, roi: n
     """All metrics of one contiguous (X, Y) float32 slice: blurriness, PSNR-inv, CoV, mean, valid."""
     unit = scale_to_unit(raw, lo, hi)
     if roi is None:
-        roi = _fill_holes(unit > otsu)
+        roi = fill_holes(unit > otsu)
     # blurriness: variance of the Laplacian of the slice min-max scaled to [0, 1] (mirror borders, as SciPy's)
     smin, smax = raw.min(), raw.max()
     span = smax - smin

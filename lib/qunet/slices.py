@@ -70,7 +70,8 @@ class TrainingSlice:
     image: np.ndarray
     target: np.ndarray
     background: float  # the normalised stack's lowest value: what pads a slice smaller than a patch
-    name: str = ""
+    stack: str = ""  # the stack it comes from: lesion patches are shared out between stacks
+    index: int = 0  # its slice index in that stack
 
     @property
     def has_foreground(self) -> bool:
@@ -81,23 +82,28 @@ def training_slices(volume: np.ndarray, label: np.ndarray, slices: list[int], nu
     """The annotated slices of one stack, normalised as the whole stack is for inference."""
     intensity = Intensity.of(volume)
     return [TrainingSlice(intensity.apply(volume[None, :, :, k]), label_channels(label[:, :, k], num_labels),
-                          intensity.background, f"{name}:{k}") for k in slices]
+                          intensity.background, name, k) for k in slices]
 
 
 class PatchSampler:
     """Batches of `patch_size` patches from annotated slices, a share `foreground` of them centred on lesion.
 
-    Each patch first picks its slice: with probability `foreground` (when any slice holds lesion) a random
-    lesion slice, cropped around a random lesion pixel (MONAI's RandCropByPosNegLabeld, all positive), else any
-    slice, cropped anywhere (RandSpatialCropd). Drawing the lesion share per batch, not per slice, is what
-    keeps lesions in the batches when 2 of 20 annotated slices hold any. Slices smaller than a patch are padded
-    with the stack's lowest value (background), as sliding-window inference pads them."""
+    Each patch first picks its slice: with probability `foreground` (when any slice holds lesion) a lesion slice,
+    cropped around a random lesion pixel (MONAI's RandCropByPosNegLabeld, all positive), else any slice, cropped
+    anywhere (RandSpatialCropd). Lesion slices are drawn stack by stack (a stack with lesion at random, then one of
+    its lesion slices): a nodule annotated on one slice gets as many patches as a tumour annotated on six. Drawing
+    the lesion share per batch, not per slice, keeps lesions in the batches when 2 of 20 annotated slices hold any.
+    Slices smaller than a patch are padded with the stack's lowest value, as sliding-window inference pads them."""
 
     def __init__(self, slices: list[TrainingSlice], patch_size: int, foreground: float, seed: int) -> None:
         if not slices:
             raise ValueError("no annotated slices to sample patches from")
         self.items = [_padded(s, patch_size) for s in slices]
-        self.lesion = [i for i, s in enumerate(slices) if s.has_foreground]
+        by_stack: dict[str, list[int]] = {}
+        for i, s in enumerate(slices):
+            if s.has_foreground:
+                by_stack.setdefault(s.stack, []).append(i)
+        self.lesion = list(by_stack.values())
         self.foreground = foreground
         self.rng = np.random.default_rng(seed)
         size = (patch_size, patch_size)
@@ -107,9 +113,10 @@ class PatchSampler:
             t.set_random_state(seed=int(self.rng.integers(2**31)))
 
     def patch(self) -> dict[str, torch.Tensor]:
-        lesion = bool(self.lesion) and self.rng.random() < self.foreground
-        i = int(self.rng.choice(self.lesion) if lesion else self.rng.integers(len(self.items)))
-        return self.on_lesion(self.items[i])[0] if lesion else self.anywhere(self.items[i])
+        if self.lesion and self.rng.random() < self.foreground:
+            stack = self.lesion[int(self.rng.integers(len(self.lesion)))]
+            return self.on_lesion(self.items[int(self.rng.choice(stack))])[0]
+        return self.anywhere(self.items[int(self.rng.integers(len(self.items)))])
 
 
 def _padded(s: TrainingSlice, patch_size: int) -> dict[str, torch.Tensor]:

@@ -41,8 +41,8 @@ class Point:
 
 
 def run_point(cases: list[Case], count: int, seed: int, model: ModelConfig, settings: TrainConfig,
-              device: torch.device) -> Point:
-    picks = stratified_draw(cases, count, np.random.default_rng([seed, count]))
+              device: torch.device, per_stack: bool = False) -> Point:
+    picks = stratified_draw(cases, count, np.random.default_rng([seed, count]), per_stack)
     seed_everything(seed)  # same seed, same initial weights at every count
     network = build_network(model.features, 1)
     start = time.perf_counter()
@@ -134,10 +134,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
     p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
     p.add_argument("--counts", type=int, nargs="+", default=[5, 10, 20, 40], help="annotated slices per cohort")
+    p.add_argument("--per-stack", action="store_true", help="counts are per stack (each leaving a slice unseen)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="recipe size: cpu (minutes) or gpu (paper-size)")
+    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), help="override the preset's widths")
+    p.add_argument("--patch-size", type=int)
     p.add_argument("--max-epochs", type=int, help="override the preset's epochs (of steps-per-epoch updates)")
     p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--foreground", type=float, help="share of patches centred on lesion")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
@@ -148,13 +153,15 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, settings = PRESETS[args.preset]
-    settings = replace(settings, **{k: getattr(args, k) for k in ("max_epochs", "steps_per_epoch") if getattr(args, k)})
+    model = replace(model, **{k: getattr(args, k) for k in ("features", "patch_size") if getattr(args, k)})
+    settings = replace(settings, **{k: getattr(args, k) for k in ("max_epochs", "steps_per_epoch", "batch_size", "foreground")
+                                    if getattr(args, k) is not None})
     device = torch.device(args.device) if args.device else default_device()
     cases = load_cases(find_pairs(args.data, include=args.include))
     points = []
     for count in args.counts:
         for seed in range(args.seeds):
-            point = run_point(cases, count, seed, model, settings, device)
+            point = run_point(cases, count, seed, model, settings, device, args.per_stack)
             print(f"{count} slices, seed {seed}: Dice unseen {point.pooled['dice']:.3f}, lesion slices "
                   f"{point.pooled['dice_lesion_slices']:.3f} ({point.train_seconds:.0f} s)", file=sys.stderr, flush=True)
             points.append(point)

@@ -81,11 +81,13 @@ def _spread(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-def stratified_draw(cases: Sequence[Case], total: int, rng: np.random.Generator) -> dict[str, list[int]]:
-    """`total` annotated slices over a cohort: each stack's share in proportion to its depth, and within a stack
-    its lesion slices in proportion (at least one while another lesion slice stays unseen for testing)."""
+def stratified_draw(cases: Sequence[Case], total: int, rng: np.random.Generator, per_stack: bool = False) -> dict[str, list[int]]:
+    """`total` annotated slices over a cohort (`per_stack`: in every stack, leaving one unseen), each stack's share
+    in proportion to its depth, and within a stack its lesion slices in proportion (at least one while another
+    lesion slice stays unseen for testing)."""
     picks = {}
-    for case, n in zip(cases, _spread(total, [c.depth for c in cases])):
+    shares = [min(total, c.depth - 1) for c in cases] if per_stack else _spread(total, [c.depth for c in cases])
+    for case, n in zip(cases, shares):
         lesion = case.lesion_slices
         other = [k for k in range(case.depth) if k not in set(lesion)]
         n = min(n, case.depth)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Reruns the learning curves whose results are in docs/learning-curve/ (the app's CPU recipe; about 5 minutes per
+# point on 2 cores: hours in all). On a GPU: bash benchmarks/run_curves.sh --preset gpu (the paper-size setting).
+# Usage: bash benchmarks/run_curves.sh [extra curve flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+run() {
+    local name=$1; shift
+    echo "== $name" >&2
+    "$PY" -m qunet curve --data sample-data --out "docs/learning-curve/$name" "$@"
+}
+run oct --include 'oct*' --counts 5 10 20 40 --seeds 3 --title "Synthetic OCT-like stacks (sample-data oct1, oct2)" "${@}"
+run ct --include 'ct*' --counts 5 10 20 40 --seeds 3 --title "Synthetic CT-like stacks (sample-data ct1, ct2)" "${@}"
+run real --include 'lung1*' 'brain1*' 'breast1*' --counts 5 10 20 40 --seeds 3 \
+    --title "Real scans (sample-data lung1 CT, brain1 MRI, breast1 MRI)" "${@}"
+run real-per-stack --include 'lung1*' 'brain1*' 'breast1*' --counts 20 --per-stack --seeds 3 \
+    --title "Real scans, 20 annotated slices in every stack" "${@}"

@@ -1,0 +1,253 @@
+"""Multi-round active-learning benchmark of the app's own loop (`python -m qunet rounds`).
+
+    python -m qunet rounds --data FOLDER [--include GLOB...] --rounds 4 --per-round 12 --seeds 5 --out DIR
+
+R rounds of what the app does, on stacks with full labels: pick slices, the simulated annotator draws their ground
+truth, train (round 1 from the seed's initial weights, later rounds continuing from the previous round's, as the
+app's trainer does), re-score, and measure voxel Dice on every slice not annotated yet. Every method annotates the
+same number of slices each round (equal cost) and starts from the same weights for a seed:
+
+- `default`, `paper`: the app's Next sample policy (qunet.policy.choose, the very code the app's strategy calls)
+  with its default variant and with QU-net++ as published; asked repeatedly, as annotators would, until the
+  round's slices are reached (slices it serves are held, so it moves on); when it has nothing more to offer
+  (no slice below q0) the rest of the round is random, and counted (`filled`);
+- `random`: slices drawn at random from the whole cohort;
+- `interval`: fixed-interval slices: each stack's share in proportion to its depth, each new slice the one
+  farthest along the slice axis from those annotated in its stack;
+- `mcdropout`: MONAI Label-style epistemic active learning (a dropout network, 5 stochastic passes, mean entropy
+  of the level-4 output), the most uncertain slices; its first round is random (MONAI Label's cold start);
+- `lesion-random` (reference only, it reads the ground truth): random, one pick in three forced onto a lesion slice.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
+from qunet.disagreement import score_and_segment
+from qunet.experiments.al_report import report
+from qunet.experiments.data import Case, find_pairs, load_cases, training_set
+from qunet.experiments.uncertainty import mc_dropout_scores
+from qunet.network import build_network, default_device, prepare
+from qunet import policy
+from qunet.policy import LoopState, VolumeState
+from qunet.quality import slice_quality
+from qunet.selection import select_initial
+from qunet.training import seed_everything, train
+
+METHODS = ("default", "paper", "random", "interval", "mcdropout", "lesion-random")
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    rounds: int = 4
+    per_round: int = 12  # slices annotated each round, by every method
+    seeds: int = 5
+    methods: tuple[str, ...] = METHODS
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_epochs=4))  # one round's training
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    mc_passes: int = 5
+    mc_dropout: float = 0.2
+
+
+@dataclass
+class RoundResult:
+    method: str
+    seed: int
+    round: int
+    annotated: int  # slices annotated so far, cohort-wide
+    lesion_annotated: int  # of those, slices holding lesion
+    filled: int  # slices of this round the method could not choose itself (random instead)
+    dice: float  # voxel Dice on every slice not annotated yet, pooled over the cohort
+    dice_lesion_slices: float
+    seconds: float
+    picked: list[tuple[str, int]] = field(default_factory=list)  # this round's slices, in the order chosen
+
+
+@dataclass
+class LoopRun:
+    """One method's loop for one seed: what is annotated, the model, and its latest scores."""
+
+    cases: list[Case]
+    annotated: dict[str, set[int]]
+    q: dict[str, np.ndarray]  # latest Q per slice (NaN where annotated or not scored)
+    network: torch.nn.Module | None = None
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def open_slices(self) -> list[tuple[str, int]]:
+        return [(c.name, k) for c in self.cases for k in range(c.depth) if k not in self.annotated[c.name]]
+
+
+Picker = Callable[[LoopRun, int, np.random.Generator], tuple[list[tuple[str, int]], int]]
+
+
+def _random(run: LoopRun, n: int, rng: np.random.Generator, exclude: set = frozenset()) -> list[tuple[str, int]]:
+    pool = [s for s in run.open_slices() if s not in exclude]
+    return [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)]
+
+
+def pick_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
+    return _random(run, n, rng), 0
+
+
+def pick_interval(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
+    """Fixed-interval slices: stacks in proportion to depth; in each, the slice farthest from its annotated ones."""
+    from qunet.experiments.data import _spread
+
+    chosen = []
+    for case, share in zip(run.cases, _spread(n, [c.depth for c in run.cases])):
+        taken = sorted(run.annotated[case.name])
+        for _ in range(min(share, case.depth - len(taken))):
+            # before any slice: the middle; then the slice farthest from every taken one (lowest index on ties)
+            best = max((k for k in range(case.depth) if k not in taken),
+                       key=lambda k: (min((abs(k - t) for t in taken), default=case.depth - abs(2 * k - case.depth)), -k))
+            taken.append(best)
+            chosen.append((case.name, best))
+    return chosen, 0
+
+
+def pick_lesion_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
+    lesion = [(c.name, k) for c in run.cases for k in c.lesion_slices if k not in run.annotated[c.name]]
+    forced = [lesion[i] for i in rng.choice(len(lesion), min(n // 3, len(lesion)), replace=False)] if lesion else []
+    return forced + _random(run, n - len(forced), rng, set(forced)), 0
+
+
+def pick_mcdropout(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
+    if not run.uncertainty:  # no model yet: MONAI Label's cold start is random
+        return _random(run, n, rng), 0
+    ranked = sorted(((-float(u), name, k) for name, scores in run.uncertainty.items() for k, u in enumerate(scores)
+                     if u == u and k not in run.annotated[name]))
+    return [(name, k) for _, name, k in ranked[:n]], 0
+
+
+def policy_picker(variant: str, initial: dict[str, list[int]], selection: SelectionConfig) -> Picker:
+    """The app's Next sample policy, asked repeatedly by one annotator until the round's slices are reached."""
+
+    def pick(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
+        chosen: list[tuple[str, int]] = []
+        settings = replace(selection, pick=variant)
+        loop = LoopState(has_model=run.network is not None)
+        while len(chosen) < n:
+            held = {c.name: {k for name, k in chosen if name == c.name} for c in run.cases}
+            volumes = [VolumeState(c.name, initial[c.name], _q_list(run.q.get(c.name)) if loop.has_model else None,
+                                   frozenset(run.annotated[c.name]), frozenset(held[c.name])) for c in run.cases]
+            answer = policy.choose(volumes, loop, settings)
+            if not answer.slices:
+                break
+            chosen += [(answer.image_id, k) for k in answer.slices[: n - len(chosen)]]
+        filled = n - len(chosen)
+        return chosen + _random(run, filled, rng, set(chosen)), filled
+
+    return pick
+
+
+def _q_list(q: np.ndarray | None) -> list[float | None] | None:
+    return None if q is None else [None if v != v else float(v) for v in q]
+
+
+class Benchmark:
+    def __init__(self, cases: list[Case], config: RoundsConfig, device: torch.device) -> None:
+        self.cases, self.config, self.device = cases, config, device
+        self.initial = {c.name: select_initial(slice_quality(c.volume, None, config.quality.median_window), config.quality)
+                        for c in cases}
+        self.pickers: dict[str, Picker] = {
+            "default": policy_picker(SelectionConfig().pick, self.initial, config.selection),
+            "paper": policy_picker("paper", self.initial, config.selection),
+            "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
+            "lesion-random": pick_lesion_random}
+
+    def run(self, method: str, seed: int, progress: Callable[[RoundResult], None] = lambda r: None) -> list[RoundResult]:
+        c = self.config
+        run = LoopRun(self.cases, {case.name: set() for case in self.cases}, {})
+        rng = np.random.default_rng([seed, METHODS.index(method)])
+        seed_everything(seed)  # every method of a seed starts from the same weights (dropout adds no parameters)
+        network = build_network(c.model.features, 1, c.mc_dropout if method == "mcdropout" else 0.0)
+        results = []
+        for r in range(c.rounds):
+            start = time.perf_counter()
+            picks, filled = self.pickers[method](run, c.per_round, rng)
+            for name, k in picks:
+                run.annotated[name].add(k)
+            train(network, training_set(self.cases, {n: sorted(v) for n, v in run.annotated.items()}), c.train,
+                  c.model.patch_size, seed=seed * 1000 + r, device=self.device)
+            run.network = prepare(network, self.device)
+            result = self._score(run, method, seed, r, filled, start)
+            result.picked = picks
+            results.append(result)
+            progress(result)
+        return results
+
+    def _score(self, run: LoopRun, method: str, seed: int, r: int, filled: int, start: float) -> RoundResult:
+        """Q and level-4 of every open slice in one pass (and MC-dropout scores for that method); Dice on them."""
+        counts = np.zeros((2, 3), np.int64)
+        for case in self.cases:
+            todo = [k for k in range(case.depth) if k not in run.annotated[case.name]]
+            q, found = score_and_segment(run.network, case.volume, self.config.model.patch_size, todo, self.device)
+            run.q[case.name] = np.full(case.depth, np.nan)
+            run.q[case.name][todo] = q
+            truth = case.truth[:, :, todo]
+            lesion = truth.any(axis=(0, 1))
+            found = found > 0
+            for row, (f, t) in enumerate(((found, truth), (found[:, :, lesion], truth[:, :, lesion]))):
+                counts[row] += [(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
+            if method == "mcdropout":
+                scores = np.full(case.depth, np.nan)
+                scores[todo] = mc_dropout_scores(run.network, case.volume, todo, self.config.mc_passes, False,
+                                                 self.config.model.patch_size, self.device, seed)
+                run.uncertainty[case.name] = scores
+        dice = [2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0 for tp, fp, fn in counts]
+        lesion_annotated = sum(int(c.truth[:, :, sorted(run.annotated[c.name])].any(axis=(0, 1)).sum()) for c in self.cases)
+        return RoundResult(method, seed, r + 1, sum(map(len, run.annotated.values())), lesion_annotated, filled,
+                           round(dice[0], 4), round(dice[1], 4), round(time.perf_counter() - start, 1))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RoundsConfig()
+    p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
+    p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--per-round", type=int, default=d.per_round, help="slices annotated each round by every method")
+    p.add_argument("--seeds", type=int, default=d.seeds)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
+    p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round (epochs of 50 updates)")
+    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.model.features)
+    p.add_argument("--patch-size", type=int, default=d.model.patch_size)
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    p.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = RoundsConfig()
+    config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
+                     model=replace(d.model, features=args.features, patch_size=args.patch_size),
+                     train=replace(d.train, max_epochs=args.max_epochs))
+    device = torch.device(args.device) if args.device else default_device()
+    cases = load_cases(find_pairs(args.data, include=args.include))
+    bench = Benchmark(cases, config, device)
+    results: list[RoundResult] = []
+    for seed in range(config.seeds):
+        for method in config.methods:
+            results += bench.run(method, seed, lambda r: print(
+                f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
+                f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
+                file=sys.stderr, flush=True))
+    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
+    title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rounds.json").write_text(json.dumps({"command": command, "config": asdict(config),
+                                                 "results": [asdict(r) for r in results]}, indent=1, default=str))
+    print(report(results, cases, out, title, command))

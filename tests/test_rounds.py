@@ -1,0 +1,91 @@
+"""The multi-round benchmark (qunet.experiments.activelearning) on a tiny cohort: equal cost, bookkeeping, report."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import qunet.policy
+from qunet.__main__ import main
+from qunet.config import ModelConfig, TrainConfig
+from qunet.experiments.activelearning import METHODS, Benchmark, LoopRun, RoundsConfig, pick_interval
+from qunet.experiments.al_report import aubc, paired
+from qunet.experiments.data import Case, find_pairs, load_cases
+from qunet.network import build_network
+from qunet.synthetic import generate_stack
+
+TINY = RoundsConfig(rounds=2, per_round=3, seeds=1, model=ModelConfig(features=(4, 4, 8, 8, 16, 4), patch_size=32),
+                    train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2), mc_passes=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rounds")
+    (root / "ground-truth").mkdir()
+    for name, kind, seed, depth in (("a", "ct", 1, 10), ("b", "oct", 2, 8)):
+        stack = generate_stack(kind, seed, (40, 40, depth))
+        for folder, array in ((root, stack.image.astype(np.float32)), (root / "ground-truth", stack.label)):
+            nib.save(nib.Nifti1Image(array, np.diag([0.7, 0.7, 5.0, 1.0])), folder / f"{name}.nii.gz")
+    return root
+
+
+def test_every_method_annotates_the_same_number_of_new_slices_each_round(data, monkeypatch):
+    calls = []
+    choose = qunet.policy.choose
+    monkeypatch.setattr(qunet.policy, "choose", lambda *a, **k: calls.append(1) or choose(*a, **k))  # a counting spy
+    bench = Benchmark(load_cases(find_pairs(data)), TINY, __import__("torch").device("cpu"))
+    for method in METHODS:
+        before = len(calls)
+        results = bench.run(method, seed=0)
+        assert [r.annotated for r in results] == [3, 6], method
+        assert all(0 <= r.dice <= 1 and 0 <= r.lesion_annotated <= r.annotated for r in results)
+        assert (len(calls) > before) == (method in ("default", "paper")), "the QU-net++ methods ask the app's policy"
+    paper = bench.run("paper", seed=0)
+    assert len(bench.initial["a"]) >= 3
+    assert paper[0].picked == [("a", k) for k in bench.initial["a"][:3]]  # no model: S0 of the first volume, as served
+    assert paper[0].filled == 0
+
+
+def test_fixed_interval_spreads_over_the_slice_axis():
+    case = Case("a", np.zeros((4, 4, 20), np.float32), np.zeros((4, 4, 20), bool))
+    run = LoopRun([case], {"a": set()}, {})
+    picks, _ = pick_interval(run, 3, np.random.default_rng(0))
+    ks = sorted(k for _, k in picks)
+    assert ks[0] >= 0 and min(np.diff(ks)) >= 5  # far apart, not neighbours
+    run.annotated["a"].update(ks)
+    more, _ = pick_interval(run, 3, np.random.default_rng(0))
+    assert not {k for _, k in more} & set(ks)
+
+
+def test_aubc_and_paired_intervals():
+    assert aubc([0, 10], [0.2, 0.6]) == pytest.approx(0.4)
+    assert aubc([2, 4, 8], [0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    mean, lo, hi = paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.5, 2: 0.6})
+    assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # no spread
+    mean, lo, hi = paired({0: 0.5, 1: 0.9}, {0: 0.4, 1: 0.4})
+    assert lo < mean < hi
+
+
+def test_same_seed_same_initial_weights_for_every_method():
+    import torch
+
+    from qunet.training import seed_everything
+
+    weights = []
+    for dropout in (0.0, 0.2):  # MC dropout's network adds no parameters
+        seed_everything(4)
+        weights.append(torch.cat([p.flatten() for p in build_network((4, 4, 8, 8, 16, 4), 1, dropout).parameters()]))
+    assert torch.equal(*weights)
+
+
+def test_cli_writes_tables_and_plot(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--seeds", "2", "--methods", "paper",
+            "random", "--max-epochs", "1", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+    assert main(argv) == 0
+    assert "AUBC - random" in capsys.readouterr().out
+    saved = json.loads((out / "rounds.json").read_text())
+    assert len(saved["results"]) == 2 * 2 * 2  # seeds x methods x rounds
+    assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"
