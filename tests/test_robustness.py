@@ -151,7 +151,7 @@ LABEL_CASES = {  # name -> (file name, content maker, expected status, words in 
     "NaN values": ("l.nii.gz", lambda p: nifti(np.full(SHAPE, np.nan, np.float32), p), 422, "integers"),
     "empty file": ("l.nii.gz", lambda p: p.write_bytes(b""), 422, "empty file"),
     "not an image": ("l.nii.gz", lambda p: p.write_bytes(b"<html>not a label</html>"), 422, "not a readable image"),
-    "text file type": ("label.txt", lambda p: p.write_bytes(b"1 2 3"), 422, "file type '.txt' is not supported"),
+    "text file type": ("label.txt", lambda p: p.write_bytes(b"1 2 3"), 422, "not a single-file NIfTI"),
     "2D label": ("l.nii.gz", lambda p: nifti(np.zeros(SHAPE[:2], np.uint8), p), 422, "3D stack"),
 }
 
