@@ -46,14 +46,20 @@ def set_read_config(config: ReadConfig) -> None:
     _read_config = config
 
 
+def check_file(path: str | Path) -> str:
+    """The format of the file (a key of safe_read.FORMATS; "" for a folder) if it passes the checks made before every
+    read, with this process's limits; StackError naming the problem if not."""
+    try:
+        return safe_read.check(path, _read_config.max_voxels)
+    except (ValueError, OSError) as e:
+        raise StackError(f"{path}: {e}") from None
+
+
 def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise StackError(f"{path}: no such file or folder")
-    try:
-        found = safe_read.check(path, _read_config.max_voxels)
-    except (ValueError, OSError) as e:
-        raise StackError(f"{path}: {e}") from None
+    found = check_file(path)
     if found and not path.name.lower().endswith(found):  # the readers choose by name
         raise StackError(f"{path}: holds {safe_read.FORMATS[found]} data, but its name does not end in {found}")
     try:

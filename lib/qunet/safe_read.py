@@ -89,7 +89,7 @@ def file_layout(path: str | Path) -> Layout:
     if head.startswith(b"NRRD000"):
         return _nrrd(head)
     if META_KEY.match(head):
-        return _meta(head)
+        return _meta(head, os.path.getsize(path))
     raise ValueError(NOT_AN_IMAGE)
 
 
@@ -106,7 +106,7 @@ def _nifti(block: bytes, compressed: bool) -> Layout:
         header = header_class(binaryblock=block[:size], check=False)
         shape, itemsize, offset = header.get_data_shape(), header.get_data_dtype().itemsize, int(header.get_data_offset())
     except Exception as e:  # nibabel raises several kinds for a malformed header
-        raise ValueError(f"not a readable image: bad NIfTI header ({type(e).__name__}: {e})") from None
+        raise ValueError(f"not a readable image: bad NIfTI header ({_why(e)})") from None
     if not size + 4 <= offset <= MAX_HEADER:
         raise ValueError(f"not a readable image: NIfTI data offset {offset} outside {size + 4}..{MAX_HEADER}")
     return Layout(".nii.gz" if compressed else ".nii", tuple(int(n) for n in shape), itemsize, offset,
@@ -122,7 +122,7 @@ def _nrrd(head: bytes) -> Layout:
         itemsize = nrrd.reader._determine_datatype(header).itemsize  # pynrrd's own type table
         shape = tuple(int(n) for n in np.atleast_1d(header["sizes"]))
     except Exception as e:  # pynrrd raises NRRDError, KeyError, ValueError, ...
-        raise ValueError(f"not a readable image: bad NRRD header ({type(e).__name__}: {e})") from None
+        raise ValueError(f"not a readable image: bad NRRD header ({_why(e)})") from None
     named = header.get("data file", header.get("datafile"))
     if named is not None:
         raise ValueError(f"an NRRD header naming a separate data file ({str(named)[:80]!r}): "
@@ -138,7 +138,7 @@ def _nrrd(head: bytes) -> Layout:
     return Layout(".nrrd", shape, itemsize, skip, end) if encoding != "raw" else Layout(".nrrd", shape, itemsize, end + skip)
 
 
-def _meta(head: bytes) -> Layout:
+def _meta(head: bytes, file_size: int) -> Layout:
     fields: dict[str, str] = {}
     pos = 0
     while "ElementDataFile" not in fields:
@@ -157,15 +157,22 @@ def _meta(head: bytes) -> Layout:
     try:
         shape = tuple(int(n) for n in fields["DimSize"].split()) + (int(fields.get("ElementNumberOfChannels", 1)),)
         itemsize = META_SIZES[fields["ElementType"]]
-        ndims = int(fields["NDims"])
+        ndims, header_size = int(fields["NDims"]), int(fields.get("HeaderSize") or 0)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"not a readable image: bad or missing MetaImage field {e}") from None
+        raise ValueError(f"not a readable image: bad or missing MetaImage field ({_why(e)})") from None
     if len(shape) != ndims + 1:
         raise ValueError(f"not a readable image: MetaImage DimSize has {len(shape) - 1} values for NDims {ndims}")
-    if fields.get("BinaryData", "True").lower() != "true" or int(fields.get("HeaderSize", "0") or 0):
+    if fields.get("BinaryData", "True").lower() != "true" or header_size:
         raise ValueError("MetaImage text data and HeaderSize are not supported")
     compressed = fields.get("CompressedData", "False").lower() == "true"
+    if compressed and fields.get("CompressedDataSize", "").strip() != str(file_size - pos):
+        # ITK allocates what this field says, and reads zeros without an error when it is short or missing
+        raise ValueError(f"MetaImage CompressedDataSize must be the size of the compressed data ({file_size - pos} bytes)")
     return Layout(".mha", shape, itemsize, 0, pos) if compressed else Layout(".mha", shape, itemsize, pos)
+
+
+def _why(e: Exception) -> str:
+    return f"unknown or missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
 
 
 def _inflated_head(path: str | Path, size: int) -> bytes:

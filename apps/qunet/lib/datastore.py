@@ -319,14 +319,16 @@ class QUNetDatastore(LocalDatastore):
 
     # ---- writes ----------------------------------------------------------------------------------------------
 
-    def _pruned(self, info: dict[str, Any]) -> dict[str, Any]:
-        served = info.get(records.SERVED)
-        if self.hold_seconds is None or not isinstance(served, dict):
-            return info
-        return {**info, records.SERVED: records.pruned_served(served, time.time(), self.hold_seconds)}
+    def _apply(self, info: dict[str, Any], update: dict[str, Any]) -> None:
+        """info.update(update), pruning the served-slice records it writes (never the ones this update changes)."""
+        served = update.get(records.SERVED)
+        if self.hold_seconds is not None and isinstance(served, dict):
+            old = info.get(records.SERVED) or {}
+            written = {k for k, v in served.items() if not _same(old.get(k), v)}
+            update = {**update, records.SERVED: records.pruned_served(served, time.time(), self.hold_seconds, written)}
+        info.update(update)
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        info = self._pruned(info)
         with self._lock():
             self._reload()
             obj = self._datastore.objects.get(image_id)
@@ -337,7 +339,7 @@ class QUNetDatastore(LocalDatastore):
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFound(image_id)
-            obj.image.info.update(info)
+            self._apply(obj.image.info, info)
 
         self._locked_update(change)
 
@@ -372,7 +374,7 @@ class QUNetDatastore(LocalDatastore):
                 check_label(self, image_id, label_filename)
                 source, image_update = label_filename, {}
             try:
-                self._store(image_id, source, label_tag, label_info, ext, self._pruned(image_update))
+                self._store(image_id, source, label_tag, label_info, ext, image_update)
             finally:
                 if source != label_filename and os.path.exists(source):
                     os.remove(source)
@@ -395,7 +397,7 @@ class QUNetDatastore(LocalDatastore):
                 info = {**label_info, "ts": int(time.time()), "name": name}
                 obj.labels[label_tag] = DataModel(info={**info, PENDING: {"tmp": os.path.basename(tmp), "stale": stale}},
                                                   ext=ext)
-                obj.image.info.update(image_update)
+                self._apply(obj.image.info, image_update)
                 self._update_datastore_file(lock=False)  # the commit: from here on a restart completes the save
             except BaseException:
                 os.remove(tmp)

@@ -7,22 +7,23 @@ idempotently across app reloads:
 
 - the endpoint helpers (`monailabel.endpoints.datastore.save_label`, ...), which its routes look up at call time:
   each is wrapped with a check raising a 4xx HTTPException; the upload helpers are replaced by `lib.uploads`;
-- the routes: each gets a body limit (413 above it: uploads what the voxel cap allows, anything else SMALL_BODY),
-  and some a check made before the body is read: the endpoints the app does not use (batch and WSI infer,
-  sessions, the dataset archive, the app reload) answer 404; model uploads and deletions 403 unless
-  --conf allow_model_upload true (404 for an unknown model); the DICOMweb proxy only with a DICOMweb studies URL.
+- every request, at the outermost layer (`Gate`): a body limit (413 above it: uploads what the voxel cap allows,
+  anything else SMALL_BODY), and some checks made before the body is read: the endpoints the app does not use
+  (batch and WSI infer, sessions, the dataset archive, the app reload) answer 404; model uploads and deletions 403
+  unless --conf allow_model_upload true (404 for an unknown model); the DICOMweb proxy only with a DICOMweb
+  studies URL, and no '..' in proxy or OHIF paths.
 """
 
 import functools
 import inspect
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
@@ -35,9 +36,6 @@ from lib.trainers import check_train_request
 
 SMALL_BODY = 64 * 1024  # bytes: JSON and form requests (Next sample, train, info updates)
 UPLOAD_OVERHEAD = 4 << 20  # bytes an upload may hold beyond max_voxels 8-byte voxels: headers, multipart fields
-UPLOAD_PATHS = ("/datastore/", "/datastore/image", "/datastore/label", "/infer/{model}", "/model/{model}")
-SWITCHED_OFF = ("/batch/infer", "/batch/infer/{model}", "/infer/wsi/{model}", "/infer/wsi_v2/{model}", "/session/",
-                "/session/{session_id}", "/datastore/dataset", "/reload")
 CHECKSUMS = ("SHA256", "SHA512", "MD5")  # what MONAI Label's file_checksum computes
 
 
@@ -194,13 +192,15 @@ def _guard_helpers() -> None:
         setattr(module, name, guarded)
 
 
-# ---- routes: refused before the body is read, and bounded -------------------------------------------------------
+# ---- requests refused before the body is read, and bodies bounded --------------------------------------------
 
 Refusal = tuple[int, str] | None
+SWITCHED_OFF = re.compile(r"/batch/infer(/[^/]*)?|/infer/wsi(_v2)?/[^/]*|/session/.*|/datastore/dataset|/reload")
+UPLOADS = re.compile(r"/datastore/(image|label)?|/infer/[^/]+|/model/[^/]+|/proxy/.*")  # with PUT or POST
 
 
-def _model_change(scope: dict) -> Refusal:
-    app, model = app_instance(), scope.get("path_params", {}).get("model")
+def _model_change(model: str) -> Refusal:
+    app = app_instance()
     if model not in app._infers:
         return 404, f"no model {model!r}; this app has {', '.join(sorted(app._infers))}"
     if not app.qconf.allow_model_upload:
@@ -208,63 +208,55 @@ def _model_change(scope: dict) -> Refusal:
     return None
 
 
-def _proxy(scope: dict) -> Refusal:
-    if not app_instance().studies.startswith(("http://", "https://")):
-        return 404, "the DICOMweb proxy is off: the studies are a local folder"
-    path = str(scope.get("path_params", {}).get("path", ""))
-    return (400, "proxy paths may not hold '..' or '%'") if ".." in path.split("/") or "%" in path else None
-
-
-def _path_inside(scope: dict) -> Refusal:
-    return (404, "not found") if ".." in str(scope.get("path_params", {}).get("path", "")).split("/") else None
-
-
-def _refusal_for(path: str, methods: set[str]) -> Callable[[dict], Refusal] | None:
-    if path in SWITCHED_OFF:
-        return lambda scope: (404, f"{path} is switched off in this app")
-    if path == "/model/{model}" and methods & {"PUT", "DELETE"}:
-        return _model_change
-    if path.startswith("/proxy/"):
-        return _proxy
-    if path.startswith("/ohif/"):
-        return _path_inside
-    if path == "/logs/gpu":
-        return lambda scope: None if shutil.which("nvidia-smi") else (404, "no GPU tools (nvidia-smi) on this server")
+def _refusal(method: str, path: str) -> Refusal:
+    """Why a request is refused before its body is read, or None. `path` is URL-decoded."""
+    parts = path.split("/")
+    if SWITCHED_OFF.fullmatch(path):
+        return 404, f"{path} is switched off in this app"
+    if len(parts) == 3 and parts[1] == "model" and method in ("PUT", "DELETE"):
+        return _model_change(parts[2])
+    if parts[1] == "proxy":
+        if not app_instance().studies.startswith(("http://", "https://")):
+            return 404, "the DICOMweb proxy is off: the studies are a local folder"
+        return (400, "proxy paths may not hold '..' or '%'") if ".." in parts or "%" in path else None
+    if parts[1] == "ohif" and ".." in parts:
+        return 404, "not found"
+    if path == "/logs/gpu" and not shutil.which("nvidia-smi"):
+        return 404, "no GPU tools (nvidia-smi) on this server"
     return None
 
 
-class Refuse:
-    """An ASGI app that answers a refusal, without reading the request body, or passes the request on."""
+class Gate:
+    """Outermost ASGI layer: answers a refusal without reading the request body, else passes the request on with its
+    body bounded (Starlette's limit: 413 above it)."""
 
-    def __init__(self, app: Callable, refusal: Callable[[dict], Refusal]) -> None:
-        self.app, self.refusal = app, refusal
+    qunet_gate = True  # (recognised across reloads of the app's modules)
+
+    def __init__(self, app: Callable, upload_bytes: int) -> None:
+        self.app, self.upload_bytes = app, upload_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        found = self.refusal(scope) if scope.get("type") == "http" else None
-        if found is None:
+        if scope.get("type") != "http":
             return await self.app(scope, receive, send)
-        await JSONResponse({"detail": found[1]}, status_code=found[0])(scope, receive, send)
+        prefix = settings.MONAI_LABEL_API_STR
+        path = scope["path"][len(prefix):] if prefix and scope["path"].startswith(prefix) else scope["path"]
+        found = _refusal(scope["method"], path)
+        if found is not None:
+            return await JSONResponse({"detail": found[1]}, status_code=found[0])(scope, receive, send)
+        upload = scope["method"] in ("PUT", "POST") and UPLOADS.fullmatch(path)
+        limited = RequestBodyLimitMiddleware(self.app, max_body_size=self.upload_bytes if upload else SMALL_BODY)
+        await limited(scope, receive, send)
 
 
-def _guard_routes(upload_bytes: int) -> None:
+def _gate_requests(upload_bytes: int) -> None:
     server = sys.modules.get("monailabel.app")
     if server is None:  # a scoring or training subprocess: no endpoints
         return
-    prefix = settings.MONAI_LABEL_API_STR
-    for route in server.app.routes:
-        if not isinstance(route, APIRoute):  # the /static mount: the package's own files
-            continue
-        inner = getattr(route, "qunet_inner", route.app)
-        path = route.path[len(prefix):] if prefix and route.path.startswith(prefix) else route.path
-        uploads_to = path in UPLOAD_PATHS or path.startswith("/proxy/")  # the proxy: OHIF's STOW of a SEG
-        limit = upload_bytes if uploads_to and route.methods & {"PUT", "POST"} else SMALL_BODY
-        guarded = RequestBodyLimitMiddleware(inner, max_body_size=limit)
-        refusal = _refusal_for(path, route.methods)
-        route.app = Refuse(guarded, refusal) if refusal else guarded
-        route.qunet_inner = inner
+    stack = server.app.middleware_stack or server.app.build_middleware_stack()
+    server.app.middleware_stack = Gate(stack.app if getattr(stack, "qunet_gate", False) else stack, upload_bytes)
 
 
 def install(app) -> None:
     """Guard MONAI Label's endpoints for `app` (a QUNetApp)."""
     _guard_helpers()
-    _guard_routes(app.qconf.max_voxels * 8 + UPLOAD_OVERHEAD)
+    _gate_requests(app.qconf.max_voxels * 8 + UPLOAD_OVERHEAD)

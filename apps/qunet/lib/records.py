@@ -39,9 +39,10 @@ def protected(keys: Iterable[Any]) -> list[str]:
     return sorted(str(k) for k in keys if str(k).startswith(OWN_PREFIX) or str(k) in OWN_KEYS)
 
 
-def pruned_served(served: dict[str, dict], now: float, hold_seconds: float) -> dict[str, dict]:
-    """The served-slice records to keep: every hold still running, and the newest MAX_SERVED_EXPIRED expired ones."""
-    expired = sorted((k for k, v in served.items() if now - v.get("ts", 0) >= hold_seconds),
+def pruned_served(served: dict[str, dict], now: float, hold_seconds: float, written: set[str]) -> dict[str, dict]:
+    """The served-slice records to keep: those being written, every hold still running, and the newest
+    MAX_SERVED_EXPIRED expired ones."""
+    expired = sorted((k for k, v in served.items() if k not in written and now - v.get("ts", 0) >= hold_seconds),
                      key=lambda k: served[k].get("ts", 0), reverse=True)
     dropped = set(expired[MAX_SERVED_EXPIRED:])
     return {k: v for k, v in served.items() if k not in dropped}

@@ -5,9 +5,9 @@ suffix is a file-system error), and remove it only after a successful answer (a 
 then took it as an image by its path). Here an upload:
 
 - is saved in a private temporary folder that is removed when the request ends, however it ends;
-- is named after the format its bytes hold (`qunet.safe_read`), never after the client's name: a file that is not
-  a single-file NIfTI, NRRD or MetaImage, or whose header names another data file, is refused (422) before any
-  reader opens it; the size checks come when it is read (`qunet.io`);
+- is named after the format its bytes hold, never after the client's name, once it passes the checks every read
+  makes (`qunet.io.check_file`): a file that is not a single-file NIfTI, NRRD or MetaImage, names another data
+  file, claims more voxels than the cap or inflates beyond its header is refused (422) before any reader opens it;
 - as infer's input, is the only server path that request may name (`is_uploaded`).
 
 A model upload (PUT /model/qunet, only with --conf allow_model_upload true) must load into the configured network
@@ -28,8 +28,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import file_checksum
 
-from qunet import build_network, safe_read
-from qunet.io import IMAGE_SUFFIXES
+from qunet import build_network
+from qunet.io import IMAGE_SUFFIXES, StackError, check_file
 from qunet.network import load_weights
 
 from lib.datastore import atomic_copy
@@ -57,9 +57,9 @@ def received(upload: UploadFile, what: str, kind: str = "image") -> Iterator[str
             suffix = ".bin"  # OHIF sends a label as the raw voxels of the image's grid (DICOMweb datastore)
         elif kind != "model":
             try:
-                suffix = safe_read.file_layout(path).format
-            except ValueError as e:
-                raise InvalidFile(f"{what} rejected: {e}") from None
+                suffix = check_file(path)
+            except StackError as e:
+                raise InvalidFile(f"{what} rejected: {str(e).replace(path, 'the uploaded file')}") from None
         os.rename(path, path + suffix)
         yield path + suffix
     finally:
