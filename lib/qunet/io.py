@@ -56,6 +56,8 @@ def check_file(path: str | Path) -> str:
 
 
 def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    if not os.fspath(path):  # Path("") is the working folder
+        raise StackError("no file given")
     path = Path(path)
     if not path.exists():
         raise StackError(f"{path}: no such file or folder")
