@@ -97,7 +97,7 @@ def test_random_strategy_setting(studies, random_strategy):
 
 def test_model_changes_are_off_by_default(studies):
     """PUT and DELETE /model/qunet need --conf allow_model_upload true (tests/test_security.py tests them on)."""
-    client = app_client(studies, {"features": TINY, "image_size": "32"})
+    client = app_client(studies, {"features": TINY})
     for method, kwargs in (("PUT", {"files": {"file": ("m.pt", b"any bytes")}}), ("DELETE", {})):
         r = client.request(method, "/model/qunet", **kwargs)
         assert r.status_code == 403 and "allow_model_upload true" in r.json()["detail"], r.text
