@@ -49,11 +49,10 @@ def known_image(datastore: Datastore, image_id: Any) -> bool:
         return False
 
 
-def _no_own_keys(info: dict) -> dict:
+def _no_own_keys(info: dict) -> None:
     own = records.protected(info)
     if own:
         raise ClientError(f"{', '.join(own)}: the app's own records cannot be set by a client", 403)
-    return info
 
 
 # ---- checks of the endpoint helpers' arguments -----------------------------------------------------------------
@@ -211,15 +210,16 @@ def _model_change(model: str) -> Refusal:
 def _refusal(method: str, path: str) -> Refusal:
     """Why a request is refused before its body is read, or None. `path` is URL-decoded."""
     parts = path.split("/")
+    top = parts[1] if len(parts) > 1 else ""
     if SWITCHED_OFF.fullmatch(path):
         return 404, f"{path} is switched off in this app"
-    if len(parts) == 3 and parts[1] == "model" and method in ("PUT", "DELETE"):
+    if len(parts) == 3 and top == "model" and method in ("PUT", "DELETE"):
         return _model_change(parts[2])
-    if parts[1] == "proxy":
+    if top == "proxy":
         if not app_instance().studies.startswith(("http://", "https://")):
             return 404, "the DICOMweb proxy is off: the studies are a local folder"
         return (400, "proxy paths may not hold '..' or '%'") if ".." in parts or "%" in path else None
-    if parts[1] == "ohif" and ".." in parts:
+    if top == "ohif" and ".." in parts:
         return 404, "not found"
     if path == "/logs/gpu" and not shutil.which("nvidia-smi"):
         return 404, "no GPU tools (nvidia-smi) on this server"
