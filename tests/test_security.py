@@ -406,7 +406,7 @@ def test_training_dies_with_the_server_and_a_restart_cleans_up(setup, server):
     model_dir, trainer = Path(server.app_dir) / "model", None
     try:
         assert requests.post(f"{server.url}/train/qunet", json={"max_epochs": 100000}, timeout=30).status_code == 200
-        wait_for(lambda: "training on " in server.log.read_text(errors="replace"), 120, "training started")
+        wait_for(lambda: "training on " in server.log.read_text(errors="replace"), 300, "training started")
         trainer = next(p for p in psutil.Process(server.proc.pid).children(recursive=True) if "train" in p.cmdline())
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(30)
