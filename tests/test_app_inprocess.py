@@ -32,7 +32,8 @@ def test_conf_parsing_and_errors():
     assert conf.blur_percentile == 40 and conf.psnr_percentile is None
     assert AppConf.from_conf({}).features == (8, 16, 32, 64, 128, 8)
     for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"patch_size": "100"}, "multiple of 16"),
-                         ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy")):
+                         ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy"),
+                         ({"allow_model_upload": "maybe"}, "allow_model_upload"), ({"max_voxels": "0"}, "max_voxels")):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
 
@@ -92,3 +93,13 @@ def test_random_strategy_setting(studies, random_strategy):
     else:  # MONAI Label's: a volume, no slices, nothing held
         assert sample["id"] in ("ct1", "ct2") and "slices" not in sample and "qunet_served" not in info
     assert info["strategy"]["random"]["client_id"] == "ohif"
+
+
+def test_model_changes_are_off_by_default(studies):
+    """PUT and DELETE /model/qunet need --conf allow_model_upload true (tests/test_security.py tests them on)."""
+    client = app_client(studies, {"features": TINY})
+    for method, kwargs in (("PUT", {"files": {"file": ("m.pt", b"any bytes")}}), ("DELETE", {})):
+        r = client.request(method, "/model/qunet", **kwargs)
+        assert r.status_code == 403 and "allow_model_upload true" in r.json()["detail"], r.text
+        assert client.request(method, "/model/nope", **kwargs).status_code == 404
+    assert not (studies.parent / "app" / "model" / "qunet.pt").exists()

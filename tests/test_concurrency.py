@@ -28,7 +28,7 @@ TINY = (4, 4, 8, 8, 16, 4)
 HOLD = 3
 # explicit: an in-process test earlier in the session exports its MONAI Label settings to os.environ
 ENV = {"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "true", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true"}
-CONF = {"image_size": "32", "features": ",".join(map(str, TINY)), "slices_per_sample": "2", "q0": "1.01",
+CONF = {"patch_size": "32", "features": ",".join(map(str, TINY)), "slices_per_sample": "2", "q0": "1.01",
         "hold_seconds": str(HOLD)}
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 SHAPE = (48, 48, 16)

@@ -35,7 +35,7 @@ from qunet.network import load_weights
 from qunet.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
-CONF = {"image_size": "32", "features": ",".join(map(str, TINY))}
+CONF = {"patch_size": "32", "features": ",".join(map(str, TINY))}
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 
 

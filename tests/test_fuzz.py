@@ -20,7 +20,7 @@ from qunet import build_network
 from qunet.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
-CONF = {"image_size": "32", "features": ",".join(map(str, TINY))}
+CONF = {"patch_size": "32", "features": ",".join(map(str, TINY))}
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 SHAPE = (32, 32, 6)
 REQUESTS = 400

@@ -22,7 +22,7 @@ from qunet import build_network
 from qunet.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
-CONF = {"image_size": "32", "features": ",".join(map(str, TINY)), "slices_per_sample": "3"}
+CONF = {"patch_size": "32", "features": ",".join(map(str, TINY)), "slices_per_sample": "3"}
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 SHAPE = (48, 48, 10)
 GOOD = ("ct1", "ct2", "someflat")  # someflat: slices 2 and 7 constant
@@ -151,7 +151,7 @@ LABEL_CASES = {  # name -> (file name, content maker, expected status, words in 
     "NaN values": ("l.nii.gz", lambda p: nifti(np.full(SHAPE, np.nan, np.float32), p), 422, "integers"),
     "empty file": ("l.nii.gz", lambda p: p.write_bytes(b""), 422, "empty file"),
     "not an image": ("l.nii.gz", lambda p: p.write_bytes(b"<html>not a label</html>"), 422, "not a readable image"),
-    "text file type": ("label.txt", lambda p: p.write_bytes(b"1 2 3"), 422, "file type '.txt' is not supported"),
+    "text file type": ("label.txt", lambda p: p.write_bytes(b"1 2 3"), 422, "not a single-file NIfTI"),
     "2D label": ("l.nii.gz", lambda p: nifti(np.zeros(SHAPE[:2], np.uint8), p), 422, "3D stack"),
 }
 

@@ -3,36 +3,33 @@
     monailabel start_server --app apps/qunet --studies sample-data [--conf KEY VALUE ...]
 
 The work is done by the `qunet` library; this module only wires its tasks into MONAI Label, and answers a
-client's mistakes with a 4xx status and a message naming the problem (MONAI Label would answer 500).
+client's mistakes with a 4xx status and a message naming the problem (MONAI Label would answer 500). What the
+endpoints check before they reach the app is in `lib.guards`; background processes are handled by `lib.processes`.
 """
 
-import functools
-import inspect
 import logging
 import os
-import sys
-import tempfile
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.exception import ImageNotFoundException
-from monailabel.interfaces.utils.app import app_instance
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
-from lib import records
+from qunet.config import ReadConfig
+from qunet.io import set_read_config
+
+from lib import guards, processes, records, uploads
 from lib.conf import AppConf
 from lib.datastore import QUNetDatastore
 from lib.dicomweb_datastore import dicomweb_datastore
-from lib.errors import BadRequest, ClientError, ImageNotFound, NotFound, as_bool, check_tag, json_object
+from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
 from lib.infers import QUNetInfer
 from lib.scoring import DisagreementScoring, QualityScoring
 from lib.strategies import QUNetStrategy
-from lib.trainers import QUNetTrain, check_train_request
+from lib.trainers import QUNetTrain
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +38,9 @@ MODEL = "qunet"
 
 class QUNetApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        processes.die_with_server()
         self.qconf = AppConf.from_conf(conf)
+        set_read_config(ReadConfig(max_voxels=self.qconf.max_voxels))  # every image and label this process reads
         self.model_dir = os.path.join(app_dir, "model")
         self.published = os.path.join(self.model_dir, f"{MODEL}.pt")
         self.labels_since_training = 0
@@ -53,11 +52,18 @@ class QUNetApp(MONAILabelApp):
             description="Annotate the few slices that matter: image quality first, then U-net++ level-3/4 disagreement",
             labels=list(self.qconf.labels),  # a list: the bundled OHIF panel fails on a dict
         )
-        if isinstance(self._datastore, QUNetDatastore) and len(self.qconf.labels) > 1:
-            self._datastore.max_label = len(self.qconf.labels)  # value i = i-th label; one label: any non-zero
+        if isinstance(self._datastore, QUNetDatastore):
+            self._datastore.hold_seconds = self.qconf.hold_seconds
+            if len(self.qconf.labels) > 1:
+                self._datastore.max_label = len(self.qconf.labels)  # value i = i-th label; one label: any non-zero
         self._sample_lock = threading.Lock()
         self._scoring_lock = threading.Lock()
-        guard_endpoints()
+        if not processes.in_task_subprocess():
+            processes.clean_after_training(self.model_dir)
+        guards.install(self)
+
+    def _load_sessions(self, load: bool = False):
+        return None  # sessions (PUT /session/: any files, unpacked on request) are off; infer takes an upload instead
 
     def model_path(self) -> str | None:
         """The published model if training produced one, else conf pretrained_path, else None."""
@@ -109,7 +115,7 @@ class QUNetApp(MONAILabelApp):
         if not isinstance(image, str) or not image:
             raise BadRequest("infer needs an image id (query parameter image) or an uploaded file")
         store = datastore or self.datastore()
-        if not known_image(store, image) and not uploaded_file(image):
+        if not guards.known_image(store, image) and not uploads.is_uploaded(image):
             raise ImageNotFound(image)
         if "save_label" in request:
             request = {**request, "save_label": as_bool(request["save_label"], "save_label")}
@@ -151,7 +157,8 @@ class QUNetApp(MONAILabelApp):
 
     def train(self, request: dict) -> dict:
         self._known("trainer", request.get("model"), self._trainers)
-        result = super().train(request)
+        with processes.training_lock(self.model_dir):  # never two trainings, whichever servers started them
+            result = super().train(request)
         if not self._server_mode:
             # MONAI Label's training subprocess asks the server to re-score one method at a time without
             # queueing, so a scoring run already in progress drops the new model's re-score; POST /scoring/ queues.
@@ -165,118 +172,3 @@ class QUNetApp(MONAILabelApp):
             self.labels_since_training = 0
             self.async_training(MODEL, enqueue=True)
         return {"annotated_slices": self.datastore().get_image_info(image_id).get(records.ANNOTATED)}
-
-
-# ---- what MONAI Label's endpoints do before they reach the app -------------------------------------------------
-
-
-def known_image(datastore: Datastore, image_id: Any) -> bool:
-    if not isinstance(image_id, str) or not image_id:
-        return False
-    try:
-        uri = datastore.get_image_uri(image_id)
-        return bool(uri) and os.path.exists(uri)
-    except (ImageNotFoundException, ClientError, ValueError):  # ValueError: a NUL byte in a path
-        return False
-
-
-def uploaded_file(path: str) -> bool:
-    """A file MONAI Label's infer endpoint saved from an upload (or a session): the only server paths allowed as
-    `image`; any other path (MONAI Label would read any file on the server) is treated as an unknown id."""
-    try:
-        real = os.path.realpath(path)
-        roots = [os.path.realpath(p) for p in (tempfile.gettempdir(), settings.MONAI_LABEL_SESSION_PATH) if p]
-        return os.path.isfile(real) and any(os.path.commonpath([real, root]) == root for root in roots)
-    except (OSError, ValueError):  # e.g. a NUL byte
-        return False
-
-
-def _check_save_label(args: dict) -> None:
-    json_object(args.get("params"), "params")
-    check_tag(args.get("tag") or "final")
-    if not known_image(app_instance().datastore(), args.get("image")):
-        raise ImageNotFound(args.get("image"))
-
-
-def _check_add_image(args: dict) -> None:
-    json_object(args.get("params"), "params")
-
-
-def _check_image_info(args: dict) -> None:
-    info = json_object(args.get("info"), "info")
-    own = sorted(k for k in info if str(k).startswith("qunet_"))
-    if own:
-        raise ClientError(f"{', '.join(own)}: the app's own records cannot be set by a client", 403)
-
-
-def _check_label_info(args: dict) -> None:
-    json_object(args.get("info"), "info")
-
-
-def _check_infer(args: dict) -> None:
-    app = app_instance()
-    app._known("model", args.get("model"), app._infers)
-    json_object(args.get("params"), "params")
-    if not args.get("file") and not args.get("image") and not args.get("session_id"):
-        raise BadRequest("infer needs an image id (query parameter image), an uploaded file or a session id")
-    if args.get("output") == "dicom_seg" and not hasattr(app.datastore(), "_client"):
-        raise BadRequest("output=dicom_seg needs a DICOMweb datastore")
-
-
-def _check_train(args: dict) -> None:
-    app = app_instance()
-    app._known("trainer", args.get("model"), app._trainers)
-    check_train_request(args.get("params") or {})
-
-
-def _check_scoring(args: dict) -> None:
-    app = app_instance()
-    app._known("scoring method", args.get("method"), app._scoring_methods)
-
-
-def _check_sample(args: dict) -> None:
-    app = app_instance()
-    app._known("strategy", args.get("strategy"), app._strategies)
-    params = args.get("params") or {}
-    if "strategy" in params and params["strategy"] != args.get("strategy"):
-        raise BadRequest("params.strategy must match the strategy in the path")
-    try:
-        records.client_id(params.get("client_id"))
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-
-
-GUARDS: dict[str, dict[str, Callable[[dict], None]]] = {
-    "datastore": {"save_label": _check_save_label, "add_image": _check_add_image,
-                  "update_image_info": _check_image_info, "update_label_info": _check_label_info},
-    "infer": {"run_inference": _check_infer},
-    "train": {"run_model": _check_train},
-    "scoring": {"run_method": _check_scoring},
-    "activelearning": {"sample": _check_sample},
-}
-
-
-def guard_endpoints() -> None:
-    """Check requests before MONAI Label's endpoint code parses them (its `json.loads` of a form field and its
-    `dict.update` with it answer a malformed value with 500).
-
-    The async endpoints call module-level helpers (`monailabel.endpoints.datastore.save_label`, ...) that are
-    looked up at call time; each is wrapped once with a check raising a 4xx HTTPException. Only in a process
-    that serves the endpoints (the server, or an in-process TestClient); idempotent across app reloads.
-    """
-    for module_name, guards in GUARDS.items():
-        module = sys.modules.get(f"monailabel.endpoints.{module_name}")
-        if module is None:
-            continue
-        for name, check in guards.items():
-            current = getattr(module, name)
-            original = current.__wrapped__ if getattr(current, "qunet_guard", False) else current
-            signature = inspect.signature(original)
-
-            def guarded(*args, __original=original, __signature=signature, __check=check, **kwargs):
-                __check(__signature.bind(*args, **kwargs).arguments)
-                return __original(*args, **kwargs)
-
-            functools.update_wrapper(guarded, original)
-            guarded.qunet_guard = True
-            setattr(module, name, guarded)

@@ -22,6 +22,13 @@ class QualityConfig:
 
 
 @dataclass(frozen=True)
+class ReadConfig:
+    # Largest image or label read, in voxels (all axes and channels): a header claiming more is refused before any
+    # memory is taken, and compressed data may not inflate beyond what the header's size allows.
+    max_voxels: int = 512 * 512 * 1024
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     features: tuple[int, ...] = DEFAULT_FEATURES
     patch_size: int = 96  # square patches at native resolution, in training and as the inference window

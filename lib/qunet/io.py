@@ -4,6 +4,9 @@ Slice-axis convention, used everywhere in this project: a stack is the array MON
 indexed (i, j, k) in the file's own voxel order with no reorientation, and slice k is `array[:, :, k]`.
 That is the third voxel index (K) of the file, which 3D Slicer's Data Probe shows as the last IJK
 coordinate, so slice k names the same pixels in a NIfTI, an NRRD or a DICOM copy of one stack.
+
+Every read is checked first by `qunet.safe_read` (single-file formats only, the voxel cap, capped decompression),
+with the process's `ReadConfig` (the app sets it from its --conf max_voxels).
 """
 
 import os
@@ -13,7 +16,10 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import LoadImage
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+from qunet import safe_read
+from qunet.config import ReadConfig
+
+IMAGE_SUFFIXES = tuple(safe_read.FORMATS)  # single-file formats only: a detached header (.nhdr, .mhd) is refused
 
 
 class StackError(ValueError):
@@ -31,12 +37,33 @@ class Stack:
         return int(self.array.shape[2])
 
 
+_read_config = ReadConfig()
+
+
+def set_read_config(config: ReadConfig) -> None:
+    """The limits of every later read in this process."""
+    global _read_config
+    _read_config = config
+
+
+def check_file(path: str | Path) -> str:
+    """The format of the file (a key of safe_read.FORMATS; "" for a folder) if it passes the checks made before every
+    read, with this process's limits; StackError naming the problem if not."""
+    try:
+        return safe_read.check(path, _read_config.max_voxels)
+    except (ValueError, OSError) as e:
+        raise StackError(f"{path}: {e}") from None
+
+
 def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    if not os.fspath(path):  # Path("") is the working folder
+        raise StackError("no file given")
     path = Path(path)
     if not path.exists():
         raise StackError(f"{path}: no such file or folder")
-    if path.is_file() and path.stat().st_size == 0:
-        raise StackError(f"{path}: empty file")
+    found = check_file(path)
+    if found and not path.name.lower().endswith(found):  # the readers choose by name
+        raise StackError(f"{path}: holds {safe_read.FORMATS[found]} data, but its name does not end in {found}")
     try:
         image = LoadImage(image_only=True)(str(path))
     except Exception as e:  # readers raise many kinds of errors for truncated or foreign files

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, fields
 
-from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig
+from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig
 
 
 def _optional_float(value: str) -> float | None:
@@ -11,6 +11,12 @@ def _optional_float(value: str) -> float | None:
 
 def _int_list(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(","))
+
+
+def _bool(value: str) -> bool:
+    if value.strip().lower() not in ("true", "false"):
+        raise ValueError("must be true or false")
+    return value.strip().lower() == "true"
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -33,10 +39,12 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     # what strategy "random" answers: "qunet" (the app's pick) or "random" (MONAI Label's: a volume, no slices).
     # The OHIF panel of MONAI Label 0.8.5 always asks for "random" (its strategy list has no change handler)
     random_strategy: str = "qunet"
+    max_voxels: int = ReadConfig.max_voxels  # largest image or label read (uploads, studies files)
+    allow_model_upload: bool = False  # PUT and DELETE /model/qunet: a client replacing or removing the model
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
-        parsers = {"labels": _names, "features": _int_list, "pretrained_path": str,
+        parsers = {"labels": _names, "allow_model_upload": _bool, "features": _int_list, "pretrained_path": str,
                    "blur_percentile": _optional_float, "psnr_percentile": _optional_float}
         values = {}
         for f in fields(cls):
@@ -51,6 +59,8 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf features needs six comma-separated integers, got {result.features}")
         if result.random_strategy not in ("qunet", "random"):
             raise ValueError(f"--conf random_strategy must be qunet or random, got {result.random_strategy!r}")
+        if result.max_voxels < 1:
+            raise ValueError(f"--conf max_voxels must be positive, got {result.max_voxels}")
         if result.patch_size < 16 or result.patch_size % 16:
             raise ValueError(f"--conf patch_size must be a multiple of 16 (four poolings), got {result.patch_size}")
         return result

@@ -13,13 +13,18 @@ copy (another process's update is lost). Here:
   completes, so the label file and its records always agree;
 - a submitted label is checked against its image before anything is written, and ids, tags and file types
   from clients are checked (nothing is written outside the studies folder); mistakes raise `lib.errors`
-  exceptions, which the server answers with a 4xx status and a message naming the problem.
+  exceptions, which the server answers with a 4xx status and a message naming the problem;
+- only regular files inside the studies folder are images or labels: a symlink (or a folder that leads outside)
+  is neither listed nor given as a path to read or serve;
+- served-slice records are pruned whenever they are written (`records.pruned_served`).
 """
 
 import contextlib
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -41,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"  # our temporary files; any left over after a crash is removed on the next start
 PENDING = "qunet_pending"  # label info: {"tmp": copy waiting to be renamed into place, "stale": file to delete}
-FILE_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".nhdr", ".mhd"))  # single-file formats only
+TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}")  # the names tempfile.mkstemp gives ours
+FILE_SUFFIXES = IMAGE_SUFFIXES  # single-file formats only
 
 
 def _fsync_dir(path: str) -> None:
@@ -111,6 +117,7 @@ def file_suffix(path: str) -> str:
 
 class QUNetDatastore(LocalDatastore):
     max_label: int | None = None  # highest label value a submitted label may hold (the app sets it: its label count)
+    hold_seconds: float | None = None  # how long a served-slice record holds its slices (the app sets it)
 
     def __init__(self, *args, **kwargs) -> None:
         self._rlock = threading.RLock()
@@ -213,19 +220,22 @@ class QUNetDatastore(LocalDatastore):
         changed = False
         for image_id, obj in self._datastore.objects.items():
             for tag, label in obj.labels.items():
-                pending = label.info.get(PENDING)
-                if not pending:
+                if PENDING not in label.info:
                     continue
                 folder = self._datastore.label_path(tag)
-                tmp = os.path.join(folder, os.path.basename(str(pending.get("tmp", ""))))
-                if pending.get("tmp") and os.path.isfile(tmp):
-                    os.replace(tmp, os.path.join(folder, self._filename(image_id, label.ext)))
-                    _fsync_dir(folder)
-                    logger.warning(f"completed the interrupted save of label {image_id!r} ({tag})")
-                stale = pending.get("stale")
-                if stale and stale != self._filename(image_id, label.ext):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(folder, os.path.basename(stale)))
+                found = self._pending_files(image_id, label.info[PENDING])
+                if found is None:
+                    logger.warning(f"ignored a pending save of label {image_id!r} ({tag}) the app did not write: "
+                                   f"{str(label.info[PENDING])[:200]}")
+                else:
+                    tmp, stale = found
+                    if os.path.isfile(os.path.join(folder, tmp)):
+                        os.replace(os.path.join(folder, tmp), os.path.join(folder, self._filename(image_id, label.ext)))
+                        _fsync_dir(folder)
+                        logger.warning(f"completed the interrupted save of label {image_id!r} ({tag})")
+                    if stale and stale != self._filename(image_id, label.ext):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(os.path.join(folder, stale))
                 label.info.pop(PENDING, None)
                 changed = True
         if changed:
@@ -242,6 +252,61 @@ class QUNetDatastore(LocalDatastore):
                         with contextlib.suppress(OSError):
                             os.remove(os.path.join(folder, name))
 
+    def _pending_files(self, image_id: str, pending: Any) -> tuple[str, str | None] | None:
+        """(temporary copy, stale file) of a pending save if the record is one `_store` writes: a temporary name of
+        ours, and a stale file of this same image. None for anything else (it would move or delete another file)."""
+        if not isinstance(pending, dict) or not isinstance(pending.get("tmp"), str) or not TMP_NAME.fullmatch(pending["tmp"]):
+            return None
+        stale = pending.get("stale")
+        if stale is not None and stale not in {self._filename(image_id, ext) for ext in FILE_SUFFIXES}:
+            return None
+        return pending["tmp"], stale
+
+    # ---- only regular files inside the studies folder ----------------------------------------------------------
+
+    def _inside(self, path: str) -> str:
+        """`path` resolved if it is a regular file (or missing) inside the studies folder, else "" (a symlink, a
+        folder, a device, or a path that leads outside)."""
+        root = os.path.realpath(self._datastore_path)
+        try:
+            real = os.path.realpath(path)
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            regular = True  # missing: the caller reports it
+        except (OSError, ValueError):  # e.g. a name too long, a NUL byte
+            return ""
+        return real if regular and os.path.commonpath([real, root]) == root else ""
+
+    def _list_files(self, path, patterns):
+        return {k: v for k, v in super()._list_files(path, patterns).items() if self._inside(os.path.join(path, v))}
+
+    def _remove_non_existing(self) -> int:
+        removed = super()._remove_non_existing()
+        objects = self._datastore.objects
+        for image_id in [i for i, obj in objects.items() if not self._image_path(i, obj)]:
+            logger.warning(f"dropping image {image_id!r}: not a regular file inside the studies folder")
+            del objects[image_id]
+            removed += 1
+        for image_id, obj in objects.items():
+            for tag in [t for t in obj.labels if not self._label_path(image_id, t)]:
+                logger.warning(f"dropping label {image_id!r} ({tag}): not a regular file inside the studies folder")
+                del obj.labels[tag]
+                removed += 1
+        return removed
+
+    def _image_path(self, image_id: str, obj: ImageLabelModel | None) -> str:
+        return self._inside(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))) if obj else ""
+
+    def _label_path(self, label_id: str, label_tag: str) -> str:
+        label = self._datastore.label(label_id, label_tag)
+        return self._inside(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))) if label else ""
+
+    def get_image_uri(self, image_id: str) -> str:
+        return self._image_path(image_id, self._datastore.objects.get(image_id))
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return self._label_path(label_id, label_tag)
+
     # ---- reads -----------------------------------------------------------------------------------------------
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
@@ -254,6 +319,15 @@ class QUNetDatastore(LocalDatastore):
 
     # ---- writes ----------------------------------------------------------------------------------------------
 
+    def _apply(self, info: dict[str, Any], update: dict[str, Any]) -> None:
+        """info.update(update), pruning the served-slice records it writes (never the ones this update changes)."""
+        served = update.get(records.SERVED)
+        if self.hold_seconds is not None and isinstance(served, dict):
+            old = info.get(records.SERVED) or {}
+            written = {k for k, v in served.items() if not _same(old.get(k), v)}
+            update = {**update, records.SERVED: records.pruned_served(served, time.time(), self.hold_seconds, written)}
+        info.update(update)
+
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         with self._lock():
             self._reload()
@@ -265,7 +339,7 @@ class QUNetDatastore(LocalDatastore):
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFound(image_id)
-            obj.image.info.update(info)
+            self._apply(obj.image.info, info)
 
         self._locked_update(change)
 
@@ -323,7 +397,7 @@ class QUNetDatastore(LocalDatastore):
                 info = {**label_info, "ts": int(time.time()), "name": name}
                 obj.labels[label_tag] = DataModel(info={**info, PENDING: {"tmp": os.path.basename(tmp), "stale": stale}},
                                                   ext=ext)
-                obj.image.info.update(image_update)
+                self._apply(obj.image.info, image_update)
                 self._update_datastore_file(lock=False)  # the commit: from here on a restart completes the save
             except BaseException:
                 os.remove(tmp)

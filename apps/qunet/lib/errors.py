@@ -17,7 +17,8 @@ from monailabel.utils.others.generic import name_to_device
 from qunet.io import StackError
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-NAME = re.compile(r"\w[\w.+() -]{0,199}")  # one path component: no separators, no leading dot
+NAME = re.compile(r"\w[\w.+() -]*")  # one path component: no separators, no leading dot
+MAX_NAME_BYTES = 200  # a file name is the name plus a suffix of at most 7 bytes: within the usual 255-byte limit
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 
 
@@ -76,10 +77,15 @@ class NotFound(ClientError):
 
 
 def check_name(value: Any, what: str) -> str:
-    """A file-name component: an id or a file name that stays inside its folder (no '/', '\\', '..', NUL)."""
-    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
-        raise BadRequest(f"{what} {value!r} is not allowed: use letters, digits and . _ - + ( ) or space, "
-                         "no path separators or '..', not starting with a dot, at most 200 characters")
+    """A file-name component: an id or a file name that stays inside its folder (no '/', '\\', '..', NUL) and fits
+    the file system's name limit (255 bytes) with a suffix added; counted in UTF-8 bytes, as the file system does."""
+    try:
+        size = len(value.encode("utf-8")) if isinstance(value, str) else MAX_NAME_BYTES + 1
+    except UnicodeEncodeError:  # a lone surrogate: no file name
+        size = MAX_NAME_BYTES + 1
+    if not isinstance(value, str) or size > MAX_NAME_BYTES or not NAME.fullmatch(value) or ".." in value:
+        raise BadRequest(f"{what} {str(value)[:80]!r} is not allowed: use letters, digits and . _ - + ( ) or space, "
+                         f"no path separators or '..', not starting with a dot, at most {MAX_NAME_BYTES} bytes in UTF-8")
     return value
 
 

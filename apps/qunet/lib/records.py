@@ -1,5 +1,6 @@
-"""What the app keeps in the datastore's image info, under one key each."""
+"""What the app keeps in the datastore's image and label info, under one key each, and which keys clients may not set."""
 
+from collections.abc import Iterable
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -9,6 +10,14 @@ DISAGREEMENT = "qunet_disagreement"  # per-slice Q with the model and image sign
 ANNOTATED = "qunet_annotated"  # slice indices covered by submitted labels
 SERVED = "qunet_served"  # {client_id: {"slices": [...], "ts": seconds}}: slices handed out by Next sample
 ERROR = "qunet_error"  # why the image cannot be scored, if it cannot
+
+# Keys the app (or MONAI Label for it) writes into image or label info, besides its own "qunet_" ones: the strategy's
+# record, file bookkeeping, and what the DICOMweb datastore copies from the series (its labels' SEG uid picks the
+# label). A client setting one could break Next sample, scoring or a restart for everyone.
+OWN_PREFIX = "qunet_"
+OWN_KEYS = frozenset({"strategy", "ts", "name", "path", "SeriesInstanceUID", "StudyInstanceUID", "StudyDate", "StudyTime",
+                      "Modality", "SeriesDescription", "RetrieveURL", "DicomPatientID"})
+MAX_SERVED_EXPIRED = 32  # expired served-slice records kept per image (a late label still finds what was served)
 
 
 ANONYMOUS = "anonymous"  # the client id of a client that sends none (the stock MONAILabelClient sends null)
@@ -23,6 +32,20 @@ def client_id(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or len(str(value)) > MAX_CLIENT_ID:
         raise ValueError(f"client_id must be a string of at most {MAX_CLIENT_ID} characters, got {str(value)[:40]!r}")
     return str(value)
+
+
+def protected(keys: Iterable[Any]) -> list[str]:
+    """The keys among `keys` that only the app may write."""
+    return sorted(str(k) for k in keys if str(k).startswith(OWN_PREFIX) or str(k) in OWN_KEYS)
+
+
+def pruned_served(served: dict[str, dict], now: float, hold_seconds: float, written: set[str]) -> dict[str, dict]:
+    """The served-slice records to keep: those being written, every hold still running, and the newest
+    MAX_SERVED_EXPIRED expired ones."""
+    expired = sorted((k for k, v in served.items() if k not in written and now - v.get("ts", 0) >= hold_seconds),
+                     key=lambda k: served[k].get("ts", 0), reverse=True)
+    dropped = set(expired[MAX_SERVED_EXPIRED:])
+    return {k: v for k, v in served.items() if k not in dropped}
 
 
 def annotated(datastore: Datastore, image_id: str, info: dict[str, Any], depth: int) -> list[int]:
