@@ -30,7 +30,9 @@ from lib.datastore import QUNetDatastore
 from lib.dicomweb_datastore import dicomweb_datastore
 from lib.errors import BadRequest, ClientError, ImageNotFound, NotFound, as_bool, check_tag, json_object
 from lib.infers import QUNetInfer
-from lib.scoring import DisagreementScoring, QualityScoring
+from lib.progress import watch_model
+from lib.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
+from lib.status import CSP, LoopStatus
 from lib.strategies import QUNetStrategy
 from lib.trainers import QUNetTrain, check_train_request
 
@@ -58,6 +60,8 @@ class QUNetApp(MONAILabelApp):
         self._sample_lock = threading.Lock()
         self._scoring_lock = threading.Lock()
         guard_endpoints()
+        register_status_page()
+        quiet_empty_sample_warning()
 
     def model_path(self) -> str | None:
         """The published model if training produced one, else conf pretrained_path, else None."""
@@ -88,13 +92,14 @@ class QUNetApp(MONAILabelApp):
         return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published)}
 
     def init_strategies(self) -> dict:
-        qunet = QUNetStrategy(self.qconf, self.model_path)
+        qunet = QUNetStrategy(self.qconf, self.model_path, self.model_dir)
+        self.loop_status = LoopStatus(qunet)
         return {MODEL: qunet, "random": qunet if self.qconf.random_strategy == "qunet" else Random()}
 
     def init_scoring_methods(self) -> dict:
         return {
-            "qunet_quality": QualityScoring(self.qconf),
-            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path),
+            "qunet_quality": QualityScoring(self.qconf, self.model_dir),
+            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path, self.model_dir),
         }
 
     # ---- requests: unknown names are 404, bad values 400, before MONAI Label turns them into 500 ----------------
@@ -118,10 +123,28 @@ class QUNetApp(MONAILabelApp):
         return super().infer(request, datastore)
 
     def next_sample(self, request: dict) -> dict:
-        """One Next sample at a time: the strategy reads and writes the served-slice records (the hold)."""
-        self._known("strategy", request.get("strategy") or "random", self._strategies)
+        """One Next sample at a time: the strategy reads and writes the served-slice records (the hold). As MONAI
+        Label's, except that an answer without a volume (`"id": ""`, with the reason) reaches the client, not {}."""
+        name = request.get("strategy") or "random"
+        self._known("strategy", name, self._strategies)
         with self._sample_lock:
-            return super().next_sample(request)
+            answer = self._strategies[name](request, self.datastore())
+        if answer and answer.get("id"):
+            answer["path"] = self._datastore.get_image_uri(answer["id"])
+        if self._auto_update_scoring:
+            self.async_scoring(None)
+        return answer or {}
+
+    def info(self) -> dict:
+        """MONAI Label's info, plus `qunet`: the loop's phase, model, scoring progress, stop signal and budget."""
+        return {**super().info(), "qunet": self.loop_status.summary(self.datastore())}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        # re-score a new model once a training leaves it in place (the training subprocess no longer asks: see
+        # async_scoring), whatever MONAI_LABEL_AUTO_UPDATE_SCORING says, as the app always did after training
+        watch_model(lambda: signature_or_none(self.model_path()) if self.model_path() else None, training_running,
+                    lambda: self.async_scoring("qunet_disagreement"))
 
     def scoring(self, request: dict, datastore=None):
         self._known("scoring method", request.get("method"), self._scoring_methods)
@@ -131,6 +154,12 @@ class QUNetApp(MONAILabelApp):
         """Queue a scoring run (a subprocess) only when it has work: some image lacks an up-to-date record, and no
         run for the method is queued and not yet started (that one will see every change made before it starts).
         MONAI Label asks after every Next sample; queueing a run each time would pile up subprocesses under load."""
+        if not self._server_mode and method is None and params is None:
+            # MONAI Label's training subprocess asks here after training, one method at a time without queueing: a run
+            # in progress answered 429 and it logged "[ERROR] Failed To Trigger Scoring ... Already Running". The
+            # server re-scores by itself once the training ends (on_init_complete's model watch).
+            logger.info("training done: the server queues the new model's disagreement scoring")
+            return {}
         if not self._server_mode or params is not None:
             return super().async_scoring(method, params)
         methods = [method] if method else list(self._scoring_methods)
@@ -151,12 +180,7 @@ class QUNetApp(MONAILabelApp):
 
     def train(self, request: dict) -> dict:
         self._known("trainer", request.get("model"), self._trainers)
-        result = super().train(request)
-        if not self._server_mode:
-            # MONAI Label's training subprocess asks the server to re-score one method at a time without
-            # queueing, so a scoring run already in progress drops the new model's re-score; POST /scoring/ queues.
-            self._local_request("/scoring/", None, "Scoring")
-        return result
+        return super().train(request)
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
         """Answer with the annotated slices (recorded by the datastore); train every `auto_train_after` labels."""
@@ -254,6 +278,35 @@ GUARDS: dict[str, dict[str, Callable[[dict], None]]] = {
     "scoring": {"run_method": _check_scoring},
     "activelearning": {"sample": _check_sample},
 }
+
+
+def register_status_page() -> None:
+    """GET /qunet/: the annotation lead's status page (lib/status.py), in a process that serves the endpoints; once."""
+    server = sys.modules.get("monailabel.app")
+    if server is None or any(getattr(r, "path", None) == "/qunet/" for r in server.app.routes):
+        return
+    from fastapi import Depends
+    from fastapi.responses import HTMLResponse
+    from monailabel.endpoints.user.auth import RBAC
+
+    def status_page(user=Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))) -> HTMLResponse:
+        app = app_instance()
+        return HTMLResponse(app.loop_status.page(app.datastore()), headers={"Content-Security-Policy": CSP})
+
+    server.app.add_api_route("/qunet/", status_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+
+
+class _EmptySampleWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Failed to update Image info for "
+
+
+def quiet_empty_sample_warning() -> None:
+    """MONAI Label's Next sample endpoint records the strategy in the answer's image info, and warns when it cannot:
+    for an answer without a volume (`"id": ""`) there is nothing to record; that one warning is dropped."""
+    endpoint_logger = logging.getLogger("monailabel.endpoints.activelearning")
+    if not any(isinstance(f, _EmptySampleWarning) for f in endpoint_logger.filters):
+        endpoint_logger.addFilter(_EmptySampleWarning())
 
 
 def guard_endpoints() -> None:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, fields
 
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig
+from qunet.policy import VARIANTS
 
 
 def _optional_float(value: str) -> float | None:
@@ -34,6 +35,9 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     # what strategy "random" answers: "qunet" (the app's pick) or "random" (MONAI Label's: a volume, no slices).
     # The OHIF panel of MONAI Label 0.8.5 always asks for "random" (its strategy list has no change handler)
     random_strategy: str = "qunet"
+    pick: str = SelectionConfig.pick  # Next sample's policy variant (qunet.policy.VARIANTS)
+    budget: int = SelectionConfig.budget  # slices affordable in all; q0 is lowered to fit what is left (0: none)
+    stop_tolerance: float = SelectionConfig.stop_tolerance  # agreement change below which Next sample signals stop
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
@@ -52,6 +56,10 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf features needs six comma-separated integers, got {result.features}")
         if result.random_strategy not in ("qunet", "random"):
             raise ValueError(f"--conf random_strategy must be qunet or random, got {result.random_strategy!r}")
+        if result.pick not in VARIANTS:
+            raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
+        if result.budget < 0 or result.stop_tolerance < 0:
+            raise ValueError("--conf budget and stop_tolerance must be 0 (off) or more")
         if result.image_size < 16 or result.image_size % 16:
             raise ValueError(f"--conf image_size must be a multiple of 16 (four poolings), got {result.image_size}")
         return result
