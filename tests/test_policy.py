@@ -85,3 +85,16 @@ def test_variant_is_a_setting():
     assert set(VARIANTS) >= {"paper"} and SelectionConfig().pick == "paper"
     with pytest.raises(KeyError):
         choose([], LoopState(), SelectionConfig(pick="no-such-variant"))
+
+
+def test_ranked_slices_give_the_same_pick_as_q_alone():
+    """`ranked` (what the app's scoring run stores: slices below q0, lowest Q first) only spares the policy work."""
+    from qunet.selection import select_by_disagreement
+
+    qs = {"a": [0.3, 0.9, 0.05, 0.2, 0.31], "b": [0.1, 0.45, None, 0.6, 0.49], "c": [0.8, 0.7]}
+    annotated, held = {"a": {2}}, {"b": {0}}
+    for settings in (SelectionConfig(q0=0.5, slices_per_sample=2), SelectionConfig(q0=0.5, budget=5)):
+        picks = [choose([VolumeState(i, q=q, annotated=annotated.get(i, set()), held=held.get(i, set()),
+                                     ranked=select_by_disagreement([1.0 if v is None else v for v in q], 0.5) if ranked else None)
+                         for i, q in qs.items()], MODEL, settings) for ranked in (True, False)]
+        assert picks[0] == picks[1] and picks[0].slices

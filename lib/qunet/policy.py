@@ -41,6 +41,9 @@ class VolumeState:
     annotated: Set[int] = frozenset()
     held: Set[int] = frozenset()  # served to another client within the hold: not offered, counted against the budget
     unscorable: bool = False  # the file cannot be scored (no Q will come)
+    # optional: the slices with Q below the configured q0, lowest Q first (the app's scoring run stores them), so
+    # that choose need not look at every slice of every volume; None: computed from q
+    ranked: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,17 @@ def rescore_order(volumes: Sequence[VolumeState]) -> list[str]:
     def key(v: VolumeState) -> tuple:
         if v.q is None:
             return (0, 0.0, v.image_id)
-        return (1, min((q for _, q in _open_q(v)), default=2.0), v.image_id)
+        return (1, min((q for k, q in enumerate(v.q) if q is not None and k not in v.annotated), default=2.0), v.image_id)
 
     return [v.image_id for v in sorted(volumes, key=key)]
 
 
-def _open_q(v: VolumeState) -> list[tuple[int, float]]:
-    """(slice, Q) of unannotated scored slices, lowest Q first."""
-    return sorted(((k, q) for k, q in enumerate(v.q or ()) if q is not None and k not in v.annotated), key=lambda s: s[1])
+def _open_below(v: VolumeState, q0: float) -> list[tuple[int, float]]:
+    """(slice, Q) of unannotated slices with Q below q0, lowest Q first."""
+    if v.ranked is not None:
+        return [(k, v.q[k]) for k in v.ranked if k not in v.annotated and v.q[k] < q0]
+    found = [(k, q) for k, q in enumerate(v.q or ()) if q is not None and q < q0 and k not in v.annotated]
+    return sorted(found, key=lambda s: s[1])
 
 
 def _initial_options(volumes: Sequence[VolumeState]) -> list[Option]:
@@ -154,8 +160,10 @@ def choose(volumes: Sequence[VolumeState], loop: LoopState, settings: SelectionC
         remaining = max(0, settings.budget - sum(len(v.annotated) + len(v.held - v.annotated) for v in volumes))
     limit = settings.slices_per_sample if remaining is None else min(settings.slices_per_sample, remaining)
     pending = sum(v.q is None and not v.unscorable for v in volumes) if loop.has_model else 0
-    scored = {v.image_id: _open_q(v) for v in volumes if v.q is not None} if loop.has_model else {}
-    q0 = budget_q0([q for v in volumes for k, q in scored.get(v.image_id, ()) if k not in v.held], settings.q0, remaining)
+    scored = {v.image_id: _open_below(v, settings.q0) for v in volumes if v.q is not None} if loop.has_model else {}
+    q0 = settings.q0
+    if remaining is not None:
+        q0 = budget_q0([q for v in volumes for k, q in scored.get(v.image_id, ()) if k not in v.held], q0, remaining)
     below = sum(q < q0 for s in scored.values() for _, q in s)
     stop = _stop(loop, settings, remaining, below, pending)
     common = {"q0": q0, "below_q0": below, "pending": pending, "remaining": remaining, "stop": stop}

@@ -151,14 +151,17 @@ def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) 
     return False
 
 
-def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | None, held: Set[int] = frozenset()) -> VolumeState:
-    """The policy's view of one volume's records; Q counts only if made by `model` (None: by whichever model)."""
+def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | None, q0: float,
+                 held: Set[int] = frozenset()) -> VolumeState:
+    """The policy's view of one volume's records; Q counts only if made by `model` (None: by whichever model). The
+    record's `flagged` (slices below its q0, lowest Q first) spares the policy a sort when made for `q0`."""
     quality, rec = info.get(records.QUALITY), info.get(records.DISAGREEMENT)
     depth = _depth(info)
     annotated = records.annotated(datastore, image_id, info, depth) if depth else info.get(records.ANNOTATED) or []
     current = rec and (model is None or rec.get("model") == model)
+    ranked = rec.get("flagged") if current and rec.get("q0") == q0 else None
     return VolumeState(image_id, quality["initial"] if quality else None, rec["q"] if current else None,
-                       frozenset(annotated), held, bool(info.get(records.ERROR)))
+                       frozenset(annotated), held, bool(info.get(records.ERROR)), ranked)
 
 
 class QualityScoring(ScoringMethod):
@@ -225,7 +228,7 @@ class DisagreementScoring(ScoringMethod):
             return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0,
                     "q": records.rounded(q), "flagged": select_by_disagreement(q, self.conf.q0, skip)}
 
-        order = rescore_order([volume_state(datastore, i, info, None) for i, info in infos_read_only(datastore)])
+        order = rescore_order([volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)])
         progress = ScoringProgress(self.state_dir, records.DISAGREEMENT, model)
         counts = _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT, progress, order, _open_slices)
         if self.state_dir:
@@ -236,7 +239,7 @@ class DisagreementScoring(ScoringMethod):
         """The model's agreement statistic over the open slices it scored (the stop signal compares the last two)."""
         open_q: list[float] = []
         for image_id, info in infos_read_only(datastore):
-            v = volume_state(datastore, image_id, info, model)
+            v = volume_state(datastore, image_id, info, model, self.conf.q0)
             open_q += [q for k, q in enumerate(v.q or ()) if q is not None and k not in v.annotated]
         entry = {"model": model, "ts": int(time.time()), "agreement": agreement(open_q), "open_slices": len(open_q),
                  "below_q0": sum(q < self.conf.q0 for q in open_q)}

@@ -69,7 +69,7 @@ class QUNetStrategy(Strategy):
         signature = signature_or_none(path) if path else None
         training = training_running()
         model = None if training else signature  # whose Q counts (None: the latest, whichever model made it)
-        volumes = [volume_state(datastore, image_id, info, model, self._held(info, client_id, now))
+        volumes = [volume_state(datastore, image_id, info, model, self.conf.q0, self._held(info, client_id, now))
                    for image_id, info in infos_read_only(datastore)]
         loop = LoopState(has_model=signature is not None, agreement=self._agreement(model))
         return Snapshot(volumes, loop, choose(volumes, loop, self.settings), signature, path, training)
