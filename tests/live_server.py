@@ -60,6 +60,7 @@ class LiveServer:
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
+        self.stop()  # the fixture that called start() never gets to stop it
         raise TimeoutError(f"server did not answer in {timeout} s:\n{self.tail()}")
 
     def stop(self, sig: int = 15) -> None:
