@@ -95,7 +95,7 @@ class QUNetStrategy(Strategy):
         answer: dict[str, Any] = {"id": pick.image_id or "", "slices": pick.slices, "phase": pick.phase}
         if pick.image_id:
             info = datastore.get_image_info(pick.image_id)
-            served = {**(info.get(records.SERVED) or {}), client_id: {"slices": pick.slices, "ts": int(now)}}
+            served = {**(info.get(records.SERVED) or {}), client_id: {"slices": pick.slices, "ts": round(now, 3)}}
             # MONAI Label's endpoint then records {"strategy": {name: ts, client}}; writing the same here makes its
             # update a no-op, so Next sample rewrites the datastore file once, not twice
             used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
