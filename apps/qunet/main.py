@@ -32,8 +32,8 @@ from lib.errors import BadRequest, ClientError, ImageNotFound, NotFound, as_bool
 from lib.infers import QUNetInfer
 from lib.progress import watch_model
 from lib.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
-from lib.status import CSP, LoopStatus
-from lib.strategies import QUNetStrategy
+from lib.status import LoopStatus, register_status_page
+from lib.strategies import QUNetStrategy, quiet_empty_sample_warning
 from lib.trainers import QUNetTrain, check_train_request
 
 logger = logging.getLogger(__name__)
@@ -143,8 +143,11 @@ class QUNetApp(MONAILabelApp):
         super().on_init_complete()
         # re-score a new model once a training leaves it in place (the training subprocess no longer asks: see
         # async_scoring), whatever MONAI_LABEL_AUTO_UPDATE_SCORING says, as the app always did after training
-        watch_model(lambda: signature_or_none(self.model_path()) if self.model_path() else None, training_running,
-                    lambda: self.async_scoring("qunet_disagreement"))
+        watch_model(self.model_signature, training_running, lambda: self.async_scoring("qunet_disagreement"))
+
+    def model_signature(self) -> str | None:
+        path = self.model_path()
+        return signature_or_none(path) if path else None
 
     def scoring(self, request: dict, datastore=None):
         self._known("scoring method", request.get("method"), self._scoring_methods)
@@ -278,35 +281,6 @@ GUARDS: dict[str, dict[str, Callable[[dict], None]]] = {
     "scoring": {"run_method": _check_scoring},
     "activelearning": {"sample": _check_sample},
 }
-
-
-def register_status_page() -> None:
-    """GET /qunet/: the annotation lead's status page (lib/status.py), in a process that serves the endpoints; once."""
-    server = sys.modules.get("monailabel.app")
-    if server is None or any(getattr(r, "path", None) == "/qunet/" for r in server.app.routes):
-        return
-    from fastapi import Depends
-    from fastapi.responses import HTMLResponse
-    from monailabel.endpoints.user.auth import RBAC
-
-    def status_page(user=Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))) -> HTMLResponse:
-        app = app_instance()
-        return HTMLResponse(app.loop_status.page(app.datastore()), headers={"Content-Security-Policy": CSP})
-
-    server.app.add_api_route("/qunet/", status_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
-
-
-class _EmptySampleWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Failed to update Image info for "
-
-
-def quiet_empty_sample_warning() -> None:
-    """MONAI Label's Next sample endpoint records the strategy in the answer's image info, and warns when it cannot:
-    for an answer without a volume (`"id": ""`) there is nothing to record; that one warning is dropped."""
-    endpoint_logger = logging.getLogger("monailabel.endpoints.activelearning")
-    if not any(isinstance(f, _EmptySampleWarning) for f in endpoint_logger.filters):
-        endpoint_logger.addFilter(_EmptySampleWarning())
 
 
 def guard_endpoints() -> None:

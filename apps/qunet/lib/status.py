@@ -9,11 +9,17 @@ import html
 import logging
 import os
 import string
+import sys
 import threading
 import time
 from typing import Any
 
+from fastapi import Depends
+from fastapi.responses import HTMLResponse
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC
 from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.utils.app import app_instance
 
 from qunet.policy import VolumeState
 
@@ -180,3 +186,17 @@ def _dice_plot(history: list[dict], width: int = 420, height: int = 200) -> str:
             f'<text x="{width - 40}" y="{height - 4}">{xmax}</text></svg>'
             f'<p><span class="heldout">&#9679;</span> held-out Dice ({len(heldout)} models) '
             f'<span class="train">&#9679;</span> training Dice ({len(train)})</p>')
+
+
+def register_status_page() -> None:
+    """GET /qunet/: the page, registered once, in a process that serves the endpoints (the server or a TestClient),
+    with the access rule of GET /datastore/ (the USER role when MONAI Label's authentication is on)."""
+    server = sys.modules.get("monailabel.app")
+    if server is None or any(getattr(r, "path", None) == "/qunet/" for r in server.app.routes):
+        return
+
+    def status_page(user=Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))) -> HTMLResponse:
+        app = app_instance()
+        return HTMLResponse(app.loop_status.page(app.datastore()), headers={"Content-Security-Policy": CSP})
+
+    server.app.add_api_route("/qunet/", status_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)

@@ -145,3 +145,16 @@ class QUNetStrategy(Strategy):
             logger.exception(f"cannot score {image_id} for Next sample")
         else:
             datastore.update_image_info(image_id, {records.QUALITY: rec})
+
+
+class _EmptySampleWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Failed to update Image info for "
+
+
+def quiet_empty_sample_warning() -> None:
+    """MONAI Label's Next sample endpoint records the strategy in the answer's image info, and warns when it cannot:
+    for an answer without a volume (`"id": ""`) there is nothing to record; that one warning is dropped."""
+    endpoint_logger = logging.getLogger("monailabel.endpoints.activelearning")
+    if not any(isinstance(f, _EmptySampleWarning) for f in endpoint_logger.filters):
+        endpoint_logger.addFilter(_EmptySampleWarning())
