@@ -39,7 +39,7 @@ class LiveServer:
         self.log = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> "LiveServer":
+    def start(self, timeout: float = 300) -> "LiveServer":
         cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir),
                "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in self.conf.items():
