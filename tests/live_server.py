@@ -39,7 +39,7 @@ class LiveServer:
         self.log = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> "LiveServer":
+    def start(self, timeout: float = 300) -> "LiveServer":
         cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir),
                "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in self.conf.items():
@@ -60,6 +60,7 @@ class LiveServer:
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
+        self.stop()  # the fixture that called start() never gets to stop it
         raise TimeoutError(f"server did not answer in {timeout} s:\n{self.tail()}")
 
     def stop(self, sig: int = 15) -> None:

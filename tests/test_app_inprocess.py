@@ -77,7 +77,9 @@ def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
         img = nib.load(f)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), labels / f.name)
     client = app_client(studies, {"features": TINY, "patch_size": "32"})
-    assert client.post("/activelearning/qunet", json={"client_id": "a"}).json() == {}
+    answer = client.post("/activelearning/qunet", json={"client_id": "a"}).json()
+    assert answer["id"] == "" and answer["slices"] == [] and answer["phase"] == "initial"
+    assert "train a model" in answer["message"]  # no volume, and why
     assert client.get("/info/").json()["datastore"]["completed"] == 2
 
 

@@ -95,7 +95,7 @@ def test_simultaneous_next_sample_gets_disjoint_slices(server):
 
         with ThreadPoolExecutor(len(clients)) as pool:
             answers = list(pool.map(ask, clients))
-        assert sum(bool(a) for a in answers) >= 2, answers
+        assert sum(bool(a["id"]) for a in answers) >= 2, answers
         for i, a in enumerate(answers):
             for b in answers[i + 1 :]:
                 assert not overlap(a, b), f"two annotators got the same slices: {a['id']} {a['slices']} / {b['slices']}"
@@ -160,7 +160,7 @@ def test_scoring_while_training(server, tmp_path):
     saved = {}
     for i in range(2):
         sample = next_sample(server, "trainer")
-        assert sample, "nothing to annotate"
+        assert sample["id"], "nothing to annotate"
         saved[sample["id"]] = set(save(server, sample, tmp_path / f"l{i}.nii.gz", "trainer")["annotated_slices"])
     published = Path(server.app_dir, "model", "qunet.pt")  # the load test's model: the disagreement phase
     before = published.stat().st_mtime_ns
@@ -178,7 +178,7 @@ def test_scoring_while_training(server, tmp_path):
         r = requests.post(f"{server.url}/scoring/qunet_disagreement?run_sync=true", timeout=300)
         assert r.status_code in (200, 429), r.text  # 429: a background scoring run is under way
         sample = next_sample(server, f"annotator-{i}")
-        if sample:
+        if sample["id"]:
             saved.setdefault(sample["id"], set()).update(
                 save(server, sample, tmp_path / f"m{i}.nii.gz", f"annotator-{i}")["annotated_slices"])
         overlapped += training()
@@ -221,7 +221,7 @@ def test_in_process_next_sample_calls_are_serialised(tmp_path, own_environment):
             return app.next_sample({"strategy": "qunet", "client_id": f"{round_}-{i}"})
 
         with ThreadPoolExecutor(8) as pool:
-            answers = [a for a in pool.map(ask, range(8)) if a]
+            answers = [a for a in pool.map(ask, range(8)) if a.get("id")]
         assert answers or round_, "nothing served"
         for i, a in enumerate(answers):
             for b in answers[i + 1 :]:

@@ -27,8 +27,10 @@ from lib.datastore import QUNetDatastore
 from lib.dicomweb_datastore import dicomweb_datastore
 from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
 from lib.infers import QUNetInfer
-from lib.scoring import DisagreementScoring, QualityScoring
-from lib.strategies import QUNetStrategy
+from lib.progress import watch_model
+from lib.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
+from lib.status import LoopStatus, register_status_page
+from lib.strategies import QUNetStrategy, quiet_empty_sample_warning
 from lib.trainers import QUNetTrain
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,8 @@ class QUNetApp(MONAILabelApp):
         if not processes.in_task_subprocess():
             processes.clean_after_training(self.model_dir)
         guards.install(self)
+        register_status_page()
+        quiet_empty_sample_warning()
 
     def _load_sessions(self, load: bool = False):
         return None  # sessions (PUT /session/: any files, unpacked on request) are off; infer takes an upload instead
@@ -94,13 +98,14 @@ class QUNetApp(MONAILabelApp):
         return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published)}
 
     def init_strategies(self) -> dict:
-        qunet = QUNetStrategy(self.qconf, self.model_path)
+        qunet = QUNetStrategy(self.qconf, self.model_path, self.model_dir)
+        self.loop_status = LoopStatus(qunet)
         return {MODEL: qunet, "random": qunet if self.qconf.random_strategy == "qunet" else Random()}
 
     def init_scoring_methods(self) -> dict:
         return {
-            "qunet_quality": QualityScoring(self.qconf),
-            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path),
+            "qunet_quality": QualityScoring(self.qconf, self.model_dir),
+            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path, self.model_dir),
         }
 
     # ---- requests: unknown names are 404, bad values 400, before MONAI Label turns them into 500 ----------------
@@ -124,10 +129,31 @@ class QUNetApp(MONAILabelApp):
         return super().infer(request, datastore)
 
     def next_sample(self, request: dict) -> dict:
-        """One Next sample at a time: the strategy reads and writes the served-slice records (the hold)."""
-        self._known("strategy", request.get("strategy") or "random", self._strategies)
+        """One Next sample at a time: the strategy reads and writes the served-slice records (the hold). As MONAI
+        Label's, except that an answer without a volume (`"id": ""`, with the reason) reaches the client, not {}."""
+        name = request.get("strategy") or "random"
+        self._known("strategy", name, self._strategies)
         with self._sample_lock:
-            return super().next_sample(request)
+            answer = self._strategies[name](request, self.datastore())
+        if answer and answer.get("id"):
+            answer["path"] = self._datastore.get_image_uri(answer["id"])
+        if self._auto_update_scoring:
+            self.async_scoring(None)
+        return answer or {}
+
+    def info(self) -> dict:
+        """MONAI Label's info, plus `qunet`: the loop's phase, model, scoring progress, stop signal and budget."""
+        return {**super().info(), "qunet": self.loop_status.summary(self.datastore())}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        # re-score a new model once a training leaves it in place (the training subprocess no longer asks: see
+        # async_scoring), whatever MONAI_LABEL_AUTO_UPDATE_SCORING says, as the app always did after training
+        watch_model(self.model_signature, training_running, lambda: self.async_scoring("qunet_disagreement"))
+
+    def model_signature(self) -> str | None:
+        path = self.model_path()
+        return signature_or_none(path) if path else None
 
     def scoring(self, request: dict, datastore=None):
         self._known("scoring method", request.get("method"), self._scoring_methods)
@@ -137,6 +163,12 @@ class QUNetApp(MONAILabelApp):
         """Queue a scoring run (a subprocess) only when it has work: some image lacks an up-to-date record, and no
         run for the method is queued and not yet started (that one will see every change made before it starts).
         MONAI Label asks after every Next sample; queueing a run each time would pile up subprocesses under load."""
+        if not self._server_mode and method is None and params is None:
+            # MONAI Label's training subprocess asks here after training, one method at a time without queueing: a run
+            # in progress answered 429 and it logged "[ERROR] Failed To Trigger Scoring ... Already Running". The
+            # server re-scores by itself once the training ends (on_init_complete's model watch).
+            logger.info("training done: the server queues the new model's disagreement scoring")
+            return {}
         if not self._server_mode or params is not None:
             return super().async_scoring(method, params)
         methods = [method] if method else list(self._scoring_methods)
@@ -158,12 +190,7 @@ class QUNetApp(MONAILabelApp):
     def train(self, request: dict) -> dict:
         self._known("trainer", request.get("model"), self._trainers)
         with processes.training_lock(self.model_dir):  # never two trainings, whichever servers started them
-            result = super().train(request)
-        if not self._server_mode:
-            # MONAI Label's training subprocess asks the server to re-score one method at a time without
-            # queueing, so a scoring run already in progress drops the new model's re-score; POST /scoring/ queues.
-            self._local_request("/scoring/", None, "Scoring")
-        return result
+            return super().train(request)
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
         """Answer with the annotated slices (recorded by the datastore); train every `auto_train_after` labels."""

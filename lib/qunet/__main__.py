@@ -1,4 +1,4 @@
-"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,bench} ...` (see README and docs/)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,bench,rescore} ...` (see README and docs/)."""
 
 import argparse
 import json
@@ -61,6 +61,12 @@ def cmd_rounds(args: argparse.Namespace) -> None:
     activelearning.main(args)
 
 
+def cmd_rescore(args: argparse.Namespace) -> None:
+    from qunet.experiments import rescore
+
+    rescore.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     d = QualityConfig()
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
@@ -98,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--modality", default="CT", help="DICOM modality (MONAI Label lists only CT unless told otherwise)")
     u.set_defaults(run=cmd_upload)
     from qunet.experiments.bench import add_arguments as bench_arguments
+    from qunet.experiments.rescore import add_arguments as rescore_arguments
     from qunet.experiments.table1 import add_arguments as experiment_arguments
 
     e = sub.add_parser("experiment", help="rerun the paper's Table I comparison on stacks with full labels (docs/)")
@@ -116,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure scoring, quality-metric and Next sample speed and scoring memory (docs/)")
     bench_arguments(b)
     b.set_defaults(run=cmd_bench)
+    r = sub.add_parser("rescore", help="seconds from Train done to the first disagreement-phase Next sample (docs/)")
+    rescore_arguments(r)
+    r.set_defaults(run=cmd_rescore)
     return p
 
 

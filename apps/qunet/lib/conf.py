@@ -3,6 +3,7 @@
 from dataclasses import dataclass, fields
 
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig
+from qunet.policy import VARIANTS
 
 
 def _optional_float(value: str) -> float | None:
@@ -41,6 +42,9 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     random_strategy: str = "qunet"
     max_voxels: int = ReadConfig.max_voxels  # largest image or label read (uploads, studies files)
     allow_model_upload: bool = False  # PUT and DELETE /model/qunet: a client replacing or removing the model
+    pick: str = SelectionConfig.pick  # Next sample's policy variant (qunet.policy.VARIANTS)
+    budget: int = SelectionConfig.budget  # slices affordable in all; q0 is lowered to fit what is left (0: none)
+    stop_tolerance: float = SelectionConfig.stop_tolerance  # agreement change below which Next sample signals stop
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
@@ -61,6 +65,10 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf random_strategy must be qunet or random, got {result.random_strategy!r}")
         if result.max_voxels < 1:
             raise ValueError(f"--conf max_voxels must be positive, got {result.max_voxels}")
+        if result.pick not in VARIANTS:
+            raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
+        if result.budget < 0 or result.stop_tolerance < 0:
+            raise ValueError("--conf budget and stop_tolerance must be 0 (off) or more")
         if result.patch_size < 16 or result.patch_size % 16:
             raise ValueError(f"--conf patch_size must be a multiple of 16 (four poolings), got {result.patch_size}")
         return result

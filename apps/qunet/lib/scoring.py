@@ -7,25 +7,32 @@ is stored as soon as it is computed, so a run that is killed keeps what it finis
 An image that cannot be scored (unreadable, not a 3D stack, NaN voxels, ...) is reported, not fatal: the error
 goes to the log and to its image info (`qunet_error`, with the file signature it was found for), it is counted
 as failed, and the other images are scored. It is not read again until its file changes.
+
+Each run logs its progress (volumes done / total, slices per second, time left) and writes it to
+`<model folder>/scoring_<method>.json` for the server (lib/progress.py).
 """
 
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Set
 from dataclasses import fields
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.utils.async_tasks.utils import processes
 
 from qunet import build_network, disagreement_scores, select_by_disagreement, select_initial, slice_quality
 from qunet.config import QualityConfig
 from qunet.io import StackError, file_signature, load_stack
 from qunet.network import default_device, load_weights, prepare
+from qunet.policy import VolumeState, agreement, rescore_order
 
 from lib import records
 from lib.conf import AppConf
 from lib.errors import Conflict
+from lib.progress import ScoringProgress, record_agreement
 
 ERROR_SOURCE = "qunet_error_source"  # file signature the error in records.ERROR was found for
 
@@ -45,6 +52,11 @@ def _quality_params(conf: AppConf) -> list:
     return [getattr(conf, f.name) for f in fields(QualityConfig)]  # the settings the record depends on
 
 
+def training_running() -> bool:
+    """Whether this process (the server) runs a training subprocess."""
+    return bool(processes("train"))
+
+
 def signature_or_none(path: str) -> str | None:
     try:
         return file_signature(path)
@@ -52,18 +64,23 @@ def signature_or_none(path: str) -> str | None:
         return None
 
 
-def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: Callable[[str, str, dict], dict], key: str) -> dict:
+def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: Callable[[str, str, dict], dict], key: str,
+                progress: ScoringProgress, order: list[str], cost: Callable[[dict], int | None]) -> dict:
+    """Score the images in `order`, skipping those `done`; `cost(info)`: the slices an image's scoring takes (for the
+    progress' time left)."""
     counts = {"scored": 0, "skipped": 0, "failed": 0}
-    for image_id in datastore.list_images():
+    infos = dict(infos_read_only(datastore))
+    progress.start(order, [cost(infos.get(i) or {}) for i in order])
+    for image_id in order:
+        outcome, start, slices = "failed", time.perf_counter(), 0
         try:
             info = datastore.get_image_info(image_id)
             path = datastore.get_image_uri(image_id)
             source = signature_or_none(path)
             if info.get(records.ERROR) and source is not None and info.get(ERROR_SOURCE) == source:
-                counts["failed"] += 1  # known bad, file unchanged: not read again
-                continue
+                continue  # known bad, file unchanged: not read again
             if source is not None and done(info, path):
-                counts["skipped"] += 1
+                outcome = "skipped"
                 continue
             try:
                 result = score(image_id, path, info)
@@ -76,17 +93,31 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
                 error, error_source = f"{path}: {type(e).__name__}: {e}", None
             else:
                 datastore.update_image_info(image_id, {key: result, records.ERROR: None, ERROR_SOURCE: None})
-                counts["scored"] += 1
+                outcome, slices = "scored", cost({**info, key: result}) or 0
                 continue
             logger.error(f"cannot score {image_id}: {error}")
             datastore.update_image_info(image_id, {records.ERROR: error, ERROR_SOURCE: error_source})
-            counts["failed"] += 1
         except (ImageNotFoundException, FileNotFoundError):  # removed while scoring
             logger.info(f"{image_id} was removed while scoring")
-            counts["skipped"] += 1
+            outcome = "skipped"
+        finally:
+            counts[outcome] += 1
+            progress.step(image_id, outcome, slices, time.perf_counter() - start if slices else 0.0)
+    progress.finish()
     if counts["failed"]:
         logger.warning(f"{counts['failed']} image(s) cannot be scored: see qunet_error in their image info")
     return counts
+
+
+def _depth(info: dict) -> int | None:
+    """Slices of the image as its records know them; None before any record."""
+    rec = info.get(records.QUALITY) or info.get(records.DISAGREEMENT) or {}
+    return int(rec.get("slices") or len(rec.get("q") or ())) or None
+
+
+def _open_slices(info: dict) -> int | None:
+    depth = _depth(info)
+    return None if depth is None else max(0, depth - len(info.get(records.ANNOTATED) or ()))
 
 
 def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
@@ -119,10 +150,24 @@ def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) 
     return False
 
 
+def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | None, q0: float,
+                 held: Set[int] = frozenset()) -> VolumeState:
+    """The policy's view of one volume's records; Q counts only if made by `model` (None: by whichever model). The
+    record's `flagged` (slices below its q0, lowest Q first) spares the policy a sort when made for `q0`."""
+    quality, rec = info.get(records.QUALITY), info.get(records.DISAGREEMENT)
+    depth = _depth(info)
+    annotated = records.annotated(datastore, image_id, info, depth) if depth else info.get(records.ANNOTATED) or []
+    current = rec and (model is None or rec.get("model") == model)
+    ranked = rec.get("flagged") if current and rec.get("q0") == q0 else None
+    return VolumeState(image_id, quality["initial"] if quality else None, rec["q"] if current else None,
+                       frozenset(annotated), held, bool(info.get(records.ERROR)), ranked)
+
+
 class QualityScoring(ScoringMethod):
-    def __init__(self, conf: AppConf) -> None:
+    def __init__(self, conf: AppConf, state_dir: str | None = None) -> None:
         super().__init__("Per-slice blurriness, PSNR-inv, ROI CoV and mean, and the model-free S0 pick")
         self.conf = conf
+        self.state_dir = state_dir  # where the run's progress goes (the app's model folder)
 
     def _done(self, info: dict, path: str) -> bool:
         rec = info.get(records.QUALITY) or {}
@@ -132,14 +177,20 @@ class QualityScoring(ScoringMethod):
         return _pending(datastore, self._done, records.QUALITY)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
-        return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), records.QUALITY)
+        progress = ScoringProgress(self.state_dir, records.QUALITY, None)
+        return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), records.QUALITY,
+                           progress, sorted(datastore.list_images()), _depth)
 
 
 class DisagreementScoring(ScoringMethod):
-    def __init__(self, conf: AppConf, model_path: Callable[[], str | None]) -> None:
+    """Re-scores only what changed (the model or the image; annotated slices are never scored), volumes most likely
+    to be asked for next first (qunet.policy.rescore_order), so Next sample can use them while the rest is scored."""
+
+    def __init__(self, conf: AppConf, model_path: Callable[[], str | None], state_dir: str | None = None) -> None:
         super().__init__("Per-slice Q = Jaccard(level 3 > 0.5, level 4 > 0.5) of the current U-net++")
         self.conf = conf
         self.model_path = model_path
+        self.state_dir = state_dir  # where the run's progress and the agreement history go (the app's model folder)
 
     @staticmethod
     def _done_for(model: str) -> Callable[[dict, str], bool]:
@@ -150,8 +201,12 @@ class DisagreementScoring(ScoringMethod):
         return done
 
     def pending(self, datastore: Datastore) -> bool:
+        """Whether a run has work; never while a training runs: it publishes a model at every improving epoch, and the
+        server queues the re-score of the one in place when it ends (progress.watch_model)."""
         path = self.model_path()
-        return bool(path) and _pending(datastore, self._done_for(file_signature(path)), records.DISAGREEMENT)
+        if not path or training_running():
+            return False
+        return _pending(datastore, self._done_for(file_signature(path)), records.DISAGREEMENT)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         path = self.model_path()
@@ -172,4 +227,22 @@ class DisagreementScoring(ScoringMethod):
             return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0,
                     "q": records.rounded(q), "flagged": select_by_disagreement(q, self.conf.q0, skip)}
 
-        return _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT)
+        order = rescore_order([volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)])
+        progress = ScoringProgress(self.state_dir, records.DISAGREEMENT, model)
+        counts = _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT, progress, order, _open_slices)
+        if self.state_dir:
+            self._record_agreement(datastore, model)
+        return counts
+
+    def _record_agreement(self, datastore: Datastore, model: str) -> None:
+        """The model's agreement statistic over the open slices it scored (the stop signal compares the last two)."""
+        open_q: list[float] = []
+        for image_id, info in infos_read_only(datastore):
+            v = volume_state(datastore, image_id, info, model, self.conf.q0)
+            open_q += [q for k, q in enumerate(v.q or ()) if q is not None and k not in v.annotated]
+        entry = {"model": model, "ts": int(time.time()), "agreement": agreement(open_q), "open_slices": len(open_q),
+                 "below_q0": sum(q < self.conf.q0 for q in open_q)}
+        try:
+            record_agreement(self.state_dir, entry)
+        except OSError as e:
+            logger.warning(f"cannot record the model's agreement in {self.state_dir}: {e}")

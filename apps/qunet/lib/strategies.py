@@ -1,103 +1,140 @@
-"""Strategy `qunet` ("Next sample"): which volume to open and which of its slices to annotate.
+"""Strategy `qunet` ("Next sample"): read the records, ask the policy (qunet.policy.choose: phases, stop signal,
+budget, the `pick` variant), record the served slices (the hold) and format the answer.
 
-Before a model exists: the next volume with S0 slices left (best quality first). Once one exists: the volume
-whose unannotated slices disagree most (lowest Q below q0), with those slices, lowest Q first. Slices served
-to another client within `hold_seconds` are held back, then offered again if no label came.
+Slices served to another client within `hold_seconds` are held back, then offered again if no label came. The
+model whose Q counts is the one in place, except while a training runs (it publishes a model at every improving
+epoch): then the latest scores, whichever model made them. An answer without a volume (nothing to annotate now)
+has `"id": ""`, no slices and a `message`; `stop` and `scoring` say why.
 """
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from qunet.config import SelectionConfig
 from qunet.io import StackError
+from qunet.policy import DISAGREEMENT, LoopState, Pick, VolumeState, choose
 
 from lib import records
 from lib.conf import AppConf
-from lib.scoring import ERROR_SOURCE, infos_read_only, quality_record, signature_or_none
+from lib.progress import read_agreement, read_progress
+from lib.scoring import ERROR_SOURCE, infos_read_only, quality_record, signature_or_none, training_running, volume_state
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The records as the policy sees them, its pick, and the model they refer to."""
+
+    volumes: list[VolumeState]
+    loop: LoopState
+    pick: Pick
+    model: str | None  # signature of the model in place
+    model_path: str | None
+    training: bool
+
+
 class QUNetStrategy(Strategy):
-    def __init__(self, conf: AppConf, model_path: Callable[[], str | None]) -> None:
+    def __init__(self, conf: AppConf, model_path, state_dir: str) -> None:
         super().__init__("QU-net++: S0 quality pick first, then slices where levels 3 and 4 disagree (Q < q0)")
         self.conf = conf
         self.model_path = model_path
+        self.state_dir = state_dir  # the app's model folder: scoring progress and agreement history
+        self.settings = SelectionConfig(**{f.name: getattr(conf, f.name) for f in fields(SelectionConfig)})
 
-    def _held(self, info: dict, client_id: str, now: float) -> set[int]:
+    def _held(self, info: dict, client_id: str | None, now: float) -> frozenset[int]:
+        """Slices served within the hold and not submitted, to another client than `client_id` (None: to anyone)."""
         held: set[int] = set()
         for client, served in (info.get(records.SERVED) or {}).items():
             if client != client_id and not served.get("submitted") and now - served["ts"] < self.conf.hold_seconds:
                 held.update(served["slices"])
-        return held
+        return frozenset(held)
 
-    def _candidates(self, datastore: Datastore, image_id: str, info: dict, phase: str, held: set[int]) -> list[tuple[int, float]]:
-        """(slice, score) pairs still to annotate in this image, best first; score = Q or quality rank."""
-        rec = info.get(records.QUALITY if phase == "initial" else records.DISAGREEMENT)
-        if not rec:
+    def _agreement(self, model: str | None) -> list[float | None]:
+        """Agreement statistics, oldest first, ending with `model`'s (None: the latest model scored); [] until then."""
+        entries = read_agreement(self.state_dir)
+        if model is not None and (not entries or entries[-1].get("model") != model):
             return []
-        depth = len(rec["q"]) if phase == "disagreement" else rec["slices"]
-        skip = held | set(records.annotated(datastore, image_id, info, depth))
-        if phase == "initial":
-            return [(k, rank) for rank, k in enumerate(rec["initial"]) if k not in skip]
-        return [(k, rec["q"][k]) for k in rec["flagged"] if k not in skip and rec["q"][k] is not None]
+        return [e.get("agreement") for e in entries]
 
-    def _pick(self, datastore: Datastore, phase: str, client_id: str, now: float) -> tuple[tuple | None, bool]:
-        """The best (key, image id, candidates) for a phase, and whether any image had scores for it."""
-        best: tuple[Any, ...] | None = None
-        scored = False
-        for image_id, info in infos_read_only(datastore):
-            if phase == "initial" and not info.get(records.QUALITY) and not info.get(records.ERROR):
-                info = self._score_now(datastore, image_id)
-            scored |= bool(info.get(records.QUALITY if phase == "initial" else records.DISAGREEMENT))
-            found = self._candidates(datastore, image_id, info, phase, self._held(info, client_id, now))
-            if not found:
-                continue
-            if phase == "initial":  # volumes in id order
-                return (0.0, image_id, found), True
-            if best is None or found[0][1] < best[0]:  # the volume holding the lowest Q
-                best = (found[0][1], image_id, found)
-        return best, scored
+    def snapshot(self, datastore: Datastore, client_id: str | None = None, now: float | None = None) -> Snapshot:
+        now = time.time() if now is None else now
+        path = self.model_path()
+        signature = signature_or_none(path) if path else None
+        training = training_running()
+        model = None if training else signature  # whose Q counts (None: the latest, whichever model made it)
+        volumes = [volume_state(datastore, image_id, info, model, self.conf.q0, self._held(info, client_id, now))
+                   for image_id, info in infos_read_only(datastore)]
+        loop = LoopState(has_model=signature is not None, agreement=self._agreement(model))
+        return Snapshot(volumes, loop, choose(volumes, loop, self.settings), signature, path, training)
 
-    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any] | None:
+    def _snapshot_with_quality(self, datastore: Datastore, client_id: str, now: float) -> Snapshot:
+        """The snapshot; when the S0 pick finds nothing but some volume has no quality record yet (background
+        scoring has not reached it, e.g. right after start), that volume is scored now and the policy asked again."""
+        tried: set[str] = set()
+        while True:
+            snap = self.snapshot(datastore, client_id, now)
+            pick = snap.pick
+            missing = [v.image_id for v in snap.volumes if v.initial is None and not v.unscorable and v.image_id not in tried]
+            if pick.slices or pick.stop or pick.phase == DISAGREEMENT or not missing:
+                return snap
+            tried.add(missing[0])
+            self._score_now(datastore, missing[0])
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         client_id = records.client_id(request.get("client_id"))
         now = time.time()
-        best, scored = self._pick(datastore, "disagreement", client_id, now) if self.model_path() else (None, False)
-        phase = "disagreement"
-        if best is None and not scored:  # no model yet, or its scoring has not run: the model-free pick
-            best, _ = self._pick(datastore, "initial", client_id, now)
-            phase = "initial"
-        if best is None:
-            return None
-        _, image_id, found = best
-        found = found[: self.conf.slices_per_sample]
-        slices = [k for k, _ in found]
-        info = datastore.get_image_info(image_id)
-        served = {**(info.get(records.SERVED) or {}), client_id: {"slices": slices, "ts": int(now)}}
-        # MONAI Label's endpoint then records {"strategy": {name: ts, client}}; writing the same here makes its
-        # update a no-op, so Next sample rewrites the datastore file once, not twice
-        used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
-            "ts": int(time.time()), "client_id": request.get("client_id")}}
-        datastore.update_image_info(image_id, {records.SERVED: served, "strategy": used})
-        if phase == "initial":
-            rec = info[records.QUALITY]
-            scores = {k: [rec[k][i] for i in slices] for k in ("blurriness", "psnr_inv")}
-        else:
-            scores = {"q": [s for _, s in found]}
-        return {
-            "id": image_id,
-            "slices": slices,
-            "phase": phase,
-            "scores": scores,
+        snap = self._snapshot_with_quality(datastore, client_id, now)
+        pick = snap.pick
+        answer: dict[str, Any] = {"id": pick.image_id or "", "slices": pick.slices, "phase": pick.phase}
+        if pick.image_id:
+            info = datastore.get_image_info(pick.image_id)
+            served = {**(info.get(records.SERVED) or {}), client_id: {"slices": pick.slices, "ts": round(now, 3)}}
+            # MONAI Label's endpoint then records {"strategy": {name: ts, client}}; writing the same here makes its
+            # update a no-op, so Next sample rewrites the datastore file once, not twice
+            used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
+                "ts": int(time.time()), "client_id": request.get("client_id")}}
+            datastore.update_image_info(pick.image_id, {records.SERVED: served, "strategy": used})
+            if pick.phase == DISAGREEMENT:
+                answer["scores"] = {"q": pick.scores}
+            else:
+                rec = info[records.QUALITY]
+                answer["scores"] = {k: [rec[k][i] for i in pick.slices] for k in ("blurriness", "psnr_inv")}
             # stock 3D Slicer names the loaded volume node after PatientID: the annotator sees the slices there
-            "PatientID": f"{image_id} - annotate slices (K) {', '.join(map(str, slices))}",
-        }
+            answer["PatientID"] = f"{pick.image_id} - annotate slices (K) {', '.join(map(str, pick.slices))}"
+        else:
+            answer["message"] = pick.message
+        if snap.loop.has_model:
+            answer["q0"] = pick.q0
+        if pick.stop:
+            answer["stop"] = {"reason": pick.stop.reason, "message": pick.stop.message}
+        if pick.pending:
+            answer["scoring"] = self.scoring_status(snap)
+        if pick.remaining is not None:
+            answer["budget"] = {"budget": self.settings.budget, "remaining": pick.remaining}
+        return answer
 
-    def _score_now(self, datastore: Datastore, image_id: str) -> dict:
+    def scoring_status(self, snap: Snapshot) -> dict[str, Any]:
+        """The current model's disagreement scoring: its run's progress, or `queued` when no run of it has begun."""
+        progress = read_progress(self.state_dir, records.DISAGREEMENT)
+        if progress.get("model") != snap.model or snap.training:
+            progress = {"state": "waiting for the training to end" if snap.training else "queued"}
+        keep = ("state", "volumes_done", "volumes_total", "slices_per_second", "eta_seconds", "updated")
+        return {"pending_volumes": snap.pick.pending, **{k: progress[k] for k in keep if k in progress}}
+
+    def model_time(self, snap: Snapshot) -> int | None:
+        try:
+            return int(os.stat(snap.model_path).st_mtime) if snap.model_path else None
+        except OSError:
+            return None
+
+    def _score_now(self, datastore: Datastore, image_id: str) -> None:
         """Quality for an image the background scoring has not reached yet (e.g. Next sample right after start)."""
         path = datastore.get_image_uri(image_id)
         try:
@@ -106,7 +143,18 @@ class QUNetStrategy(Strategy):
             datastore.update_image_info(image_id, {records.ERROR: str(e), ERROR_SOURCE: signature_or_none(path)})
         except Exception:  # anything else must not fail Next sample for every client: skip it this time
             logger.exception(f"cannot score {image_id} for Next sample")
-            return {}
         else:
             datastore.update_image_info(image_id, {records.QUALITY: rec})
-        return datastore.get_image_info(image_id)
+
+
+class _EmptySampleWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Failed to update Image info for "
+
+
+def quiet_empty_sample_warning() -> None:
+    """MONAI Label's Next sample endpoint records the strategy in the answer's image info, and warns when it cannot:
+    for an answer without a volume (`"id": ""`) there is nothing to record; that one warning is dropped."""
+    endpoint_logger = logging.getLogger("monailabel.endpoints.activelearning")
+    if not any(isinstance(f, _EmptySampleWarning) for f in endpoint_logger.filters):
+        endpoint_logger.addFilter(_EmptySampleWarning())

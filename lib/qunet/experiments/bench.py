@@ -277,9 +277,9 @@ def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: 
         out["qunet_disagreement_seconds"] = round(time.perf_counter() - t, 1)
     torch.set_num_threads(threads)
     # where a Next sample's time goes, in this process: the strategy's scan, and one datastore write
-    strategy = strategies.QUNetStrategy(app_conf, lambda: str(model))
+    strategy = strategies.QUNetStrategy(app_conf, lambda: str(model), str(studies.parent))
     image_id = datastore.list_images()[0]
-    scan = _best(lambda: strategy._pick(datastore, "disagreement", "bench", time.time()), 3)
+    scan = _best(lambda: strategy.snapshot(datastore, "bench"), 3)
     write = _best(lambda: datastore.update_image_info(image_id, {"bench": time.time()}), 3)
     text = datastore._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
     out["in_process"] = {"strategy_scan_ms": round(scan * 1000, 3), "datastore_write_ms": round(write * 1000, 3),
