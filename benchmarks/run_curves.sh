@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reruns the learning curves whose results are in docs/learning-curve/ (the app's CPU recipe; about 5 minutes per
-# point on 2 cores: hours in all). On a GPU: bash benchmarks/run_curves.sh --preset gpu (the paper-size setting).
+# Reruns the learning curves whose results are in docs/learning-curve/ with the app's CPU recipe (about 4 to 6
+# minutes per point on 2 cores: about 90 minutes in all). On a GPU add --preset gpu (the paper-size setting).
 # Usage: bash benchmarks/run_curves.sh [extra curve flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,9 +10,9 @@ run() {
     echo "== $name" >&2
     "$PY" -m qunet curve --data sample-data --out "docs/learning-curve/$name" "$@"
 }
-run oct --include 'oct*' --counts 5 10 20 40 --seeds 3 --title "Synthetic OCT-like stacks (sample-data oct1, oct2)" "${@}"
-run ct --include 'ct*' --counts 5 10 20 40 --seeds 3 --title "Synthetic CT-like stacks (sample-data ct1, ct2)" "${@}"
-run real --include 'lung1*' 'brain1*' 'breast1*' --counts 5 10 20 40 --seeds 3 \
-    --title "Real scans (sample-data lung1 CT, brain1 MRI, breast1 MRI)" "${@}"
-run real-per-stack --include 'lung1*' 'brain1*' 'breast1*' --counts 20 --per-stack --seeds 3 \
+REAL=(--include 'lung1*' 'brain1*' 'breast1*')
+run real-per-stack "${REAL[@]}" --counts 20 --per-stack --seeds 3 \
     --title "Real scans, 20 annotated slices in every stack" "${@}"
+run real "${REAL[@]}" --counts 5 10 20 40 --seeds 2 --title "Real scans (sample-data lung1 CT, brain1 MRI, breast1 MRI)" "${@}"
+run oct --include 'oct*' --counts 5 20 --seeds 2 --title "Synthetic OCT-like stacks (sample-data oct1, oct2)" "${@}"
+run ct --include 'ct*' --counts 5 20 --seeds 2 --title "Synthetic CT-like stacks (sample-data ct1, ct2)" "${@}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qunet.__main__ import main
-from qunet.experiments import bench
+from qunet.experiments import bench, live_bench
 from qunet.network import build_network
 
 TINY = (4, 4, 8, 8, 16, 4)
@@ -41,7 +41,7 @@ def test_forward_flops_counts_a_known_convolution():
 
 
 def test_next_sample_latency_against_a_live_server(tmp_path):
-    result = bench.next_sample_bench(volumes=3, requests_count=2, workdir=str(tmp_path))
+    result = live_bench.next_sample_bench(volumes=3, requests_count=2, workdir=str(tmp_path))
     assert result["scoring"]["qunet_quality"]["scored"] == 3  # by the app's scoring classes
     assert result["scoring"]["qunet_disagreement"]["scored"] == 3
     assert result["quality_rescoring"]["skipped"] == 3  # and the server agrees they are current

@@ -183,42 +183,41 @@ def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
 
 
 def _publish_and_die(model_dir: str, die: bool) -> None:
-    """Child: publish the run's model and stats as training does after an epoch, dying mid-copy when `die`."""
-    from types import SimpleNamespace
-
+    """Child: publish a new model as training does after an epoch, killed after writing it, before the rename."""
     app_lib()
-    from lib.trainers import AtomicPublisher
+    from lib.conf import AppConf
+    from lib.trainers import QUNetTrain
 
-    state = SimpleNamespace(epoch=1, max_epochs=2, best_metric=0.5, metrics={"dice": 0.5}, key_metric_name="dice",
-                            best_metric_epoch=1)
-    trainer = SimpleNamespace(get_stats=lambda: {"total_epochs": 2}, state=state)
+    torch.manual_seed(2)
+    conf = AppConf.from_conf({"features": ",".join(map(str, TINY))})
+    trainer = QUNetTrain(model_dir, conf, os.path.join(model_dir, "qunet.pt"))
     if die:
-        shutil.copyfile = copy_then_die(1000)
-    run_dir = os.path.join(model_dir, "train_01")
-    AtomicPublisher(os.path.join(model_dir, "train_stats.json"), os.path.join(model_dir, "qunet.pt"), "model.pt",
-                    time.time(), "run", run_dir, trainer, None).iteration_completed()
+        os.fsync = lambda fd: os._exit(9)
+    trainer._publish(build_network(TINY))
     os._exit(0)
 
 
-def test_model_publish_killed_mid_copy_keeps_the_previous_model(tmp_path):
-    """Training publishes its best model after each epoch; a kill mid-copy leaves the previous complete model."""
+def test_model_publish_killed_mid_write_keeps_the_previous_model(tmp_path):
+    """Training publishes its model after each epoch; a kill mid-write leaves the previous complete model, and the
+    partial file is removed when the server starts again."""
+    app_lib()
+    from lib.processes import clean_after_training
+
     torch.manual_seed(1)
-    old, new = build_network(TINY).state_dict(), build_network(TINY).state_dict()
-    (tmp_path / "train_01").mkdir()
+    old = build_network(TINY).state_dict()
     torch.save({"model": old}, tmp_path / "qunet.pt")
-    torch.save({"model": new}, tmp_path / "train_01" / "model.pt")
-    st = os.stat(tmp_path / "qunet.pt")  # same size, and the same mtime (as two quick saves can have): still new
-    os.utime(tmp_path / "train_01" / "model.pt", ns=(st.st_atime_ns, st.st_mtime_ns))
-    (tmp_path / "train_stats.json").write_text(json.dumps({"epoch": 7}))
     ctx = multiprocessing.get_context("fork")
-    for die, expected in ((True, old), (False, new)):
+    for die in (True, False):
         child = ctx.Process(target=_publish_and_die, args=(str(tmp_path), die))
         child.start()
         child.join(60)
         assert child.exitcode == (9 if die else 0)
         published = torch.load(tmp_path / "qunet.pt", weights_only=True)["model"]  # complete: it loads
-        assert all(torch.equal(published[k], expected[k]) for k in expected)
-        assert json.loads((tmp_path / "train_stats.json").read_text())["epoch"] in (7, 1)
+        assert all(torch.equal(published[k], old[k]) for k in old) == die
+        partial = [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+        assert bool(partial) == die
+        clean_after_training(str(tmp_path))
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 # ---- the live server, SIGKILLed -----------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_rescore_order_puts_volumes_never_scored_first_then_lowest_open_q():
 
 
 def test_variant_is_a_setting():
-    assert set(VARIANTS) >= {"paper"} and SelectionConfig().pick == "paper"
+    assert set(VARIANTS) >= {"paper", "spread"} and SelectionConfig().pick == "paper"
     with pytest.raises(KeyError):
         choose([], LoopState(), SelectionConfig(pick="no-such-variant"))
 
@@ -98,3 +98,20 @@ def test_ranked_slices_give_the_same_pick_as_q_alone():
                                      ranked=select_by_disagreement([1.0 if v is None else v for v in q], 0.5) if ranked else None)
                          for i, q in qs.items()], MODEL, settings) for ranked in (True, False)]
         assert picks[0] == picks[1] and picks[0].slices
+
+
+def test_spread_covers_volumes_and_spaces_slices():
+    """`spread`: the least annotated volume before a model exists, and no two served slices (nor a served and an
+    annotated one) closer than the even spacing; the paper's pick serves the best-ranked slices, neighbours or not."""
+    initial = [10, 11, 12, 30, 31, 0, 20]
+    volumes = [VolumeState("a", initial=initial, annotated={25}), VolumeState("b", initial=initial)]
+    paper_pick = choose(volumes, LoopState(), SelectionConfig(slices_per_sample=3))
+    assert (paper_pick.image_id, paper_pick.slices) == ("a", [10, 11, 12])
+    pick = choose(volumes, LoopState(), SelectionConfig(slices_per_sample=3, pick="spread"))
+    assert (pick.image_id, pick.slices) == ("b", [10, 30, 0])  # span 32 over 4: at least 8 apart
+    annotated = choose([VolumeState("a", initial=initial, annotated={25})], LoopState(),
+                       SelectionConfig(slices_per_sample=3, pick="spread"))
+    assert annotated.slices == [10, 0, 11]  # 30 and 20 are near the annotated 25; too few spaced: the best-ranked rest
+    q = [0.1, 0.15, 0.2, 0.9, 0.9, 0.9, 0.3, 0.9]
+    scored = choose([VolumeState("a", q=q)], MODEL, SelectionConfig(q0=0.5, slices_per_sample=2, pick="spread"))
+    assert scored.slices == [0, 2] and scored.scores == [0.1, 0.2]  # lowest Q, spaced: 1 is adjacent to 0

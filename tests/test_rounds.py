@@ -41,7 +41,7 @@ def test_every_method_annotates_the_same_number_of_new_slices_each_round(data, m
         results = bench.run(method, seed=0)
         assert [r.annotated for r in results] == [3, 6], method
         assert all(0 <= r.dice <= 1 and 0 <= r.lesion_annotated <= r.annotated for r in results)
-        assert (len(calls) > before) == (method in ("default", "paper")), "the QU-net++ methods ask the app's policy"
+        assert (len(calls) > before) == (method in qunet.policy.VARIANTS), "the QU-net++ methods ask the app's policy"
     paper = bench.run("paper", seed=0)
     assert len(bench.initial["a"]) >= 3
     assert paper[0].picked == [("a", k) for k in bench.initial["a"][:3]]  # no model: S0 of the first volume, as served
@@ -83,7 +83,7 @@ def test_same_seed_same_initial_weights_for_every_method():
 def test_cli_writes_tables_and_plot(data, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--seeds", "2", "--methods", "paper",
-            "random", "--max-epochs", "1", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+            "random", "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
     assert main(argv) == 0
     assert "AUBC - random" in capsys.readouterr().out
     saved = json.loads((out / "rounds.json").read_text())

@@ -36,8 +36,8 @@ def heads(network: torch.nn.Module, x: torch.Tensor, patch_size: int, background
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = network(window.contiguous(memory_format=torch.channels_last))
-        out = out if isinstance(out, (list, tuple)) else [out]  # a one-output network (U-net)
-        return tuple(out[i] for i in which)
+        out = out if isinstance(out, (list, tuple)) else [out]  # a one-output network (U-net): every head is it
+        return tuple(out[i] if len(out) > 1 else out[0] for i in which)
 
     out = inferer(x, predictor)
     return [out] if isinstance(out, torch.Tensor) else list(out)  # MONAI returns a single output bare

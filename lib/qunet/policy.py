@@ -18,8 +18,11 @@ how the model agrees with itself; slices are still offered).
 Budget: with `budget` > 0, q0 is lowered to the Q of the (R+1)-th lowest open slice when more than R = budget -
 annotated - held slices lie below it, so at most R more slices are asked for; each answer holds at most R slices.
 
-Variants: a variant is one function `(options, phase) -> option` choosing a volume among those with open slices;
-`VARIANTS` names them and the setting `pick` selects one.
+Variants: a variant is one function `(options, phase, limit) -> option` choosing a volume among those with open
+slices and ordering its slices (the first `limit` are served); `VARIANTS` names them and the setting `pick` selects
+one. `paper` is QU-net++ as published. `spread` aims at coverage, which the literature finds hard to beat before
+a model is good (random and fixed-interval slices): the least annotated volume first in the initial phase, and in
+every phase no two slices of one answer, nor a slice and an annotated one, closer than an even spacing allows.
 """
 
 import statistics
@@ -78,17 +81,43 @@ class Pick:
     message: str = ""  # why there are no slices, when there are none
 
 
-Variant = Callable[[list[Option], str], Option]
+Variant = Callable[[list[Option], str, int], Option]
 
 
-def paper(options: list[Option], phase: str) -> Option:
+def paper(options: list[Option], phase: str, limit: int) -> Option:
     """QU-net++ as published: S0 volume by volume (id order); then Algorithm 1: the volume holding the lowest Q."""
     if phase == DISAGREEMENT:
         return min(options, key=lambda o: o.slices[0][1])  # first in id order on ties
     return options[0]
 
 
-VARIANTS: dict[str, Variant] = {"paper": paper}
+def spaced(slices: list[tuple[int, float]], annotated: Set[int], limit: int) -> list[tuple[int, float]]:
+    """`slices` (best first) reordered so that the first `limit` keep a distance from each other and from the
+    annotated slices: the span of candidate and annotated slices over limit + 1, at least 2 (no adjacent slices).
+    Greedy in rank order; slices too close follow, in rank order, so an answer is never shorter than without."""
+    taken = [k for k, _ in slices] + list(annotated)
+    gap = max(2, (max(taken) - min(taken) + 1) // (limit + 1))
+    chosen, rest, near = [], [], set(annotated)
+    for k, score in slices:
+        if len(chosen) < limit and all(abs(k - j) >= gap for j in near):
+            chosen.append((k, score))
+            near.add(k)
+        else:
+            rest.append((k, score))
+    return chosen + rest
+
+
+def spread(options: list[Option], phase: str, limit: int) -> Option:
+    """Coverage: the least annotated volume while no model exists (ties: id order), the paper's volume after; slices
+    spaced along the stack (see `spaced`)."""
+    if phase == DISAGREEMENT:
+        chosen = paper(options, phase, limit)
+    else:
+        chosen = min(options, key=lambda o: len(o.volume.annotated))
+    return Option(chosen.volume, spaced(chosen.slices, chosen.volume.annotated, limit))
+
+
+VARIANTS: dict[str, Variant] = {"paper": paper, "spread": spread}
 
 
 def agreement(q_values: Sequence[float]) -> float | None:
@@ -182,7 +211,7 @@ def choose(volumes: Sequence[VolumeState], loop: LoopState, settings: SelectionC
         options = _initial_options(volumes)
     if not options:
         return Pick(phase, message=_nothing(phase, stop, pending), **common)
-    chosen = variant(options, phase)
+    chosen = variant(options, phase, limit)
     slices = chosen.slices[:limit]
     return Pick(phase, chosen.volume.image_id, [k for k, _ in slices], [s for _, s in slices], **common)
 

@@ -94,9 +94,9 @@ def train(
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.PolynomialLR(optimiser, total_iters=steps, power=0.9)
     loss_fn = DeepSupervisionDiceCE()
-    start, history = time.perf_counter(), []
+    start, history, stopped = time.perf_counter(), [], False
     for epoch in range(config.max_epochs):
-        total, overlap, size = 0.0, 0.0, 0.0
+        total, overlap, size, done = 0.0, 0.0, 0.0, 0
         for _ in range(config.steps_per_epoch):
             x, y = _batch(sampler, config.batch_size, transform)
             x, y = x.to(device=device, memory_format=torch.channels_last), y.to(device)
@@ -106,19 +106,20 @@ def train(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += loss.item()
+            total, done = total + loss.item(), done + 1
             with torch.no_grad():
                 found = heads[-1] > 0 if isinstance(heads, (list, tuple)) else heads > 0
                 overlap += 2 * float((found & (y > 0)).sum())
                 size += float(found.sum() + (y > 0).sum())
-            if should_stop():
+            stopped = should_stop()
+            if stopped:
                 break
-        stats = EpochStats(epoch + 1, config.max_epochs, total / config.steps_per_epoch,
+        stats = EpochStats(epoch + 1, config.max_epochs, total / done,
                            overlap / size if size else 1.0, round(time.perf_counter() - start, 2))
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-        if should_stop():
+        if stopped:  # the epoch in progress was reported
             break
     network.eval()
     return history

@@ -7,8 +7,8 @@ truth, train (round 1 from the seed's initial weights, later rounds continuing f
 app's trainer does), re-score, and measure voxel Dice on every slice not annotated yet. Every method annotates the
 same number of slices each round (equal cost) and starts from the same weights for a seed:
 
-- `default`, `paper`: the app's Next sample policy (qunet.policy.choose, the very code the app's strategy calls)
-  with its default variant and with QU-net++ as published; asked repeatedly, as annotators would, until the
+- `paper` (the app's default), `spread`: the app's Next sample policy (qunet.policy.choose, the very code the app's
+  strategy calls) with each of its variants (qunet.policy.VARIANTS); asked repeatedly, as annotators would, until the
   round's slices are reached (slices it serves are held, so it moves on); when it has nothing more to offer
   (no slice below q0) the rest of the round is random, and counted (`filled`);
 - `random`: slices drawn at random from the whole cohort;
@@ -42,7 +42,7 @@ from qunet.quality import slice_quality
 from qunet.selection import select_initial
 from qunet.training import seed_everything, train
 
-METHODS = ("default", "paper", "random", "interval", "mcdropout", "lesion-random")
+METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random")
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,7 @@ class Benchmark:
         self.initial = {c.name: select_initial(slice_quality(c.volume, None, config.quality.median_window), config.quality)
                         for c in cases}
         self.pickers: dict[str, Picker] = {
-            "default": policy_picker(SelectionConfig().pick, self.initial, config.selection),
-            "paper": policy_picker("paper", self.initial, config.selection),
+            **{variant: policy_picker(variant, self.initial, config.selection) for variant in policy.VARIANTS},
             "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
             "lesion-random": pick_lesion_random}
 
@@ -218,7 +217,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-round", type=int, default=d.per_round, help="slices annotated each round by every method")
     p.add_argument("--seeds", type=int, default=d.seeds)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
-    p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round (epochs of 50 updates)")
+    p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round, in epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=d.train.steps_per_epoch)
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
     p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.model.features)
     p.add_argument("--patch-size", type=int, default=d.model.patch_size)
     p.add_argument("--out", required=True)
@@ -233,7 +234,8 @@ def main(args: argparse.Namespace) -> None:
     d = RoundsConfig()
     config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
                      model=replace(d.model, features=args.features, patch_size=args.patch_size),
-                     train=replace(d.train, max_epochs=args.max_epochs))
+                     train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
+                                   batch_size=args.batch_size))
     device = torch.device(args.device) if args.device else default_device()
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)

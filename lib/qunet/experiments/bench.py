@@ -21,13 +21,7 @@ import contextlib
 import json
 import os
 import platform
-import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -160,235 +154,6 @@ def quality_bench(shape=(512, 512, 48), repeats: int = 3) -> dict:
 # ----------------------------------------------------------------------------------------------- Next sample
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_studies(folder: Path, count: int, shape=(16, 16, 8), seed: int = 0) -> None:
-    """`count` small textured int16 NIfTI volumes vol0000.nii.gz ... in `folder`."""
-    import nibabel as nib
-    from scipy import ndimage
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        base = ndimage.gaussian_filter(rng.normal(size=shape), (1.5, 1.5, 0)) * 300 + 400
-        base += rng.normal(scale=20, size=shape)
-        nib.save(nib.Nifti1Image(base.astype(np.int16), np.diag([0.7, 0.7, 5.0, 1.0])), folder / f"vol{i:04d}.nii.gz")
-
-
-class Server:
-    """A `monailabel start_server` over a copy of the app, on 127.0.0.1 and a free port (loopback only)."""
-
-    def __init__(self, studies: Path, workdir: Path, conf: dict[str, str], auto_scoring: bool) -> None:
-        self.app_dir = workdir / "app"
-        shutil.copytree(APP, self.app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-        self.studies, self.conf, self.port = studies, conf, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "server.log"
-        self.env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false",
-                    "MONAI_LABEL_AUTO_UPDATE_SCORING": "true" if auto_scoring else "false",
-                    "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions")}
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Server":
-        import requests
-
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir), "--studies",
-               str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in self.conf.items():
-            cmd += ["--conf", k, str(v)]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.app_dir.parent, start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"monailabel server exited with {self.proc.returncode}: see {self.log}")
-            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
-                if requests.get(f"{self.url}/info/", timeout=2).ok:
-                    return self
-            time.sleep(0.5)
-        raise TimeoutError(f"monailabel server did not answer in 180 s: see {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-
-
-def _latencies(session, url: str, requests_count: int, client: str) -> tuple[dict, dict]:
-    times, last = [], {}
-    for i in range(requests_count):
-        t = time.perf_counter()  # a new client each time: slices held for the others, so every answer is stored
-        r = session.post(url, json={"client_id": f"{client}-{i}"}, timeout=60)
-        times.append(time.perf_counter() - t)
-        r.raise_for_status()
-        last = r.json()
-    ms = np.array(times) * 1000
-    return ({"requests": requests_count, "p50_ms": round(float(np.percentile(ms, 50)), 1),
-             "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)},
-            {"phase": last.get("phase"), "id": last.get("id"), "slices": last.get("slices")})
-
-
-def _app_modules(app_dir: Path):
-    """The app's own classes (its `lib` package), imported from `app_dir`."""
-    import importlib
-
-    if str(app_dir) not in sys.path:
-        sys.path.insert(0, str(app_dir))
-    return (importlib.import_module("lib.conf"), importlib.import_module("lib.datastore"),
-            importlib.import_module("lib.scoring"), importlib.import_module("lib.strategies"))
-
-
-@contextlib.contextmanager
-def _one_write(datastore):
-    """Defer the datastore's file writes to one at the end (N per-image rewrites of an N-image JSON are O(N^2))."""
-    write = datastore._update_datastore_file
-    datastore._update_datastore_file = lambda lock=True: None
-    try:
-        yield
-    finally:
-        datastore._update_datastore_file = write
-        write()
-
-
-def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: Path) -> dict:
-    """Run the app's qunet_quality and qunet_disagreement scoring methods over `studies`, in this process."""
-    conf_mod, ds_mod, scoring, strategies = _app_modules(app_dir)
-    app_conf = conf_mod.AppConf.from_conf(conf)
-    datastore = ds_mod.QUNetDatastore(str(studies), auto_reload=False)
-    out = {}
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # set-up, not a measured figure: small networks run best on one thread
-    with _one_write(datastore):
-        t = time.perf_counter()
-        out["qunet_quality"] = scoring.QualityScoring(app_conf)({}, datastore)
-        out["qunet_quality_seconds"] = round(time.perf_counter() - t, 1)
-        t = time.perf_counter()
-        out["qunet_disagreement"] = scoring.DisagreementScoring(app_conf, lambda: str(model))({}, datastore)
-        out["qunet_disagreement_seconds"] = round(time.perf_counter() - t, 1)
-    torch.set_num_threads(threads)
-    # where a Next sample's time goes, in this process: the strategy's scan, and one datastore write
-    strategy = strategies.QUNetStrategy(app_conf, lambda: str(model), str(studies.parent))
-    image_id = datastore.list_images()[0]
-    scan = _best(lambda: strategy.snapshot(datastore, "bench"), 3)
-    write = _best(lambda: datastore.update_image_info(image_id, {"bench": time.time()}), 3)
-    text = datastore._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
-    out["in_process"] = {"strategy_scan_ms": round(scan * 1000, 3), "datastore_write_ms": round(write * 1000, 3),
-                         "datastore_json_mb": round(len(text) / 2**20, 2)}
-    return out
-
-
-def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16, 16, 8), auto_scoring: bool = False,
-                      workdir: str | None = None) -> dict:
-    """Latency of POST /activelearning/qunet with `volumes` scored volumes, in both phases of the strategy.
-
-    The volumes are scored by the app's own scoring classes in this process first (one datastore write at the
-    end); the server, started on them, then confirms both scorings are up to date (every image skipped)."""
-    import requests
-    import torch
-
-    from qunet.network import build_network
-
-    features = "4,4,8,8,16,4"
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        root = Path(tmp)
-        t = time.perf_counter()
-        write_studies(root / "studies", volumes, shape)
-        model, parked = root / "pretrained.pt", root / "pretrained.off"
-        torch.manual_seed(0)
-        torch.save({"model": build_network(tuple(int(f) for f in features.split(","))).state_dict()}, model)
-        conf = {"patch_size": "32", "features": features, "q0": "1.01", "pretrained_path": str(model)}
-        out: dict = {"volumes": volumes, "volume_shape": list(shape), "auto_update_scoring": auto_scoring,
-                     "write_seconds": round(time.perf_counter() - t, 1)}
-        out["scoring"] = score_in_process(APP, root / "studies", conf, model)
-        os.rename(model, parked)  # no model: the initial phase (rename keeps the file's signature)
-        with Server(root / "studies", root, conf, auto_scoring) as server, requests.Session() as session:
-            url = f"{server.url}/activelearning/qunet"
-            t = time.perf_counter()
-            r = session.post(f"{server.url}/scoring/qunet_quality", params={"run_sync": "true"}, timeout=3600)
-            r.raise_for_status()
-            out["quality_rescoring"] = {**r.json(), "seconds": round(time.perf_counter() - t, 2)}  # all skipped
-            out["initial"], out["initial_answer"] = _latencies(session, url, requests_count, "bench")
-            os.rename(parked, model)
-            t = time.perf_counter()
-            r = session.post(f"{server.url}/scoring/qunet_disagreement", params={"run_sync": "true"}, timeout=3600)
-            r.raise_for_status()
-            out["disagreement_rescoring"] = {**r.json(), "seconds": round(time.perf_counter() - t, 2)}
-            out["disagreement"], out["disagreement_answer"] = _latencies(session, url, requests_count, "bench")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- memory
-
-
-def _hwm_mb() -> float:
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def _rss_mb() -> float:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def memory_probe(kind: str, shape: tuple[int, int, int], patch_size: int, features: tuple[int, ...]) -> dict:
-    """Run in a fresh process: build the volume, reset the peak, score it, report the peak beyond the start."""
-    import torch
-
-    from qunet.disagreement import disagreement_scores
-    from qunet.network import build_network, prepare
-    from qunet.quality import slice_quality
-
-    torch.manual_seed(0)
-    network = prepare(build_network(features), torch.device("cpu"))
-    volume = np.empty(shape, np.float32)
-    rng = np.random.default_rng(0)
-    for k in range(shape[2]):  # slice by slice: no temporary the size of the volume
-        volume[:, :, k] = rng.random(shape[:2], dtype=np.float32) * 1000
-    if kind == "disagreement":  # warm up once so that one-off allocations (kernels, thread pools) are not counted
-        disagreement_scores(network, volume[:, :, :4], patch_size)
-    else:
-        slice_quality(volume[:, :, :4])
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = _rss_mb()
-    t = time.perf_counter()
-    if kind == "disagreement":
-        disagreement_scores(network, volume, patch_size)
-    else:
-        slice_quality(volume)
-    return {"kind": kind, "shape": list(shape), "volume_mb": round(volume.nbytes / 2**20, 1),
-            "rss_before_mb": round(start, 1), "peak_mb": round(_hwm_mb(), 1),
-            "extra_mb": round(_hwm_mb() - start, 1), "seconds": round(time.perf_counter() - t, 2)}
-
-
-def memory_bench(depths=(100, 600), size: int = 512, patch_size: int = 96, features=(8, 16, 32, 64, 128, 8),
-                 in_process: bool = False) -> dict:
-    """Peak memory beyond the volume while scoring (quality and disagreement), per depth, each in a fresh process
-    (`in_process`: in this one, for quick checks)."""
-    if not Path("/proc/self/clear_refs").exists():
-        return {"skipped": "needs Linux /proc to reset the peak"}
-    out = {"patch_size": patch_size, "features": list(features), "runs": []}
-    for kind in ("quality", "disagreement"):
-        for depth in depths:
-            if in_process:
-                out["runs"].append(memory_probe(kind, (size, size, depth), patch_size, tuple(features)))
-                continue
-            code = (f"import json; from qunet.experiments.bench import memory_probe; print(json.dumps(memory_probe("
-                    f"{kind!r}, ({size}, {size}, {depth}), {patch_size}, {tuple(features)!r})))")
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-            if r.returncode:
-                raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")
-            out["runs"].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- report
 
 TARGETS = {
@@ -471,8 +236,12 @@ def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_co
     if "quality" in sections:
         result["quality"] = quality_bench((64, 64, 8), 1) if quick else quality_bench()
     if "next_sample" in sections:
+        from qunet.experiments.live_bench import next_sample_bench
+
         result["next_sample"] = next_sample_bench(volumes, requests_count, auto_scoring=auto_scoring)
     if "memory" in sections:
+        from qunet.experiments.memory_bench import memory_bench
+
         result["memory"] = memory_bench((4, 12), 64, 32, (4, 4, 8, 8, 16, 4), in_process=True) if quick else memory_bench()
     result["targets"] = targets(result)
     return result

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qunet.experiments.bench import REPO, Server
+from qunet.experiments.bench import REPO
+from qunet.experiments.live_bench import Server
 from qunet.io import IMAGE_SUFFIXES, load_label, load_stack, stack_id
 
 SAMPLES = REPO / "sample-data"
