@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reruns the learning curves whose results are in docs/learning-curve/ with the app's CPU recipe (about 4 to 6
-# minutes per point on 2 cores: about 90 minutes in all). On a GPU add --preset gpu (the paper-size setting).
+# Reruns the learning curves whose results are in docs/learning-curve/ with the app's CPU recipe (about 4 to 5
+# minutes per point on 2 cores: about 90 minutes in all; the ct curve has not been committed yet). On a GPU add --preset gpu (the paper-size setting).
 # Usage: bash benchmarks/run_curves.sh [extra curve flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

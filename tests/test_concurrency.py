@@ -164,7 +164,7 @@ def test_scoring_while_training(server, tmp_path):
         saved[sample["id"]] = set(save(server, sample, tmp_path / f"l{i}.nii.gz", "trainer")["annotated_slices"])
     published = Path(server.app_dir, "model", "qunet.pt")  # the load test's model: the disagreement phase
     before = published.stat().st_mtime_ns
-    r = requests.post(f"{server.url}/train/qunet", json={"max_epochs": 30, "train_batch_size": 4}, timeout=30)
+    r = requests.post(f"{server.url}/train/qunet", json={"max_epochs": 30, "steps_per_epoch": 20, "train_batch_size": 4}, timeout=30)
     assert r.status_code == 200, r.text
     wait_for(lambda: published.stat().st_mtime_ns != before, 240, "training publishing a model")
 
