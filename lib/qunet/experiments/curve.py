@@ -93,6 +93,7 @@ def plot(points: list[Point], cases: list[Case], path: Path, title: str) -> None
         ax.plot(counts, ys, style, marker="o", color=color, label=label)
     ax.set_xscale("log")
     ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_xticks([], minor=True)  # no minor labels such as 6x10^0 between the counts
     ax.set_xlabel("annotated slices (cohort)")
     ax.set_ylabel("voxel Dice on unseen slices (median over seeds)")
     ax.set_ylim(0, 1)
