@@ -2,22 +2,14 @@
 
 import csv
 import json
-from pathlib import Path
-
-import nibabel as nib
-import numpy as np
 
 from qunet.__main__ import main
-from qunet.synthetic import generate_stack
+from qunet.cohorts import write_cohort
 
 
 def test_curve_writes_a_point_per_count_and_seed(tmp_path):
     data = tmp_path / "data"
-    (data / "ground-truth").mkdir(parents=True)
-    for name, kind, seed in (("a", "oct", 1), ("b", "ct", 2)):
-        stack = generate_stack(kind, seed, (40, 40, 10))
-        for folder, array in ((data, stack.image.astype(np.float32)), (data / "ground-truth", stack.label)):
-            nib.save(nib.Nifti1Image(array, np.eye(4)), folder / f"{name}.nii.gz")
+    write_cohort(data, count=1, seed=1, shape=(40, 40, 10))  # one OCT-like and one CT-like stack, masks beside
     out = tmp_path / "out"
     assert main(["curve", "--data", str(data), "--counts", "3", "6", "--seeds", "2", "--features", "4,4,8,8,16,4",
                  "--patch-size", "32", "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
