@@ -72,6 +72,25 @@ class LiveServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
+def records_on_disk(studies: Path) -> dict[str, dict]:
+    """The app's per-image records as a restarted server would read them from the studies folder's SQLite file."""
+    import json
+    import sqlite3
+
+    path = Path(studies) / "qunet_records.sqlite"
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(path, timeout=60)
+    try:
+        rows = db.execute("SELECT image, key, value FROM records WHERE value IS NOT NULL").fetchall()
+    finally:
+        db.close()
+    found: dict[str, dict] = {}
+    for image, key, value in rows:
+        found.setdefault(image, {})[key] = json.loads(value)
+    return found
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     """Poll until `predicate()` is truthy and return it; TimeoutError naming `what` and the last value otherwise."""
     deadline = time.time() + timeout

@@ -16,7 +16,7 @@ TINY = (4, 4, 8, 8, 16, 4)
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--only", "matmul", "scoring", "quality", "memory", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--only", "matmul", "scoring", "quality", "memory", "scale", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["machine"]["cores"] >= 1
     assert result["matmul"]["gflops"] > 0
@@ -29,10 +29,13 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     runs = result["memory"]["runs"]
     assert {(r["kind"], r["shape"][2]) for r in runs} == {(k, d) for k in ("quality", "disagreement") for d in (4, 12)}
     assert all(r["peak_mb"] > 0 and r["extra_mb"] >= 0 for r in runs)
+    scale = result["scale"]["runs"]
+    assert [r["volumes"] for r in scale] == [50, 200] and all(r["records_mb"] > 0 for r in scale)
+    assert all(0 < r["next_sample_in_process"]["p50_ms"] <= r["next_sample_in_process"]["p95_ms"] for r in scale)
     assert set(result["targets"]) >= {"scoring >= 60% of matmul GFLOP/s", "quality >= 50 slices/s at 512x512"}
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
     printed = capsys.readouterr().out
-    assert "matmul fp32" in printed and "quality metrics" in printed and str(out) in printed
+    assert "matmul fp32" in printed and "quality metrics" in printed and "200 volumes" in printed and str(out) in printed
 
 
 def test_forward_flops_counts_a_known_convolution():
@@ -46,7 +49,8 @@ def test_next_sample_latency_against_a_live_server(tmp_path):
     assert result["scoring"]["qunet_disagreement"]["scored"] == 3
     assert result["quality_rescoring"]["skipped"] == 3  # and the server agrees they are current
     assert result["disagreement_rescoring"]["skipped"] == 3
-    assert result["scoring"]["in_process"]["strategy_scan_ms"] > 0
+    assert result["scoring"]["in_process"]["strategy_scan_ms"] > 0 and result["scoring"]["in_process"]["record_write_ms"] > 0
+    assert result["startup_to_first_answer_seconds"] > 0
     assert result["initial_answer"]["phase"] == "initial"
     assert result["disagreement_answer"]["phase"] == "disagreement" and result["disagreement_answer"]["slices"]
     for phase in ("initial", "disagreement"):

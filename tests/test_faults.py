@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -28,7 +27,7 @@ import pytest
 import requests
 import torch
 
-from live_server import APP, LiveServer, wait_for
+from live_server import APP, LiveServer, records_on_disk, wait_for
 from qunet import build_network
 from qunet.io import load_label, load_stack
 from qunet.network import load_weights
@@ -75,7 +74,8 @@ def stored(studies: Path, image_id: str) -> dict:
     label = load_label(uri, load_stack(store.get_image_uri(image_id))) if uri else None
     info = store.get_image_info(image_id)
     return {"label": label, "record": store.get_label_info(image_id, "final"), "annotated": info.get(records.ANNOTATED),
-            "files": sorted(p.name for p in studies.rglob("*") if p.is_file() and p.name != ".lock")}
+            "files": sorted(p.name for p in studies.rglob("*") if p.is_file() and p.name != ".lock"
+                            and not p.name.startswith(records.RECORDS_FILE))}
 
 
 def copy_then_die(keep: int):
@@ -154,7 +154,8 @@ def test_label_save_killed_at_every_step(tmp_path, first):
 
 def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
     """Each write replaces the whole datastore JSON (1,000 volumes: megabytes); an update that changes nothing
-    leaves the file alone. What is written reads back the same, also from another process's view."""
+    leaves the file alone, and the app's own records never touch it. What is written reads back the same, also
+    from another process's view."""
     write_stack(tmp_path / "img.nii.gz")
     store = open_store(tmp_path)
     path = tmp_path / "datastore_v2.json"
@@ -176,10 +177,44 @@ def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
     written = version()
     store.update_image_info("img", {"q": [0.25, 0.5]})
     assert version() != written
+    written = version()
+    served = {"b": {"slices": [np.int64(7)], "ts": 6.5}}  # the app's records (every Next sample): not in the JSON
+    store.update_image_info("img", {"qunet_served": served, "strategy": {"qunet": {"ts": 6}}})
+    assert version() == written and "qunet_served" not in path.read_text()
     json.loads(path.read_text())
     again = open_store(tmp_path).get_image_info("img")
-    assert again["qunet_served"] == info["qunet_served"] and again["q"] == [0.25, 0.5]
+    assert again["qunet_served"] == {"b": {"slices": [7], "ts": 6.5}} and again["q"] == [0.25, 0.5]
+    assert again["strategy"] == {"qunet": {"ts": 6}}
     assert float(again["score"]) == 0.5 and again["array"] == "[0 1 2]"  # JSON has no type for them: their text
+
+
+def test_records_move_out_of_the_json_once(tmp_path):
+    """A datastore written by an earlier version keeps the app's records in the JSON's image info: the next start
+    moves them to the SQLite records, and a second (interrupted-then-repeated) move never undoes a later change."""
+    for name in ("a", "b"):
+        write_stack(tmp_path / f"{name}.nii.gz")
+    open_store(tmp_path)
+    path = tmp_path / "datastore_v2.json"
+    old = json.loads(path.read_text())
+    old["objects"]["a"]["image"]["info"].update({"qunet_quality": {"initial": [1, 2]}, "strategy": {"qunet": {"ts": 1}},
+                                                 "qunet_served": {"x": {"slices": [3], "ts": 1}}, "note": "kept"})
+    old["objects"]["b"]["image"]["info"].update({"qunet_error": "unreadable", "qunet_annotated": [4]})
+    path.write_text(json.dumps(old))
+
+    store = open_store(tmp_path)
+    a, b = store.get_image_info("a"), store.get_image_info("b")
+    assert a["qunet_quality"] == {"initial": [1, 2]} and b["qunet_error"] == "unreadable"
+    assert "qunet_annotated" not in b  # annotated slices without a final label (a removal killed halfway): dropped
+    on_disk = json.loads(path.read_text())["objects"]
+    assert on_disk["a"]["image"]["info"]["note"] == "kept" and "strategy" not in on_disk["a"]["image"]["info"]
+    assert not [k for v in on_disk.values() for k in v["image"]["info"] if k.startswith("qunet_")]
+    assert records_on_disk(tmp_path)["a"]["qunet_served"] == {"x": {"slices": [3], "ts": 1}}
+
+    store.update_image_info("a", {"qunet_quality": {"initial": [5]}})
+    path.write_text(json.dumps(old))  # the JSON as an interrupted move left it
+    assert open_store(tmp_path).get_image_info("a")["qunet_quality"] == {"initial": [5]}
+    store.remove_image("b")
+    assert "b" not in records_on_disk(tmp_path) and "b" not in open_store(tmp_path).image_infos()
 
 
 def _publish_and_die(model_dir: str, die: bool) -> None:
@@ -275,11 +310,7 @@ class Storm(threading.Thread):
 
 
 def quality_on_disk(studies: Path) -> dict[str, dict]:
-    try:
-        objects = json.loads((studies / "datastore_v2.json").read_text())["objects"]
-    except (OSError, ValueError):  # never: the file is replaced atomically; asserted after the kill
-        return {}
-    return {k: v["image"]["info"]["qunet_quality"] for k, v in objects.items() if v["image"]["info"].get("qunet_quality")}
+    return {k: v["qunet_quality"] for k, v in records_on_disk(studies).items() if v.get("qunet_quality")}
 
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from app_inprocess import app_client
+from live_server import records_on_disk
 from qunet import build_network
 from qunet.synthetic import generate_stack
 
@@ -136,7 +137,7 @@ def snapshot(studies: Path) -> dict:
         "files": sorted(p.relative_to(studies.parent).as_posix() for p in studies.parent.rglob("*")),
         "labels": {k: v["labels"].get("final") for k, v in objects.items()},  # infer may save "original" ones
         "images": sorted(objects),
-        "records": {k: {r: v["image"]["info"].get(r) for r in ("qunet_annotated",)} for k, v in objects.items()},
+        "records": {k: records_on_disk(studies).get(k, {}).get("qunet_annotated") for k in objects},
     }
 
 

@@ -24,7 +24,7 @@ import requests
 import torch
 from filelock import FileLock
 
-from live_server import APP, LiveServer, wait_for
+from live_server import APP, LiveServer, records_on_disk, wait_for
 from qunet import build_network
 from qunet.io import load_label, load_stack
 from qunet.synthetic import generate_stack
@@ -123,6 +123,7 @@ def disk_state(setup, server) -> dict:
     studies, model = setup["studies"], Path(server.app_dir) / "model"
     return {
         "datastore": (studies / "datastore_v2.json").read_bytes(),
+        "records": records_on_disk(studies),
         "labels": {p.relative_to(studies).as_posix(): p.read_bytes() for p in (studies / "labels").rglob("*") if p.is_file()},
         "studies": sorted(os.listdir(studies)),
         "model": sorted(p.relative_to(model).as_posix() for p in model.rglob("*")) if model.exists() else [],
@@ -280,10 +281,10 @@ def test_served_slice_records_are_pruned(setup, server):
     for i in range(60):  # hold_seconds 0: every record is expired when the next one is written
         r = requests.post(f"{server.url}/activelearning/qunet", json={"client_id": f"client-{i:03d}-" + "x" * 100}, timeout=30)
         assert r.status_code == 200 and r.json()["id"] in ("ct1", "ct2"), r.text
-    objects = json.loads((setup["studies"] / "datastore_v2.json").read_text())["objects"]
-    counts = {k: len(v["image"]["info"].get("qunet_served", {})) for k, v in objects.items()}
+    kept = records_on_disk(setup["studies"])
+    counts = {k: len(v.get("qunet_served", {})) for k, v in kept.items()}
     assert 0 < max(counts.values()) <= 33, counts  # the newest expired ones and the one being written
-    assert f"client-059-{'x' * 100}" in objects[r.json()["id"]]["image"]["info"]["qunet_served"]  # the newest kept
+    assert f"client-059-{'x' * 100}" in kept[r.json()["id"]]["qunet_served"]  # the newest kept
 
 
 def test_fuzzed_upload_headers(setup, server, tmp_path):

@@ -16,14 +16,14 @@ copy (another process's update is lost). Here:
   exceptions, which the server answers with a 4xx status and a message naming the problem;
 - only regular files inside the studies folder are images or labels: a symlink (or a folder that leads outside)
   is neither listed nor given as a path to read or serve;
-- served-slice records are pruned whenever they are written (`records.pruned_served`).
+- the app's own records (quality and disagreement scores, annotated and served slices: `records.in_records`)
+  are kept in SQLite, not in the JSON (lib/datastore_records.py); a label save journals its records with the
+  label, and the completion of a committed save writes them.
 """
 
 import contextlib
 import logging
 import os
-import re
-import shutil
 import stat
 import tempfile
 import threading
@@ -36,88 +36,25 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from qunet.io import IMAGE_SUFFIXES, StackError, load_stack
+from qunet.io import StackError, load_stack
 
 from lib import records
+from lib.datastore_records import RecordsMixin, same
+from lib.files import FILE_SUFFIXES, TMP_NAME, TMP_PREFIX, atomic_copy, copy_to_tmp, file_suffix, fsync_dir
 from lib.errors import BadRequest, Conflict, ImageNotFound, LabelNotFound, Unprocessable, check_name, check_tag
 from lib.submission import check_label, prepare_submission
 
 logger = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"  # our temporary files; any left over after a crash is removed on the next start
 PENDING = "qunet_pending"  # label info: {"tmp": copy waiting to be renamed into place, "stale": file to delete}
-TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}")  # the names tempfile.mkstemp gives ours
-FILE_SUFFIXES = IMAGE_SUFFIXES  # single-file formats only
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _copy_to_tmp(src: str, folder: str) -> str:
-    """A durable copy of `src` in `folder` under a temporary name (no image suffix, so no scan picks it up)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        os.remove(tmp)
-        raise
-    return tmp
-
-
-def atomic_copy(src: str, dest: str) -> None:
-    """Copy `src` to `dest` so that `dest` is always either the old file or the complete new one."""
-    tmp = _copy_to_tmp(src, os.path.dirname(dest))
-    try:
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(dest))
-
-
-def atomic_write(data: str | bytes, dest: str) -> None:
-    """Write `data` to `dest` so that `dest` is always either the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _suffixes(path: str) -> str:
     return "".join(Path(path).suffixes) or "(none)"
 
 
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError):  # e.g. arrays, whose == is elementwise
-        return False
-
-
-def file_suffix(path: str) -> str:
-    """The image suffix of a file name ('.nii.gz', '.nrrd', ...), '' when it has none we read."""
-    name = os.path.basename(path).lower()
-    return next((s for s in sorted(FILE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
-
-
-class QUNetDatastore(LocalDatastore):
+class QUNetDatastore(RecordsMixin, LocalDatastore):
     max_label: int | None = None  # highest label value a submitted label may hold (the app sets it: its label count)
-    hold_seconds: float | None = None  # how long a served-slice record holds its slices (the app sets it)
 
     def __init__(self, *args, **kwargs) -> None:
         self._rlock = threading.RLock()
@@ -192,7 +129,7 @@ class QUNetDatastore(LocalDatastore):
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-            _fsync_dir(self._datastore_path)
+            fsync_dir(self._datastore_path)
             self._config_ts = self._signature()
 
     def _locked_update(self, change: Callable[[], None]) -> None:
@@ -212,8 +149,10 @@ class QUNetDatastore(LocalDatastore):
     def _reconcile_datastore(self) -> None:
         with self._lock():
             self._reload()
+            self._migrate_records()
             self._recover()
             super()._reconcile_datastore()
+            self._drop_stale_records()
 
     def _recover(self) -> None:
         """Complete label saves that were committed when their process died; remove orphaned temporary files."""
@@ -228,10 +167,11 @@ class QUNetDatastore(LocalDatastore):
                     logger.warning(f"ignored a pending save of label {image_id!r} ({tag}) the app did not write: "
                                    f"{str(label.info[PENDING])[:200]}")
                 else:
-                    tmp, stale = found
+                    tmp, stale, pending_records = found
+                    self._set_records(image_id, pending_records)
                     if os.path.isfile(os.path.join(folder, tmp)):
                         os.replace(os.path.join(folder, tmp), os.path.join(folder, self._filename(image_id, label.ext)))
-                        _fsync_dir(folder)
+                        fsync_dir(folder)
                         logger.warning(f"completed the interrupted save of label {image_id!r} ({tag})")
                     if stale and stale != self._filename(image_id, label.ext):
                         with contextlib.suppress(FileNotFoundError):
@@ -252,15 +192,18 @@ class QUNetDatastore(LocalDatastore):
                         with contextlib.suppress(OSError):
                             os.remove(os.path.join(folder, name))
 
-    def _pending_files(self, image_id: str, pending: Any) -> tuple[str, str | None] | None:
-        """(temporary copy, stale file) of a pending save if the record is one `_store` writes: a temporary name of
-        ours, and a stale file of this same image. None for anything else (it would move or delete another file)."""
+    def _pending_files(self, image_id: str, pending: Any) -> tuple[str, str | None, dict] | None:
+        """(temporary copy, stale file, records) of a pending save if the entry is one `_store` writes: a temporary
+        name of ours, a stale file of this same image, the app's own records. None for anything else (it would move
+        or delete another file, or write other records)."""
         if not isinstance(pending, dict) or not isinstance(pending.get("tmp"), str) or not TMP_NAME.fullmatch(pending["tmp"]):
             return None
-        stale = pending.get("stale")
+        stale, pending_records = pending.get("stale"), pending.get("records", {})
         if stale is not None and stale not in {self._filename(image_id, ext) for ext in FILE_SUFFIXES}:
             return None
-        return pending["tmp"], stale
+        if not isinstance(pending_records, dict) or not all(map(records.in_records, pending_records)):
+            return None
+        return pending["tmp"], stale, pending_records
 
     # ---- only regular files inside the studies folder ----------------------------------------------------------
 
@@ -311,7 +254,8 @@ class QUNetDatastore(LocalDatastore):
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         self._fresh()  # the scoring subprocess may have written since
-        return super().get_image_info(image_id)
+        info = super().get_image_info(image_id)
+        return {**info, **self.records.get(image_id)} if image_id in self._datastore.objects else info
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         self._fresh()
@@ -319,29 +263,27 @@ class QUNetDatastore(LocalDatastore):
 
     # ---- writes ----------------------------------------------------------------------------------------------
 
-    def _apply(self, info: dict[str, Any], update: dict[str, Any]) -> None:
-        """info.update(update), pruning the served-slice records it writes (never the ones this update changes)."""
-        served = update.get(records.SERVED)
-        if self.hold_seconds is not None and isinstance(served, dict):
-            old = info.get(records.SERVED) or {}
-            written = {k for k, v in served.items() if not _same(old.get(k), v)}
-            update = {**update, records.SERVED: records.pruned_served(served, time.time(), self.hold_seconds, written)}
-        info.update(update)
-
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        with self._lock():
+        """The app's records go to SQLite (one small transaction); anything else to the datastore JSON, which is
+        rewritten only when it changes."""
+        kept = {k: v for k, v in info.items() if records.in_records(k)}
+        rest = {k: v for k, v in info.items() if k not in kept}
+        with self._lock():  # one writer at a time, also across the records: a label save reads, then writes them
             self._reload()
-            obj = self._datastore.objects.get(image_id)
-            if obj and all(k in obj.image.info and _same(obj.image.info[k], v) for k, v in info.items()):
-                return  # nothing changes: no rewrite of the whole file (Next sample's latency)
-
-        def change() -> None:
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFound(image_id)
-            self._apply(obj.image.info, info)
+            self._set_records(image_id, kept)
+            if all(k in obj.image.info and same(obj.image.info[k], v) for k, v in rest.items()):
+                return
 
-        self._locked_update(change)
+            def change() -> None:
+                obj = self._datastore.objects.get(image_id)
+                if not obj:
+                    raise ImageNotFound(image_id)
+                obj.image.info.update(rest)
+
+            self._locked_update(change)
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         def change() -> None:
@@ -392,21 +334,23 @@ class QUNetDatastore(LocalDatastore):
             os.makedirs(folder, exist_ok=True)
             previous = obj.labels.get(label_tag)
             stale = self._filename(image_id, previous.ext) if previous and previous.ext != ext else None
-            tmp = _copy_to_tmp(source, folder)
+            tmp = copy_to_tmp(source, folder)
             try:
                 info = {**label_info, "ts": int(time.time()), "name": name}
-                obj.labels[label_tag] = DataModel(info={**info, PENDING: {"tmp": os.path.basename(tmp), "stale": stale}},
-                                                  ext=ext)
-                self._apply(obj.image.info, image_update)
+                kept = self._records_update(image_id, {k: v for k, v in image_update.items() if records.in_records(k)})
+                pending = {"tmp": os.path.basename(tmp), "stale": stale, "records": kept}
+                obj.labels[label_tag] = DataModel(info={**info, PENDING: pending}, ext=ext)
+                obj.image.info.update({k: v for k, v in image_update.items() if not records.in_records(k)})
                 self._update_datastore_file(lock=False)  # the commit: from here on a restart completes the save
             except BaseException:
                 os.remove(tmp)
                 raise
             os.replace(tmp, os.path.join(folder, name))
-            _fsync_dir(folder)
+            fsync_dir(folder)
             if stale:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, stale))
+            self._set_records(image_id, kept)
             obj.labels[label_tag].info.pop(PENDING, None)  # written by _locked_update
 
         self._locked_update(change)
@@ -422,11 +366,11 @@ class QUNetDatastore(LocalDatastore):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
             del obj.labels[label_tag]
-            if label_tag == DefaultLabelTag.FINAL:
-                for key in (records.ANNOTATED, records.DISAGREEMENT):  # Q was computed without the annotated slices
-                    obj.image.info.pop(key, None)
 
-        self._locked_update(change)
+        with self._lock():
+            self._locked_update(change)
+            if label_tag == DefaultLabelTag.FINAL:  # a kill before this line: the next start drops them
+                self.records.delete(label_id, (records.ANNOTATED, records.DISAGREEMENT))  # Q was computed without them
 
     def remove_image(self, image_id: str) -> None:
         def change() -> None:
@@ -440,7 +384,9 @@ class QUNetDatastore(LocalDatastore):
                 os.remove(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
             del self._datastore.objects[image_id]
 
-        self._locked_update(change)
+        with self._lock():
+            self._locked_update(change)
+            self.records.delete(image_id)  # a kill before this line: the next start drops them
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """A new image (PUT /datastore/image): a safe id, a 3D stack we can read, never replacing a stored one."""

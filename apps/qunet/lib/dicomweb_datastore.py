@@ -57,7 +57,9 @@ from pydicom.dataset import Dataset
 
 from qunet.io import load_label, load_stack
 
-from lib.datastore import QUNetDatastore, atomic_copy
+from lib import records
+from lib.datastore import QUNetDatastore
+from lib.files import atomic_copy
 from lib.submission import prepare_submission
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ def find_seg_tool() -> str | None:
 
 
 class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
+    _forgets_labels = False  # labels are SEG series on the server, not files of the cache
+
     def __init__(
         self,
         client: DICOMwebClient,
@@ -133,8 +137,7 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
         self._init_from_datastore_file()  # re-reads the JSON (under the lock) when another process replaced it
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
-        self._fresh()
-        return LocalDatastore.get_image_info(self, image_id)
+        return QUNetDatastore.get_image_info(self, image_id)  # not DICOMWebDatastore's: no fetch to read records
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         self._fresh()
@@ -463,9 +466,11 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
                     os.remove(stale)
             atomic_copy(source, os.path.join(label_path, name))
             obj.labels[label_tag] = DataModel(info={**label_info, "ts": int(time.time()), "name": name}, ext=ext)
-            obj.image.info.update(image_update)
+            obj.image.info.update({k: v for k, v in image_update.items() if not records.in_records(k)})
 
-        self._locked_update(change)
+        with self._lock():  # the SEG is on the server already: its annotated slices are recorded first
+            self._set_records(image_id, {k: v for k, v in image_update.items() if records.in_records(k)})
+            self._locked_update(change)
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Labelled images with their labels on the image grid (what MONAI Label's stock trainers read)."""

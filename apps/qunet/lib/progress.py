@@ -103,7 +103,8 @@ class ScoringProgress:
         if s["slices_scored"] and s["seconds_scoring"] > 0:
             s["slices_per_second"] = round(s["slices_scored"] / s["seconds_scoring"], 2)
             s["eta_seconds"] = round(s["slices_left"] / s["slices_per_second"], 1)
-        self._emit(force=outcome == "scored" and s["scored"] == 1)
+        if s["volumes_done"] < s["volumes_total"]:  # the last one is written by finish(): never "running, n of n"
+            self._emit(force=outcome == "scored" and s["scored"] == 1)
 
     def finish(self) -> None:
         self.state.update(state="done", slices_left=0, eta_seconds=0.0)

@@ -17,6 +17,16 @@ ERROR = "qunet_error"  # why the image cannot be scored, if it cannot
 OWN_PREFIX = "qunet_"
 OWN_KEYS = frozenset({"strategy", "ts", "name", "path", "SeriesInstanceUID", "StudyInstanceUID", "StudyDate", "StudyTime",
                       "Modality", "SeriesDescription", "RetrieveURL", "DicomPatientID"})
+RECORDS_FILE = "qunet_records.sqlite"  # in the datastore's folder: the keys below, one transaction per change
+STRATEGY = "strategy"  # MONAI Label's record of the last Next sample, rewritten with every answer
+
+
+def in_records(key: str) -> bool:
+    """Whether an image-info key is kept in the app's SQLite records rather than in MONAI Label's datastore JSON:
+    everything the app writes per Next sample or per scored volume."""
+    return key.startswith(OWN_PREFIX) or key == STRATEGY
+
+
 MAX_SERVED_EXPIRED = 32  # expired served-slice records kept per image (a late label still finds what was served)
 
 

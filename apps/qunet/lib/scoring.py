@@ -125,14 +125,11 @@ def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
     volumes the copies cost more than the rest of Next sample. In id order; an image the datastore lists but has no
     record of yet (a DICOMweb series not fetched) has info {}."""
     image_ids = sorted(datastore.list_images())
-    if not isinstance(getattr(getattr(datastore, "_datastore", None), "objects", None), dict):
+    if not callable(getattr(datastore, "image_infos", None)):
         yield from ((i, datastore.get_image_info(i)) for i in image_ids)
         return
-    if callable(getattr(datastore, "_fresh", None)):
-        datastore._fresh()
-    for image_id in image_ids:
-        obj = datastore._datastore.objects.get(image_id)  # looked up each time: a reload may replace the model
-        yield image_id, (obj.image.info if obj is not None else {})
+    infos = datastore.image_infos()
+    yield from ((i, infos.get(i, {})) for i in image_ids)
 
 
 def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) -> bool:
@@ -164,10 +161,11 @@ def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | N
 
 
 class QualityScoring(ScoringMethod):
-    def __init__(self, conf: AppConf, state_dir: str | None = None) -> None:
+    def __init__(self, conf: AppConf, state_dir: str | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__("Per-slice blurriness, PSNR-inv, ROI CoV and mean, and the model-free S0 pick")
         self.conf = conf
         self.state_dir = state_dir  # where the run's progress goes (the app's model folder)
+        self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
 
     def _done(self, info: dict, path: str) -> bool:
         rec = info.get(records.QUALITY) or {}
@@ -178,19 +176,22 @@ class QualityScoring(ScoringMethod):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         progress = ScoringProgress(self.state_dir, records.QUALITY, None)
+        rank, ranks = self.shard
         return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), records.QUALITY,
-                           progress, sorted(datastore.list_images()), _depth)
+                           progress, sorted(datastore.list_images())[rank::ranks], _depth)
 
 
 class DisagreementScoring(ScoringMethod):
     """Re-scores only what changed (the model or the image; annotated slices are never scored), volumes most likely
     to be asked for next first (qunet.policy.rescore_order), so Next sample can use them while the rest is scored."""
 
-    def __init__(self, conf: AppConf, model_path: Callable[[], str | None], state_dir: str | None = None) -> None:
+    def __init__(self, conf: AppConf, model_path: Callable[[], str | None], state_dir: str | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__("Per-slice Q = Jaccard(level 3 > 0.5, level 4 > 0.5) of the current U-net++")
         self.conf = conf
         self.model_path = model_path
         self.state_dir = state_dir  # where the run's progress and the agreement history go (the app's model folder)
+        self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
 
     @staticmethod
     def _done_for(model: str) -> Callable[[dict, str], bool]:
@@ -228,13 +229,15 @@ class DisagreementScoring(ScoringMethod):
                     "q": records.rounded(q), "flagged": select_by_disagreement(q, self.conf.q0, skip)}
 
         order = rescore_order([volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)])
+        rank, ranks = self.shard
         progress = ScoringProgress(self.state_dir, records.DISAGREEMENT, model)
-        counts = _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT, progress, order, _open_slices)
+        counts = _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT, progress, order[rank::ranks],
+                             _open_slices)
         if self.state_dir:
-            self._record_agreement(datastore, model)
+            self.record_agreement(datastore, model)
         return counts
 
-    def _record_agreement(self, datastore: Datastore, model: str) -> None:
+    def record_agreement(self, datastore: Datastore, model: str) -> None:
         """The model's agreement statistic over the open slices it scored (the stop signal compares the last two)."""
         open_q: list[float] = []
         for image_id, info in infos_read_only(datastore):

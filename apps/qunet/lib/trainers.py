@@ -29,7 +29,7 @@ from qunet.training import EpochStats, seed_everything, train
 
 from lib import records
 from lib.conf import AppConf
-from lib.datastore import atomic_write
+from lib.files import atomic_write
 from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from qunet import build_network
 from qunet.io import IMAGE_SUFFIXES, StackError, check_file
 from qunet.network import load_weights
 
-from lib.datastore import atomic_copy
+from lib.files import atomic_copy
 from lib.errors import InvalidFile, NotFound, Unprocessable, check_name, json_object
 
 _uploaded: ContextVar[frozenset[str]] = ContextVar("qunet_uploaded", default=frozenset())

@@ -239,6 +239,10 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device) if args.device else default_device()
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)
+    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
+    title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results: list[RoundResult] = []
     for seed in range(config.seeds):
         for method in config.methods:
@@ -246,10 +250,8 @@ def main(args: argparse.Namespace) -> None:
                 f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
                 f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
                 file=sys.stderr, flush=True))
-    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
-    title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds.json").write_text(json.dumps({"command": command, "config": asdict(config),
-                                                 "results": [asdict(r) for r in results]}, indent=1, default=str))
-    print(report(results, cases, out, title, command))
+        # written after every seed: hours of CPU are not lost to an interrupted run, and its seeds so far are reported
+        (out / "rounds.json").write_text(json.dumps({"command": command, "config": asdict(config), "seeds_done": seed + 1,
+                                                     "results": [asdict(r) for r in results]}, indent=1, default=str))
+        table = report(results, cases, out, title, command)
+    print(table)

@@ -176,6 +176,15 @@ def targets(result: dict) -> dict:
     if n:
         worst = max(n["initial"]["p95_ms"], n["disagreement"]["p95_ms"])
         out[f"Next sample p95 < 100 ms ({n['volumes']} volumes)"] = {"value": worst, "met": worst < TARGETS["next_sample_p95_ms"]}
+    if result.get("ranks"):
+        r = result["ranks"]
+        out[f"scoring with {r['ranks']} ranks >= 1.7x one rank (one thread each)"] = {"value": r["speedup"],
+                                                                                  "met": r["speedup"] >= 1.7}
+    for r in result.get("scale", {}).get("runs", []):
+        limit = 50.0 if r["volumes"] <= 10000 else 100.0
+        value = r["next_sample_in_process"]["p95_ms"]
+        out[f"Next sample p95 < {limit:.0f} ms in process ({r['volumes']} volumes of synthetic records)"] = {
+            "value": value, "met": value < limit}
     mem = result.get("memory", {}).get("runs")
     if mem:
         for kind in ("quality", "disagreement"):
@@ -210,19 +219,28 @@ def render(result: dict) -> str:
             lines.append(f"Next sample ({n['volumes']} volumes, {phase} phase): p50 {n[phase]['p50_ms']} ms, "
                          f"p95 {n[phase]['p95_ms']} ms over {n[phase]['requests']} requests")
         ip = n["scoring"]["in_process"]
-        lines.append(f"  in process: strategy scan over all volumes {ip['strategy_scan_ms']} ms; one datastore write "
-                     f"{ip['datastore_write_ms']} ms (JSON {ip['datastore_json_mb']} MB); re-scoring with nothing "
-                     f"new: quality {n['quality_rescoring']['seconds']} s, disagreement "
+        lines.append(f"  server start to the first answer {n['startup_to_first_answer_seconds']} s; in process: strategy "
+                     f"scan over all volumes {ip['strategy_scan_ms']} ms; one answer's record written "
+                     f"{ip['record_write_ms']} ms (records {ip['records_mb']} MB, datastore JSON {ip['datastore_json_mb']} "
+                     f"MB); re-scoring with nothing new: quality {n['quality_rescoring']['seconds']} s, disagreement "
                      f"{n['disagreement_rescoring']['seconds']} s")
     if "memory" in result and "runs" in result["memory"]:
         for r in result["memory"]["runs"]:
             lines.append(f"memory {r['kind']} {r['shape']}: volume {r['volume_mb']} MB, peak beyond it {r['extra_mb']} MB")
+    if "scale" in result:
+        from qunet.experiments.scale_bench import render as render_scale
+
+        lines += render_scale(result["scale"])
+    if "ranks" in result:
+        from qunet.experiments.ranks_bench import render as render_ranks
+
+        lines += render_ranks(result["ranks"])
     for name, t in result.get("targets", {}).items():
         lines.append(f"[{'met' if t['met'] else 'NOT met'}] {name}: {t['value']}")
     return "\n".join(lines)
 
 
-SECTIONS = ("matmul", "scoring", "quality", "next_sample", "memory")
+SECTIONS = ("matmul", "scoring", "quality", "next_sample", "memory", "scale", "ranks")
 
 
 def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_count: int = 30,
@@ -243,6 +261,14 @@ def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_co
         from qunet.experiments.memory_bench import memory_bench
 
         result["memory"] = memory_bench((4, 12), 64, 32, (4, 4, 8, 8, 16, 4), in_process=True) if quick else memory_bench()
+    if "scale" in sections:
+        from qunet.experiments.scale_bench import scale_bench
+
+        result["scale"] = scale_bench((50, 200), 8, 3) if quick else scale_bench()
+    if "ranks" in sections:
+        from qunet.experiments.ranks_bench import ranks_bench
+
+        result["ranks"] = ranks_bench(2, 2, (48, 48, 4), "4,4,8,8,16,4", 32) if quick else ranks_bench()
     result["targets"] = targets(result)
     return result
 

@@ -102,18 +102,6 @@ def _app_modules(app_dir: Path):
             importlib.import_module("lib.scoring"), importlib.import_module("lib.strategies"))
 
 
-@contextlib.contextmanager
-def _one_write(datastore):
-    """Defer the datastore's file writes to one at the end (N per-image rewrites of an N-image JSON are O(N^2))."""
-    write = datastore._update_datastore_file
-    datastore._update_datastore_file = lambda lock=True: None
-    try:
-        yield
-    finally:
-        datastore._update_datastore_file = write
-        write()
-
-
 def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: Path) -> dict:
     """Run the app's qunet_quality and qunet_disagreement scoring methods over `studies`, in this process."""
     conf_mod, ds_mod, scoring, strategies = _app_modules(app_dir)
@@ -124,22 +112,22 @@ def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: 
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # set-up, not a measured figure: small networks run best on one thread
-    with _one_write(datastore):
-        t = time.perf_counter()
-        out["qunet_quality"] = scoring.QualityScoring(app_conf)({}, datastore)
-        out["qunet_quality_seconds"] = round(time.perf_counter() - t, 1)
-        t = time.perf_counter()
-        out["qunet_disagreement"] = scoring.DisagreementScoring(app_conf, lambda: str(model))({}, datastore)
-        out["qunet_disagreement_seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    out["qunet_quality"] = scoring.QualityScoring(app_conf)({}, datastore)
+    out["qunet_quality_seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    out["qunet_disagreement"] = scoring.DisagreementScoring(app_conf, lambda: str(model))({}, datastore)
+    out["qunet_disagreement_seconds"] = round(time.perf_counter() - t, 1)
     torch.set_num_threads(threads)
-    # where a Next sample's time goes, in this process: the strategy's scan, and one datastore write
+    # where a Next sample's time goes, in this process: the strategy's scan, and the write of one answer's record
     strategy = strategies.QUNetStrategy(app_conf, lambda: str(model), str(studies.parent))
     image_id = datastore.list_images()[0]
     scan = _best(lambda: strategy.snapshot(datastore, "bench"), 3)
-    write = _best(lambda: datastore.update_image_info(image_id, {"bench": time.time()}), 3)
+    write = _best(lambda: datastore.update_image_info(image_id, {"qunet_served": {"bench": {"slices": [0], "ts": time.time()}}}), 3)
     text = datastore._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
-    out["in_process"] = {"strategy_scan_ms": round(scan * 1000, 3), "datastore_write_ms": round(write * 1000, 3),
-                         "datastore_json_mb": round(len(text) / 2**20, 2)}
+    out["in_process"] = {"strategy_scan_ms": round(scan * 1000, 3), "record_write_ms": round(write * 1000, 3),
+                         "datastore_json_mb": round(len(text) / 2**20, 2),
+                         "records_mb": round(sum(f.stat().st_size for f in studies.glob("qunet_records.sqlite*")) / 2**20, 2)}
     return out
 
 
@@ -167,8 +155,11 @@ def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16,
                      "write_seconds": round(time.perf_counter() - t, 1)}
         out["scoring"] = score_in_process(APP, root / "studies", conf, model)
         os.rename(model, parked)  # no model: the initial phase (rename keeps the file's signature)
+        t = time.perf_counter()
         with Server(root / "studies", root, conf, auto_scoring) as server, requests.Session() as session:
             url = f"{server.url}/activelearning/qunet"
+            session.post(url, json={"client_id": "first"}, timeout=600).raise_for_status()
+            out["startup_to_first_answer_seconds"] = round(time.perf_counter() - t, 1)
             t = time.perf_counter()
             r = session.post(f"{server.url}/scoring/qunet_quality", params={"run_sync": "true"}, timeout=3600)
             r.raise_for_status()

@@ -1,0 +1,99 @@
+"""Score a whole studies folder or DICOMweb source with the app's own scoring methods, sharded over torchrun ranks.
+
+    torchrun --nproc_per_node 2 apps/qunet/score_cohort.py --studies FOLDER_OR_URL [--conf KEY VALUE ...]
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_endpoint HOST:PORT apps/qunet/score_cohort.py --studies URL
+
+Each rank runs `qunet_quality` then `qunet_disagreement` (the published model, else `pretrained_path`) on every
+WORLD_SIZE-th image of the run's order, writing into the same records as the server (`qunet_records.sqlite`:
+transactions, safe across processes): a server started afterwards, or running meanwhile, skips what is current.
+torch.distributed (gloo on CPU, NCCL on GPUs, one GPU per local rank) joins the ranks: the totals are summed, and
+rank 0 records the model's agreement (the stop signal) once every shard is done. Without torchrun it is one rank.
+Give the same `--conf` values as the server (q0, patch_size, features, labels, quality settings).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+APP_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(APP_DIR))
+
+from qunet.config import ReadConfig  # noqa: E402
+from qunet.io import file_signature, set_read_config  # noqa: E402
+
+from lib.conf import AppConf  # noqa: E402
+from lib.datastore import QUNetDatastore  # noqa: E402
+from lib.dicomweb_datastore import dicomweb_datastore  # noqa: E402
+from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
+
+COUNTS = ("scored", "skipped", "failed")
+
+
+def open_datastore(studies: str, conf: AppConf):
+    if studies.startswith(("http://", "https://")):
+        return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
+    return QUNetDatastore(studies, auto_reload=False)
+
+
+def model_path(conf: AppConf, model: str | None) -> str | None:
+    for path in (model, str(APP_DIR / "model" / "qunet.pt"), conf.pretrained_path):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--studies", required=True)
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    p.add_argument("--model", help="model file (default: the app's published model, else conf pretrained_path)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (default: cores / local ranks)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
+
+    distributed = "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available()
+    if distributed:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
+
+    conf = AppConf.from_conf(dict(args.conf))
+    set_read_config(ReadConfig(max_voxels=conf.max_voxels))
+    datastore = open_datastore(args.studies, conf)
+    path = model_path(conf, args.model)
+    methods = {"quality": QualityScoring(conf, shard=(rank, ranks))}
+    if path:
+        methods["disagreement"] = DisagreementScoring(conf, lambda: path, shard=(rank, ranks))
+    totals = {}
+    for name, method in methods.items():
+        start = time.perf_counter()
+        counts = method({}, datastore)
+        if distributed:
+            summed = torch.tensor([counts[k] for k in COUNTS], dtype=torch.long, device="cuda" if cuda else "cpu")
+            dist.all_reduce(summed)  # also a barrier: every shard is written when it returns
+            counts.update(zip(COUNTS, summed.tolist()))
+        totals[name] = {**counts, "seconds": round(time.perf_counter() - start, 2)}  # until the slowest rank is done
+    if rank == 0 and path:
+        os.makedirs(APP_DIR / "model", exist_ok=True)
+        DisagreementScoring(conf, lambda: path, str(APP_DIR / "model")).record_agreement(datastore, file_signature(path))
+    if rank == 0:
+        print(json.dumps({"ranks": ranks, "model": path, **totals}))
+    if distributed:
+        dist.destroy_process_group()
+    return totals
+
+
+if __name__ == "__main__":
+    main()
