@@ -33,7 +33,8 @@ def test_conf_parsing_and_errors():
     assert AppConf.from_conf({}).features == (8, 16, 32, 64, 128, 8)
     for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"patch_size": "100"}, "multiple of 16"),
                          ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy"),
-                         ({"allow_model_upload": "maybe"}, "allow_model_upload"), ({"max_voxels": "0"}, "max_voxels")):
+                         ({"allow_model_upload": "maybe"}, "allow_model_upload"), ({"max_voxels": "0"}, "max_voxels"),
+                         ({"steps_per_epoch": "0"}, "steps_per_epoch"), ({"max_epochs": "ten"}, "max_epochs")):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
 

@@ -145,9 +145,10 @@ def test_stock_client_without_client_id_drives_the_loop_with_auto_train(data, tm
     """MONAILabelClient(url) sends "client_id": null: an anonymous client, for Next sample, labels and holds."""
     studies = tmp_path / "studies"
     studies.mkdir()
-    for image in [*data["studies"].glob("*.nrrd"), *data["studies"].glob("*.nii.gz")]:  # not the other server's records
+    for image in data["studies"].glob("*.nii.gz"):  # the small stacks; not the other server's records
         shutil.copy(image, studies)
-    srv = LiveServer(studies, tmp_path, conf={**TINY_CONF, "auto_train_after": "1"}).start()
+    conf = {**TINY_CONF, "auto_train_after": "1", "max_epochs": "2", "steps_per_epoch": "15"}  # a short auto-training
+    srv = LiveServer(studies, tmp_path, conf=conf).start()
     try:
         client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         with pytest.raises(Exception):
@@ -164,5 +165,8 @@ def test_stock_client_without_client_id_drives_the_loop_with_auto_train(data, tm
         status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training")
         assert status["status"] == "DONE", srv.tail()
         assert (Path(srv.app_dir) / "model" / "qunet.pt").exists()
+        info = client.info()
+        assert info["trainers"]["qunet"]["config"]["steps_per_epoch"] == 15  # the conf's length, as Slicer shows it
+        assert info["train_stats"]["qunet"]["total_epochs"] == 2
     finally:
         srv.stop()

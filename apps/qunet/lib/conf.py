@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, fields
 
-from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig
+from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig, TrainConfig
 from qunet.policy import VARIANTS
 
 
@@ -45,6 +45,9 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     pick: str = SelectionConfig.pick  # Next sample's policy variant (qunet.policy.VARIANTS)
     budget: int = SelectionConfig.budget  # slices affordable in all; q0 is lowered to fit what is left (0: none)
     stop_tolerance: float = SelectionConfig.stop_tolerance  # agreement change below which Next sample signals stop
+    # a training's length when the request does not say (auto-training, Slicer's defaults): epochs x updates
+    max_epochs: int = TrainConfig.max_epochs
+    steps_per_epoch: int = TrainConfig.steps_per_epoch
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
@@ -67,6 +70,8 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf max_voxels must be positive, got {result.max_voxels}")
         if result.pick not in VARIANTS:
             raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
+        if result.max_epochs < 1 or result.steps_per_epoch < 1:
+            raise ValueError("--conf max_epochs and steps_per_epoch must be 1 or more")
         if result.budget < 0 or result.stop_tolerance < 0:
             raise ValueError("--conf budget and stop_tolerance must be 0 (off) or more")
         if result.patch_size < 16 or result.patch_size % 16:

@@ -82,8 +82,12 @@ class QUNetTrain(TrainTask):
         self.history_path = os.path.join(model_dir, "history.json")
         self.trained_path = os.path.join(model_dir, "trained_slices.json")  # what the published model was trained on
 
+    def defaults(self) -> TrainConfig:
+        """The recipe, with the training length the app's conf gives."""
+        return TrainConfig(max_epochs=self.conf.max_epochs, steps_per_epoch=self.conf.steps_per_epoch)
+
     def config(self) -> dict[str, Any]:
-        d = TrainConfig()
+        d = self.defaults()
         return {"max_epochs": d.max_epochs, "steps_per_epoch": d.steps_per_epoch, "train_batch_size": d.batch_size,
                 "learning_rate": d.learning_rate, "foreground": d.foreground, "augment": d.augment, "pretrained": True}
 
@@ -98,7 +102,7 @@ class QUNetTrain(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         request = check_train_request(request)
-        settings = replace(TrainConfig(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request
+        settings = replace(self.defaults(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request
                                              and not isinstance(request[k], list)})
         device = torch.device(request["device"]) if isinstance(request.get("device"), str) else default_device()
         annotated = self._annotated(datastore)
