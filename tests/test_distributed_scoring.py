@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from live_server import APP, records_on_disk
@@ -17,7 +18,7 @@ from qunet import build_network
 from qunet.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
-VOLUMES = [f"vol{i}" for i in range(5)]  # odd: the shards differ in size
+VOLUMES = [f"vol{i}" for i in range(5)]  # odd: the shards differ in size; the last one an NRRD file
 
 
 def make_cohort(root: Path) -> tuple[Path, Path, list[str]]:
@@ -25,7 +26,11 @@ def make_cohort(root: Path) -> tuple[Path, Path, list[str]]:
     studies.mkdir()
     for i, name in enumerate(VOLUMES):
         stack = generate_stack("ct", i, (40, 40, 6 + i))
-        nib.save(nib.Nifti1Image(stack.image.astype(np.int16), np.diag([0.8, 0.8, 3.0, 1.0])), studies / f"{name}.nii.gz")
+        if name == VOLUMES[-1]:
+            sitk.WriteImage(sitk.GetImageFromArray(np.transpose(stack.image.astype(np.int16), (2, 1, 0))),
+                            str(studies / f"{name}.nrrd"))
+        else:
+            nib.save(nib.Nifti1Image(stack.image.astype(np.int16), np.diag([0.8, 0.8, 3.0, 1.0])), studies / f"{name}.nii.gz")
     app = root / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     torch.manual_seed(0)
@@ -61,8 +66,8 @@ def test_two_ranks_score_each_volume_once_as_one_process_would(tmp_path):
 
     alone = tmp_path / "alone"
     alone.mkdir()
-    for name in VOLUMES:
-        shutil.copy(studies / f"{name}.nii.gz", alone)
+    for image in studies.glob("vol*"):
+        shutil.copy(image, alone)
     one = run([sys.executable, str(app / "score_cohort.py"), "--studies", str(alone), "--threads", "1", *conf], app)
     assert one["ranks"] == 1 and one["disagreement"]["scored"] == len(VOLUMES)
     one_rank = records_on_disk(alone)

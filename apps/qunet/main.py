@@ -23,7 +23,7 @@ from qunet.io import set_read_config
 
 from lib import guards, processes, records, uploads
 from lib.conf import AppConf
-from lib.datastore import QUNetDatastore
+from lib.datastore import QUNetDatastore, local_datastore
 from lib.dicomweb_datastore import dicomweb_datastore
 from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
 from lib.infers import QUNetInfer
@@ -84,12 +84,7 @@ class QUNetApp(MONAILabelApp):
                 return dicomweb_datastore(self.studies, self.qconf.label_map())
             logger.warning(f"{settings.MONAI_LABEL_DATASTORE} datastore: the app's label checks and slice records are off")
             return super().init_datastore()
-        return QUNetDatastore(
-            self.studies,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-        )
+        return local_datastore(self.studies, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
 
     def init_infers(self) -> dict:
         return {MODEL: QUNetInfer([p for p in (self.qconf.pretrained_path, self.published) if p], self.qconf)}

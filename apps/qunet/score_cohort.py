@@ -30,7 +30,7 @@ from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import file_signature, set_read_config  # noqa: E402
 
 from lib.conf import AppConf  # noqa: E402
-from lib.datastore import QUNetDatastore  # noqa: E402
+from lib.datastore import local_datastore  # noqa: E402
 from lib.dicomweb_datastore import dicomweb_datastore  # noqa: E402
 from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
 
@@ -40,7 +40,7 @@ COUNTS = ("scored", "skipped", "failed")
 def open_datastore(studies: str, conf: AppConf):
     if studies.startswith(("http://", "https://")):
         return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
-    return QUNetDatastore(studies, auto_reload=False)
+    return local_datastore(studies, auto_reload=False)  # the server's file types (NIfTI, NRRD, ...)
 
 
 def model_path(conf: AppConf, model: str | None) -> str | None:

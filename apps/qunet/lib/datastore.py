@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from monailabel.config import settings
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
@@ -416,3 +417,9 @@ class QUNetDatastore(RecordsMixin, LocalDatastore):
 
         self._locked_update(change)
         return image_id
+
+
+def local_datastore(studies: str, auto_reload: bool) -> QUNetDatastore:
+    """The app's datastore over a studies folder, with MONAI Label's settings (file types, read-only)."""
+    return QUNetDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=auto_reload,
+                          read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
