@@ -3,7 +3,7 @@
 import pytest
 
 from qunet.config import SelectionConfig
-from qunet.policy import (DISAGREEMENT, INITIAL, SCORING, VARIANTS, LoopState, VolumeState, agreement, budget_q0,
+from qunet.policy import (DISAGREEMENT, INITIAL, SCORING, VARIANTS, LoopState, VolumeState, agreement,
                           choose, rescore_order)
 
 MODEL = LoopState(has_model=True)
@@ -68,7 +68,6 @@ def test_budget_lowers_q0_and_caps_the_answer():
     # spent: 1 annotated + 1 held = 2, so 2 left: q0 drops to the 3rd lowest open Q (0.2), leaving 0.1 and 0.15
     assert pick.remaining == 2 and pick.q0 == 0.2 and pick.below_q0 == 2
     assert (pick.image_id, pick.slices) == ("a", [0])
-    assert budget_q0([0.1, 0.2, 0.3], 0.5, None) == 0.5 and budget_q0([0.1, 0.6], 0.5, 1) == 0.5
     spent = choose(volumes, MODEL, SelectionConfig(budget=2))
     assert spent.stop.reason == "budget_spent" and spent.image_id is None and spent.remaining == 0
     before_model = choose([VolumeState("a", initial=[0, 1, 2])], LoopState(), SelectionConfig(budget=2))
@@ -115,3 +114,79 @@ def test_spread_covers_volumes_and_spaces_slices():
     q = [0.1, 0.15, 0.2, 0.9, 0.9, 0.9, 0.3, 0.9]
     scored = choose([VolumeState("a", q=q)], MODEL, SelectionConfig(q0=0.5, slices_per_sample=2, pick="spread"))
     assert scored.slices == [0, 2] and scored.scores == [0.1, 0.2]  # lowest Q, spaced: 1 is adjacent to 0
+
+
+
+def _brute_force(volumes: list[VolumeState], loop: LoopState, settings: SelectionConfig) -> tuple:
+    """The pick's rules written out over every volume: (phase, image, slices, q0, below, pending, remaining)."""
+    held = {v.image_id: set(v.held) - set(v.annotated) for v in volumes}
+    annotated = {v.image_id: v.annotated for v in volumes}
+    remaining = None
+    if settings.budget:
+        remaining = max(0, settings.budget - sum(len(v.annotated) + len(held[v.image_id]) for v in volumes))
+    open_q = {v.image_id: sorted((q, k) for k, q in enumerate(v.q or ()) if q is not None and q < settings.q0
+                                 and k not in v.annotated) for v in volumes if v.q is not None} if loop.has_model else {}
+    q0 = settings.q0
+    unheld = sorted(q for i, o in open_q.items() for q, k in o if k not in held[i])
+    if remaining is not None and len(unheld) > remaining:
+        q0 = unheld[remaining]
+    below = sum(q < q0 for o in open_q.values() for q, _ in o)
+    pending = sum(v.q is None and not v.unscorable for v in volumes) if loop.has_model else 0
+    limit = settings.slices_per_sample if remaining is None else min(settings.slices_per_sample, remaining)
+    low = sorted((o[0][1], i, o) for i, o in ((i, [(k, q) for q, k in o if q < q0 and k not in held[i]])
+                                            for i, o in open_q.items()) if o)
+    s0 = sorted((len(v.annotated) if settings.pick == "spread" else 0, v.image_id,
+                 [(k, float(r)) for r, k in enumerate(v.initial) if k not in v.annotated and k not in held[v.image_id]])
+                for v in volumes if v.initial is not None)
+    s0 = [entry for entry in s0 if entry[2]]
+    phase, image, slices = (DISAGREEMENT if loop.has_model else INITIAL), None, []
+    if limit > 0 and loop.has_model and low:
+        _, image, slices = low[0]
+    elif limit > 0:
+        phase = SCORING if loop.has_model and pending else phase
+        if s0 and (not loop.has_model or pending):
+            _, image, slices = s0[0]
+    if image is not None:
+        slices = VARIANTS[settings.pick].order(slices, annotated[image], limit)[:limit]
+    return phase, image, [k for k, _ in slices], q0, below, pending, remaining
+
+
+def test_kept_ranking_updated_volume_by_volume_answers_as_the_rules_say():
+    """The app keeps one Ranking and puts each volume whose records changed; its answers must equal the rules
+    applied to every volume afresh, whatever the order of changes, holds, budget and variant."""
+    import random
+
+    from qunet.policy import Ranking
+
+    rng = random.Random(7)
+
+    def random_volume(i: int) -> VolumeState:
+        depth = rng.randint(3, 12)
+        q = None if rng.random() < 0.3 else [None if rng.random() < 0.1 else round(rng.random(), 2) for _ in range(depth)]
+        return VolumeState(f"v{i:02d}", initial=None if rng.random() < 0.2 else rng.sample(range(depth), rng.randint(1, depth)),
+                           q=q, annotated=frozenset(rng.sample(range(depth), rng.randint(0, 3))),
+                           unscorable=rng.random() < 0.05)
+
+    served = 0
+    for settings in (SelectionConfig(slices_per_sample=3), SelectionConfig(budget=12, slices_per_sample=4),
+                     SelectionConfig(q0=0.3, pick="spread", slices_per_sample=2)):
+        states = {i: random_volume(i) for i in range(30)}
+        ranking = Ranking(settings, states.values())
+        for step in range(150):
+            i = rng.randrange(40)
+            if rng.random() < 0.1:
+                states.pop(i, None)
+                ranking.discard(f"v{i:02d}")
+            else:
+                states[i] = random_volume(i)
+                ranking.put(states[i])
+            held = {f"v{j:02d}": frozenset(rng.sample(range(4), 2)) for j in rng.sample(range(40), 3)}
+            volumes = [VolumeState(v.image_id, v.initial, v.q, v.annotated, held.get(v.image_id, frozenset()), v.unscorable)
+                       for v in states.values()]
+            for loop in (LoopState(), MODEL):
+                pick = ranking.choose(loop, held)
+                assert (pick.phase, pick.image_id, pick.slices, pick.q0, pick.below_q0, pick.pending,
+                        pick.remaining) == _brute_force(volumes, loop, settings), (settings, step, loop)
+                assert pick == choose(volumes, loop, settings)
+                served += bool(pick.slices)
+    assert served > 300  # most answers served slices: the comparison covered real picks

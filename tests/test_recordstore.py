@@ -18,6 +18,8 @@ def test_a_reader_sees_writes_and_deletions_of_another_process(tmp_path):
     mine, reader = RecordStore(path), RecordStore(path)
     mine.update("img", {"qunet_annotated": np.array([3, 4]), "qunet_error": None, "score": np.float32(0.5)})
     mine.update("other", {"qunet_quality": {"initial": [0]}})
+    version, changed = reader.changed_since(0)
+    assert changed == {"img", "other"} and version == reader.version() > 0
     assert reader.get("img") == {"qunet_annotated": [3, 4], "qunet_error": None, "score": 0.5}
     seen = reader.all()
     assert set(seen) == {"img", "other"}
@@ -26,8 +28,11 @@ def test_a_reader_sees_writes_and_deletions_of_another_process(tmp_path):
     child.start()
     child.join(60)
     assert child.exitcode == 0
+    assert reader.changed_since(version) == (reader.version(), {"img"})  # only the child's write is new
+    version = reader.version()
     mine.delete("img", ["qunet_annotated"])
     mine.delete("other")
+    assert reader.changed_since(version)[1] == {"img", "other"}  # deletions are changes too
     seen = reader.all()
     assert seen == {"img": {"qunet_error": None, "score": 0.5, "qunet_served": {"child": {"slices": [1], "ts": 2.0}}}}
     assert RecordStore(path).all() == seen  # a fresh reader builds the same view from scratch

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -30,17 +29,10 @@ from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import file_signature, set_read_config  # noqa: E402
 
 from lib.conf import AppConf  # noqa: E402
-from lib.datastore import local_datastore  # noqa: E402
-from lib.dicomweb_datastore import dicomweb_datastore  # noqa: E402
+from lib.ranks import join_ranks, leave_ranks, open_datastore  # noqa: E402
 from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
 
 COUNTS = ("scored", "skipped", "failed")
-
-
-def open_datastore(studies: str, conf: AppConf):
-    if studies.startswith(("http://", "https://")):
-        return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
-    return local_datastore(studies, auto_reload=False)  # the server's file types (NIfTI, NRRD, ...)
 
 
 def model_path(conf: AppConf, model: str | None) -> str | None:
@@ -59,15 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
 
-    distributed = "WORLD_SIZE" in os.environ
-    cuda = torch.cuda.is_available()
-    if distributed:
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
-    rank, ranks = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
+    rank, ranks, device = join_ranks(args.threads)
 
     conf = AppConf.from_conf(dict(args.conf))
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
@@ -80,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, method in methods.items():
         start = time.perf_counter()
         counts = method({}, datastore)
-        if distributed:
-            summed = torch.tensor([counts[k] for k in COUNTS], dtype=torch.long, device="cuda" if cuda else "cpu")
+        if ranks > 1:
+            summed = torch.tensor([counts[k] for k in COUNTS], dtype=torch.long, device=device)
             dist.all_reduce(summed)  # also a barrier: every shard is written when it returns
             counts.update(zip(COUNTS, summed.tolist()))
         totals[name] = {**counts, "seconds": round(time.perf_counter() - start, 2)}  # until the slowest rank is done
@@ -90,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         DisagreementScoring(conf, lambda: path, str(APP_DIR / "model")).record_agreement(datastore, file_signature(path))
     if rank == 0:
         print(json.dumps({"ranks": ranks, "model": path, **totals}))
-    if distributed:
-        dist.destroy_process_group()
+    leave_ranks()
     return totals
 
 

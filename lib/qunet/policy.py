@@ -1,11 +1,14 @@
 """Next sample's policy: which volume to open, which of its slices to annotate, and when to stop asking.
 
-Plain data in, a pick out, no MONAI Label: the app's strategy (apps/qunet/lib/strategies.py) reads the datastore
-records into `VolumeState`s and calls `choose`; a benchmark calls it the same way with simulated records.
+Plain data in, a pick out, no MONAI Label. `Ranking` keeps every volume's records (`VolumeState`) sorted the way
+the pick needs them, so that an answer looks at the few volumes it may serve, not at every volume: the app's
+strategy (apps/qunet/lib/strategies.py) keeps one and updates the volumes whose records changed; `choose` builds
+one for a single answer (the benchmarks). Both are the same code.
 
 Phases:
-- `initial`: no model yet: the model-free pick S0 (quality ranking), volume by volume.
-- `disagreement`: a model exists: slices whose Q = J(L3, L4) of the *current* model is below q0.
+- `initial`: no model yet: the model-free pick S0 (quality ranking), in the variant's volume order.
+- `disagreement`: a model exists: slices whose Q = J(L3, L4) of the *current* model is below q0, from the volume
+  holding the lowest open Q.
 - `scoring`: a model exists but some volumes have no Q of it yet (re-scoring after training is under way). Volumes
   already re-scored are used (phase `disagreement`) as soon as one has a slice below q0; until then the answer
   says `scoring` and offers S0 slices still open, if any.
@@ -18,18 +21,17 @@ how the model agrees with itself; slices are still offered).
 Budget: with `budget` > 0, q0 is lowered to the Q of the (R+1)-th lowest open slice when more than R = budget -
 annotated - held slices lie below it, so at most R more slices are asked for; each answer holds at most R slices.
 
-Variants: a variant is one function `(options, phase, limit) -> option` choosing a volume among those with open
-slices and ordering its slices (the first `limit` are served); `VARIANTS` names them and the setting `pick` selects
-one. `paper` is QU-net++ as published. `spread` aims at coverage, which the literature finds hard to beat before
-a model is good (random and fixed-interval slices): the least annotated volume first in the initial phase, and in
-every phase no two slices of one answer, nor a slice and an annotated one, closer than an even spacing allows.
+Variants (the setting `pick`, qunet.variants): `paper` is QU-net++ as published; `spread` aims at coverage.
 """
 
+import bisect
 import statistics
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 from qunet.config import SelectionConfig
+from qunet.variants import VARIANTS, Slices
 
 INITIAL, DISAGREEMENT, SCORING = "initial", "disagreement", "scoring"
 
@@ -42,10 +44,12 @@ class VolumeState:
     initial: Sequence[int] | None = None  # S0, best quality first; None: quality not computed yet
     q: Sequence[float | None] | None = None  # the current model's Q per slice (None where not scored); None: not scored by it yet
     annotated: Set[int] = frozenset()
-    held: Set[int] = frozenset()  # served to another client within the hold: not offered, counted against the budget
+    # served to another client within the hold: not offered, counted against the budget (`choose` reads it; a
+    # `Ranking` is given the holds with each question instead, as they change with the time and the client)
+    held: Set[int] = frozenset()
     unscorable: bool = False  # the file cannot be scored (no Q will come)
     # optional: the slices with Q below the configured q0, lowest Q first (the app's scoring run stores them), so
-    # that choose need not look at every slice of every volume; None: computed from q
+    # that the ranking need not look at every slice; None: computed from q
     ranked: Sequence[int] | None = None
 
 
@@ -58,7 +62,7 @@ class LoopState:
 @dataclass(frozen=True)
 class Option:
     volume: VolumeState
-    slices: list[tuple[int, float]]  # open (slice, score), best first: Q, or S0 rank in the initial phase
+    slices: Slices  # open (slice, score), best first: Q, or S0 rank in the initial phase
 
 
 @dataclass(frozen=True)
@@ -81,43 +85,154 @@ class Pick:
     message: str = ""  # why there are no slices, when there are none
 
 
-Variant = Callable[[list[Option], str, int], Option]
+class Ranking:
+    """Every volume's state, kept sorted for the pick: open slices below q0 by Q (then id, slice), volumes with open
+    S0 slices in the variant's order, volumes without a quality record; and the counts the budget and the stop
+    signal need. `put` and `discard` cost O(log n) searches plus list moves; `choose` looks at the head of the
+    sorted lists, skipping only what is held."""
+
+    def __init__(self, settings: SelectionConfig = SelectionConfig(), volumes: Iterable[VolumeState] = ()) -> None:
+        self.settings = settings
+        self.variant = VARIANTS[settings.pick]
+        self._states: dict[str, VolumeState] = {}
+        self._low: list[tuple[float, str, int]] = []  # (Q, id, slice): open slices with Q < settings.q0
+        self._initial: list[tuple] = []  # (*variant key, id): volumes with an S0 slice not annotated
+        self._no_quality: list[str] = []  # ids without a quality record that can be scored
+        self._annotated = self._unscored = 0
+        for v in {v.image_id: v for v in volumes}.values():
+            self._add(v, list.append)  # sorted once below
+        self._low.sort()
+        self._initial.sort()
+        self._no_quality.sort()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @property
+    def annotated_slices(self) -> int:
+        return self._annotated
+
+    def get(self, image_id: str) -> VolumeState | None:
+        return self._states.get(image_id)
+
+    def volumes(self) -> list[VolumeState]:
+        return [self._states[i] for i in sorted(self._states)]
+
+    def first_without_quality(self, skip: Set[str] = frozenset()) -> str | None:
+        """The first volume (id order) that has no quality record yet and can be scored, other than `skip`."""
+        return next((i for i in self._no_quality if i not in skip), None)
+
+    def put(self, v: VolumeState) -> None:
+        """Add a volume or replace its state."""
+        self.discard(v.image_id)
+        self._add(v, bisect.insort)
+
+    def discard(self, image_id: str) -> None:
+        v = self._states.pop(image_id, None)
+        if v is None:
+            return
+        low, initial, no_quality = self._entries(v)
+        for entry in low:
+            self._remove(self._low, entry)
+        if initial is not None:
+            self._remove(self._initial, initial)
+        if no_quality:
+            self._remove(self._no_quality, image_id)
+        self._annotated -= len(v.annotated)
+        self._unscored -= v.q is None and not v.unscorable
+
+    def _add(self, v: VolumeState, insert: Callable[[list, Any], None]) -> None:
+        self._states[v.image_id] = v
+        low, initial, no_quality = self._entries(v)
+        for entry in low:
+            insert(self._low, entry)
+        if initial is not None:
+            insert(self._initial, initial)
+        if no_quality:
+            insert(self._no_quality, v.image_id)
+        self._annotated += len(v.annotated)
+        self._unscored += v.q is None and not v.unscorable
+
+    def _entries(self, v: VolumeState) -> tuple[list[tuple[float, str, int]], tuple | None, bool]:
+        q0 = self.settings.q0
+        low = []
+        if v.q is not None:
+            candidates = v.ranked if v.ranked is not None else range(len(v.q))
+            low = [(v.q[k], v.image_id, k) for k in candidates if v.q[k] is not None and v.q[k] < q0 and k not in v.annotated]
+        has_s0 = v.initial is not None and any(k not in v.annotated for k in v.initial)
+        initial = (*self.variant.initial_key(v), v.image_id) if has_s0 else None
+        return low, initial, v.initial is None and not v.unscorable
+
+    @staticmethod
+    def _remove(items: list, entry) -> None:
+        i = bisect.bisect_left(items, entry)
+        if i < len(items) and items[i] == entry:
+            del items[i]
+
+    def choose(self, loop: LoopState, held: Mapping[str, Set[int]] = {}) -> Pick:
+        """Next sample's answer (see the module docstring); `held`: image id -> slices held for other clients."""
+        settings = self.settings
+        held = {i: frozenset(h) for i, h in held.items() if h and i in self._states}
+        remaining = None
+        if settings.budget > 0:
+            spent = self._annotated + sum(len(h - self._states[i].annotated) for i, h in held.items())
+            remaining = max(0, settings.budget - spent)
+        limit = settings.slices_per_sample if remaining is None else min(settings.slices_per_sample, remaining)
+        pending = self._unscored if loop.has_model else 0
+        q0 = settings.q0
+        if loop.has_model and remaining is not None:
+            q0 = self._budget_q0(held, remaining)
+        below = bisect.bisect_left(self._low, (q0,)) if loop.has_model else 0  # held slices count: still to ask
+        stop = _stop(loop, settings, remaining, below, pending)
+        common = {"q0": q0, "below_q0": below, "pending": pending, "remaining": remaining, "stop": stop}
+        phase = DISAGREEMENT if loop.has_model else INITIAL
+        if limit <= 0:
+            return Pick(phase, message=stop.message if stop else "", **common)
+        chosen = self._lowest_q(held, q0) if loop.has_model else self._first_initial(held)
+        if chosen is None and loop.has_model and pending:
+            phase, chosen = SCORING, self._first_initial(held)
+        if chosen is None:
+            return Pick(phase, message=_nothing(phase, stop, pending), **common)
+        slices = self.variant.order(chosen.slices, chosen.volume.annotated, limit)[:limit]
+        return Pick(phase, chosen.volume.image_id, [k for k, _ in slices], [s for _, s in slices], **common)
+
+    def _budget_q0(self, held: Mapping[str, frozenset[int]], remaining: int) -> float:
+        """q0, lowered to the (remaining+1)-th lowest open Q not held when more than `remaining` lie below it."""
+        count = 0
+        for q, image_id, k in self._low:
+            if k in held.get(image_id, ()):
+                continue
+            if count == remaining:
+                return q
+            count += 1
+        return self.settings.q0
+
+    def _lowest_q(self, held: Mapping[str, frozenset[int]], q0: float) -> Option | None:
+        """The volume holding the lowest open Q below q0 not held (ties: id order), its such slices lowest first."""
+        for q, image_id, k in self._low:
+            if q >= q0:
+                return None
+            taken = held.get(image_id, frozenset())
+            if k not in taken:
+                low, _, _ = self._entries(self._states[image_id])
+                return Option(self._states[image_id], [(j, qj) for qj, _, j in sorted(low) if qj < q0 and j not in taken])
+        return None
+
+    def _first_initial(self, held: Mapping[str, frozenset[int]]) -> Option | None:
+        """The first volume in the variant's order with an S0 slice neither annotated nor held, its S0 slices open."""
+        for entry in self._initial:
+            v = self._states[entry[-1]]
+            taken = v.annotated | held.get(v.image_id, frozenset())
+            open_ = [(k, float(rank)) for rank, k in enumerate(v.initial) if k not in taken]
+            if open_:
+                return Option(v, open_)
+        return None
 
 
-def paper(options: list[Option], phase: str, limit: int) -> Option:
-    """QU-net++ as published: S0 volume by volume (id order); then Algorithm 1: the volume holding the lowest Q."""
-    if phase == DISAGREEMENT:
-        return min(options, key=lambda o: o.slices[0][1])  # first in id order on ties
-    return options[0]
-
-
-def spaced(slices: list[tuple[int, float]], annotated: Set[int], limit: int) -> list[tuple[int, float]]:
-    """`slices` (best first) reordered so that the first `limit` keep a distance from each other and from the
-    annotated slices: the span of candidate and annotated slices over limit + 1, at least 2 (no adjacent slices).
-    Greedy in rank order; slices too close follow, in rank order, so an answer is never shorter than without."""
-    taken = [k for k, _ in slices] + list(annotated)
-    gap = max(2, (max(taken) - min(taken) + 1) // (limit + 1))
-    chosen, rest, near = [], [], set(annotated)
-    for k, score in slices:
-        if len(chosen) < limit and all(abs(k - j) >= gap for j in near):
-            chosen.append((k, score))
-            near.add(k)
-        else:
-            rest.append((k, score))
-    return chosen + rest
-
-
-def spread(options: list[Option], phase: str, limit: int) -> Option:
-    """Coverage: the least annotated volume while no model exists (ties: id order), the paper's volume after; slices
-    spaced along the stack (see `spaced`)."""
-    if phase == DISAGREEMENT:
-        chosen = paper(options, phase, limit)
-    else:
-        chosen = min(options, key=lambda o: len(o.volume.annotated))
-    return Option(chosen.volume, spaced(chosen.slices, chosen.volume.annotated, limit))
-
-
-VARIANTS: dict[str, Variant] = {"paper": paper, "spread": spread}
+def choose(volumes: Iterable[VolumeState], loop: LoopState, settings: SelectionConfig = SelectionConfig()) -> Pick:
+    """Next sample's answer for the given records, holds included (`VolumeState.held`)."""
+    volumes = list(volumes)
+    return Ranking(settings, volumes).choose(loop, {v.image_id: v.held for v in volumes if v.held})
 
 
 def agreement(q_values: Sequence[float]) -> float | None:
@@ -126,15 +241,6 @@ def agreement(q_values: Sequence[float]) -> float | None:
     most slices hold no lesion. None when no slice disagrees."""
     disagreeing = [q for q in q_values if q < 1]
     return statistics.median(disagreeing) if disagreeing else None
-
-
-def budget_q0(open_q: Sequence[float], q0: float, remaining: int | None) -> float:
-    """q0, lowered to the (remaining+1)-th lowest open Q when more than `remaining` slices lie below q0 (ties may
-    leave fewer below it)."""
-    if remaining is None:
-        return q0
-    below = sorted(q for q in open_q if q < q0)
-    return q0 if len(below) <= remaining else below[remaining]
 
 
 def rescore_order(volumes: Sequence[VolumeState]) -> list[str]:
@@ -149,23 +255,6 @@ def rescore_order(volumes: Sequence[VolumeState]) -> list[str]:
     return [v.image_id for v in sorted(volumes, key=key)]
 
 
-def _open_below(v: VolumeState, q0: float) -> list[tuple[int, float]]:
-    """(slice, Q) of unannotated slices with Q below q0, lowest Q first."""
-    if v.ranked is not None:
-        return [(k, v.q[k]) for k in v.ranked if k not in v.annotated and v.q[k] < q0]
-    found = [(k, q) for k, q in enumerate(v.q or ()) if q is not None and q < q0 and k not in v.annotated]
-    return sorted(found, key=lambda s: s[1])
-
-
-def _initial_options(volumes: Sequence[VolumeState]) -> list[Option]:
-    options = []
-    for v in volumes:
-        open_ = [(k, float(rank)) for rank, k in enumerate(v.initial or ()) if k not in v.annotated and k not in v.held]
-        if open_:
-            options.append(Option(v, open_))
-    return options
-
-
 def _stop(loop: LoopState, settings: SelectionConfig, remaining: int | None, below: int, pending: int) -> Stop | None:
     if remaining == 0:
         return Stop("budget_spent", f"the budget of {settings.budget} slices is annotated or held")
@@ -178,42 +267,6 @@ def _stop(loop: LoopState, settings: SelectionConfig, remaining: int | None, bel
         return Stop("agreement_flattened", f"the model's agreement changed by {abs(last[1] - last[0]):.3f} (< "
                                            f"{settings.stop_tolerance}) since the previous model")
     return None
-
-
-def choose(volumes: Sequence[VolumeState], loop: LoopState, settings: SelectionConfig = SelectionConfig()) -> Pick:
-    """Next sample's answer for the given records (see the module docstring)."""
-    variant = VARIANTS[settings.pick]
-    volumes = sorted(volumes, key=lambda v: v.image_id)
-    remaining = None
-    if settings.budget > 0:
-        remaining = max(0, settings.budget - sum(len(v.annotated) + len(v.held - v.annotated) for v in volumes))
-    limit = settings.slices_per_sample if remaining is None else min(settings.slices_per_sample, remaining)
-    pending = sum(v.q is None and not v.unscorable for v in volumes) if loop.has_model else 0
-    scored = {v.image_id: _open_below(v, settings.q0) for v in volumes if v.q is not None} if loop.has_model else {}
-    q0 = settings.q0
-    if remaining is not None:
-        q0 = budget_q0([q for v in volumes for k, q in scored.get(v.image_id, ()) if k not in v.held], q0, remaining)
-    below = sum(q < q0 for s in scored.values() for _, q in s)
-    stop = _stop(loop, settings, remaining, below, pending)
-    common = {"q0": q0, "below_q0": below, "pending": pending, "remaining": remaining, "stop": stop}
-    if limit <= 0:
-        return Pick(DISAGREEMENT if loop.has_model else INITIAL, message=stop.message if stop else "", **common)
-    phase, options = INITIAL, []
-    if loop.has_model:
-        phase = DISAGREEMENT
-        for v in volumes:
-            open_ = [(k, q) for k, q in scored.get(v.image_id, ()) if q < q0 and k not in v.held]
-            if open_:
-                options.append(Option(v, open_))
-        if not options and pending:
-            phase, options = SCORING, _initial_options(volumes)
-    else:
-        options = _initial_options(volumes)
-    if not options:
-        return Pick(phase, message=_nothing(phase, stop, pending), **common)
-    chosen = variant(options, phase, limit)
-    slices = chosen.slices[:limit]
-    return Pick(phase, chosen.volume.image_id, [k for k, _ in slices], [s for _, s in slices], **common)
 
 
 def _nothing(phase: str, stop: Stop | None, pending: int) -> str:

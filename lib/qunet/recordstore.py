@@ -85,6 +85,20 @@ class RecordStore:
             self._refresh()
             return dict(self._cache)
 
+    def version(self) -> int:
+        """The version of the latest change (0: none yet)."""
+        with self._lock:
+            self._refresh()
+            return self._seen
+
+    def changed_since(self, version: int) -> tuple[int, set[str]]:
+        """(the latest version, the images with a change after `version`): a reader that keeps something derived
+        from the records updates only those (the next call passes the version returned)."""
+        with self._lock:
+            self._refresh()
+            rows = self._db.execute("SELECT image FROM records WHERE version > ?", (version,)).fetchall()  # the version index
+            return self._seen, {image for (image,) in rows}
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """A write transaction (reentrant): other writers wait; reads inside it see the latest records."""

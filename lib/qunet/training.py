@@ -4,6 +4,12 @@ nnU-Net's recipe for learning from little data, measured on this project's stack
 patches at native resolution with a fixed share centred on lesion (qunet.slices.PatchSampler), spatial and
 intensity augmentation, Dice + cross-entropy over the whole batch on all four U-net++ heads (a batch of empty
 patches still has a gradient), AdamW with a poly learning-rate decay, and a fixed number of updates.
+
+Over torch.distributed ranks (torchrun, or the app's `multi_gpu`) the same training runs with
+DistributedDataParallel: every rank draws the same whole batch (same seed) and runs the network on its share;
+the outputs are gathered so that each rank computes the loss over the whole batch (the batch Dice does not split
+into per-rank means), with a gradient only through its own share; DDP's averaged gradients times the number of
+ranks are then the one-process gradient. Same result as one process, up to floating-point rounding.
 """
 
 import math
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -69,6 +77,31 @@ def _batch(sampler: PatchSampler, size: int, transform: Compose | None) -> tuple
             torch.stack([p["label"] for p in patches]).as_subclass(torch.Tensor))
 
 
+def _ranks() -> tuple[int, int]:
+    """(this rank, ranks) of the initialised torch.distributed group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _whole_batch(heads: list[torch.Tensor] | torch.Tensor, rank: int, ranks: int) -> list[torch.Tensor] | torch.Tensor:
+    """Every rank's outputs, concatenated in rank order (the batch's order); differentiable in this rank's share."""
+    whole = []
+    for head in [heads] if isinstance(heads, torch.Tensor) else heads:
+        parts = [torch.empty(head.shape, dtype=head.dtype, device=head.device) for _ in range(ranks)]
+        dist.all_gather(parts, head.detach().contiguous())
+        parts[rank] = head
+        whole.append(torch.cat(parts))
+    return whole[0] if isinstance(heads, torch.Tensor) else whole
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """A stop asked for on any rank stops all of them at the same update."""
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train(
     network: torch.nn.Module,
     slices: list[TrainingSlice],
@@ -83,9 +116,17 @@ def train(
     """Train `network` in place on annotated slices for config.max_epochs x config.steps_per_epoch updates.
 
     Deterministic in `seed` on a given machine. Returns each epoch's statistics (also passed to `on_epoch`);
-    `should_stop()` is asked after every update (a client's stop request)."""
+    `should_stop()` is asked after every update (a client's stop request). Inside a torch.distributed group, every
+    rank calls it alike (same slices, config and seed) and trains its share of each batch (see the module)."""
     device = device or next(network.parameters()).device
+    rank, ranks = _ranks()
+    if config.batch_size % ranks:
+        raise ValueError(f"batch size {config.batch_size} does not split over {ranks} ranks")
+    share = config.batch_size // ranks
     channels_last(network, device).train()
+    model = network
+    if ranks > 1:  # also makes every rank start from rank 0's weights
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = PatchSampler(slices, patch_size, config.foreground, seed)
     transform = augmentation() if config.augment else None
     if transform is not None:
@@ -98,12 +139,14 @@ def train(
     for epoch in range(config.max_epochs):
         total, overlap, size, done = 0.0, 0.0, 0.0, 0
         for _ in range(config.steps_per_epoch):
-            x, y = _batch(sampler, config.batch_size, transform)
-            x, y = x.to(device=device, memory_format=torch.channels_last), y.to(device)
+            x, y = _batch(sampler, config.batch_size, transform)  # the whole batch, alike on every rank
+            x, y = x[rank * share:(rank + 1) * share].to(device=device, memory_format=torch.channels_last), y.to(device)
             optimiser.zero_grad(set_to_none=True)
-            heads = network(x)
+            heads = model(x)
+            if ranks > 1:
+                heads = _whole_batch(heads, rank, ranks)
             loss = loss_fn(heads, y)
-            loss.backward()
+            (loss * ranks).backward()  # DDP averages the ranks' gradients: times ranks, their sum
             optimiser.step()
             schedule.step()
             total, done = total + loss.item(), done + 1
@@ -111,7 +154,7 @@ def train(
                 found = heads[-1] > 0 if isinstance(heads, (list, tuple)) else heads > 0
                 overlap += 2 * float((found & (y > 0)).sum())
                 size += float(found.sum() + (y > 0).sum())
-            stopped = should_stop()
+            stopped = should_stop() if ranks == 1 else _any_rank(should_stop(), device)
             if stopped:
                 break
         stats = EpochStats(epoch + 1, config.max_epochs, total / done,

@@ -112,6 +112,12 @@ class QUNetDatastore(RecordsMixin, LocalDatastore):
         if self._signature() != self._config_ts:
             self._init_from_datastore_file()
 
+    def generation(self) -> Any:
+        """Changes whenever the JSON's image list, image info or labels may have changed, in this process or
+        another (what the SQLite records do not carry): Next sample's kept ranking is rebuilt then. None: unknown."""
+        self._fresh()
+        return self._config_ts
+
     def _on_moved(self, event) -> None:
         if event.dest_path == self._datastore_config_path:
             self._init_from_datastore_file()

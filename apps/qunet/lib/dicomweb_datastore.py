@@ -121,6 +121,7 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
         os.makedirs(self._grid_dir, exist_ok=True)
         os.makedirs(self._lock_dir, exist_ok=True)
         self._images_cache: TTLCache = TTLCache(maxsize=1, ttl=list_seconds)
+        self._listings = 0  # how many times the series were listed: a new listing may add or drop images
         # SEG uid -> [referenced series, time] or None; SEGs never change, so this is kept on disk for the
         # scoring and training subprocesses (each would otherwise fetch the metadata of every SEG again)
         self._seg_meta_file = os.path.join(self._datastore_path, "qunet-segs.json")
@@ -135,6 +136,10 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
 
     def _fresh(self) -> None:
         self._init_from_datastore_file()  # re-reads the JSON (under the lock) when another process replaced it
+
+    def generation(self) -> Any:
+        self.list_images()  # lists the server's series again once the listing has expired
+        return QUNetDatastore.generation(self), self._listings
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         return QUNetDatastore.get_image_info(self, image_id)  # not DICOMWebDatastore's: no fetch to read records
@@ -163,6 +168,7 @@ class QUNetDICOMWebDatastore(DICOMWebDatastore, QUNetDatastore):
                         if _value(ds, "00080060").upper() not in NOT_IMAGES:
                             series[_value(ds, "0020000E")] = None
                 self._images_cache["images"] = list(series)
+                self._listings += 1
             return list(self._images_cache["images"])
 
     def _check_uid(self, uid: str) -> None:

@@ -44,6 +44,13 @@ def in_task_subprocess() -> bool:
     return getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) == TASK_MODULE
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux; elsewhere nothing): the ranks a training launched with
+    torchrun (lib.trainers.launch) must not outlive the task that started them."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def die_with_server() -> None:
     if not in_task_subprocess():
         os.environ[SERVER_PID] = str(os.getpid())  # inherited by the subprocesses started from now on

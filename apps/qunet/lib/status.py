@@ -64,15 +64,14 @@ class LoopStatus:
         return {
             "phase": pick.phase, "pick": settings.pick, "training": snap.training,
             "model": {"signature": snap.model, "modified": self.strategy.model_time(snap)} if snap.model else None,
-            "q0": pick.q0, "q0_configured": settings.q0, "below_q0": pick.below_q0, "volumes": len(snap.volumes),
-            "annotated_slices": sum(len(v.annotated) for v in snap.volumes),
-            "held_slices": sum(len(v.held - v.annotated) for v in snap.volumes), "pending_volumes": pick.pending,
+            "q0": pick.q0, "q0_configured": settings.q0, "below_q0": pick.below_q0, "volumes": snap.volume_count,
+            "annotated_slices": snap.annotated_slices, "held_slices": snap.held_slices, "pending_volumes": pick.pending,
             "budget": {"budget": settings.budget, "remaining": pick.remaining} if pick.remaining is not None else None,
             "stop": {"reason": pick.stop.reason, "message": pick.stop.message} if pick.stop else None,
         }
 
     def page(self, datastore: Datastore) -> str:
-        snap = self.strategy.snapshot(datastore)
+        snap = self.strategy.snapshot(datastore, with_volumes=True)
         summary = {**self._records_summary(snap), "scoring": self._scoring()}
         history = read_history(self.strategy.state_dir)
         e = _escape

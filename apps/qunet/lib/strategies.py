@@ -1,5 +1,9 @@
-"""Strategy `qunet` ("Next sample"): read the records, ask the policy (qunet.policy.choose: phases, stop signal,
-budget, the `pick` variant), record the served slices (the hold) and format the answer.
+"""Strategy `qunet` ("Next sample"): bring the policy's ranking up to date with the records, ask it (qunet.policy:
+phases, stop signal, budget, the `pick` variant), record the served slices (the hold) and format the answer.
+
+The ranking is kept between answers: only the volumes whose SQLite records changed since the last answer are read
+again, so an answer costs the same at 100 or 100,000 volumes. It is built afresh (every volume read) when the
+model whose Q counts changes, or when the datastore's JSON or image list changes (a label saved, images added).
 
 Slices served to another client within `hold_seconds` are held back, then offered again if no label came. The
 model whose Q counts is the one in place, except while a training runs (it publishes a model at every improving
@@ -9,8 +13,9 @@ has `"id": ""`, no slices and a `message`; `stop` and `scoring` say why.
 
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -18,7 +23,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from qunet.config import SelectionConfig
 from qunet.io import StackError
-from qunet.policy import DISAGREEMENT, LoopState, Pick, VolumeState, choose
+from qunet.policy import DISAGREEMENT, LoopState, Pick, Ranking, VolumeState
 
 from lib import records
 from lib.conf import AppConf
@@ -30,14 +35,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The records as the policy sees them, its pick, and the model they refer to."""
+    """The policy's pick, the counts behind it, and the model the records refer to."""
 
-    volumes: list[VolumeState]
     loop: LoopState
     pick: Pick
     model: str | None  # signature of the model in place
     model_path: str | None
     training: bool
+    volume_count: int
+    annotated_slices: int
+    held_slices: int  # held for other clients, not annotated
+    volumes: list[VolumeState] | None = None  # every volume with its holds, when asked for (the status page)
 
 
 class QUNetStrategy(Strategy):
@@ -47,13 +55,19 @@ class QUNetStrategy(Strategy):
         self.model_path = model_path
         self.state_dir = state_dir  # the app's model folder: scoring progress and agreement history
         self.settings = SelectionConfig(**{f.name: getattr(conf, f.name) for f in fields(SelectionConfig)})
+        self._lock = threading.Lock()  # Next sample, GET /info/ and the status page may ask at once
+        self._ranking: Ranking | None = None
+        self._built_for: tuple | None = None  # (model whose Q counts, datastore generation) the ranking was built for
+        self._version = 0  # the records' version the ranking reflects
+        self._ids: set[str] = set()  # the images it was built with
+        self._served: dict[str, dict] = {}  # image id -> served-slice records that may still hold slices
 
-    def _held(self, info: dict, client_id: str | None, now: float) -> frozenset[int]:
+    def _held(self, served: dict, client_id: str | None, now: float) -> frozenset[int]:
         """Slices served within the hold and not submitted, to another client than `client_id` (None: to anyone)."""
         held: set[int] = set()
-        for client, served in (info.get(records.SERVED) or {}).items():
-            if client != client_id and not served.get("submitted") and now - served["ts"] < self.conf.hold_seconds:
-                held.update(served["slices"])
+        for client, entry in served.items():
+            if client != client_id and not entry.get("submitted") and now - entry["ts"] < self.conf.hold_seconds:
+                held.update(entry["slices"])
         return frozenset(held)
 
     def _agreement(self, model: str | None) -> list[float | None]:
@@ -63,16 +77,48 @@ class QUNetStrategy(Strategy):
             return []
         return [e.get("agreement") for e in entries]
 
-    def snapshot(self, datastore: Datastore, client_id: str | None = None, now: float | None = None) -> Snapshot:
+    def _note_served(self, image_id: str, info: dict) -> None:
+        """Keep a volume's served-slice records while one may hold slices (only these are looked at per answer)."""
+        served = info.get(records.SERVED) or {}
+        if any(not s.get("submitted") and time.time() - s.get("ts", 0) < self.conf.hold_seconds for s in served.values()):
+            self._served[image_id] = served
+        else:
+            self._served.pop(image_id, None)
+
+    def _ranking_now(self, datastore: Datastore, model: str | None) -> Ranking:
+        """The ranking for `model`'s Q, up to date (caller holds self._lock)."""
+        generation = datastore.generation() if callable(getattr(datastore, "generation", None)) else None
+        store = getattr(datastore, "records", None)
+        if self._ranking is None or store is None or generation is None or (model, generation) != self._built_for:
+            self._version = store.version() if store is not None else 0  # before reading: later changes are read again
+            infos = list(infos_read_only(datastore))
+            self._ranking = Ranking(self.settings, (volume_state(datastore, i, info, model, self.conf.q0) for i, info in infos))
+            self._ids, self._served, self._built_for = {i for i, _ in infos}, {}, (model, generation)
+            for image_id, info in infos:
+                self._note_served(image_id, info)
+            return self._ranking
+        self._version, changed = store.changed_since(self._version)
+        for image_id in changed & self._ids:
+            info = datastore.get_image_info(image_id)
+            self._ranking.put(volume_state(datastore, image_id, info, model, self.conf.q0))
+            self._note_served(image_id, info)
+        return self._ranking
+
+    def snapshot(self, datastore: Datastore, client_id: str | None = None, now: float | None = None,
+                 with_volumes: bool = False) -> Snapshot:
         now = time.time() if now is None else now
         path = self.model_path()
         signature = signature_or_none(path) if path else None
         training = training_running()
         model = None if training else signature  # whose Q counts (None: the latest, whichever model made it)
-        volumes = [volume_state(datastore, image_id, info, model, self.conf.q0, self._held(info, client_id, now))
-                   for image_id, info in infos_read_only(datastore)]
         loop = LoopState(has_model=signature is not None, agreement=self._agreement(model))
-        return Snapshot(volumes, loop, choose(volumes, loop, self.settings), signature, path, training)
+        with self._lock:
+            ranking = self._ranking_now(datastore, model)
+            held = {i: h for i, served in self._served.items() if (h := self._held(served, client_id, now))}
+            pick = ranking.choose(loop, held)
+            volumes = [replace(v, held=held.get(v.image_id, frozenset())) for v in ranking.volumes()] if with_volumes else None
+            return Snapshot(loop, pick, signature, path, training, len(ranking), ranking.annotated_slices,
+                            sum(len(h - ranking.get(i).annotated) for i, h in held.items()), volumes)
 
     def _snapshot_with_quality(self, datastore: Datastore, client_id: str, now: float) -> Snapshot:
         """The snapshot; when the S0 pick finds nothing but some volume has no quality record yet (background
@@ -81,11 +127,14 @@ class QUNetStrategy(Strategy):
         while True:
             snap = self.snapshot(datastore, client_id, now)
             pick = snap.pick
-            missing = [v.image_id for v in snap.volumes if v.initial is None and not v.unscorable and v.image_id not in tried]
-            if pick.slices or pick.stop or pick.phase == DISAGREEMENT or not missing:
+            if pick.slices or pick.stop or pick.phase == DISAGREEMENT:
                 return snap
-            tried.add(missing[0])
-            self._score_now(datastore, missing[0])
+            with self._lock:
+                missing = self._ranking.first_without_quality(tried)
+            if missing is None:
+                return snap
+            tried.add(missing)
+            self._score_now(datastore, missing)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         client_id = records.client_id(request.get("client_id"))

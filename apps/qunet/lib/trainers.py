@@ -5,17 +5,24 @@ its progress) and writes the train stats GET /info/ shows (`train_stats`: epoch,
 as 3D Slicer's progress bars read them); at the end it appends an entry to the history (history.json beside the
 model): how many slices it was trained on, and the held-out Dice of the model it replaces on the slices
 annotated since that one was trained.
+
+Inside a torch.distributed group (train_cohort.py under torchrun) every rank trains its share of each batch and
+rank 0 alone writes. A request with `"multi_gpu": true` on a machine with two or more GPUs runs train_cohort.py
+with one rank per GPU (`launch`); with fewer it trains in this process.
 """
 
 import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -30,6 +37,7 @@ from qunet.training import EpochStats, seed_everything, train
 from lib import records
 from lib.conf import AppConf
 from lib.files import atomic_write
+from lib.processes import die_with_parent
 from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
         "foreground": lambda v: as_float(v, "foreground", 0.0, 1.0),
         "augment": lambda v: as_bool(v, "augment"),
         "pretrained": lambda v: as_bool(v, "pretrained"),
+        "multi_gpu": lambda v: as_bool(v, "multi_gpu"),
         "seed": lambda v: as_int(v, "seed", 0, 2**31 - 1),
         "device": check_device,
     }
@@ -72,9 +81,21 @@ def _read_json(path: str, default: Any) -> Any:
         return default
 
 
+def launch(command: list[str], ranks: int, request: dict[str, Any]) -> dict[str, Any]:
+    """Run train_cohort.py (`command`: the script and its --studies and --conf arguments) on `ranks` local ranks
+    with torchrun; its history entry. Raises RuntimeError with the end of its output when it fails."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                           *command, "--request", json.dumps(request)], capture_output=True, text=True,
+                          preexec_fn=die_with_parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"training over {ranks} ranks failed: {(done.stdout + done.stderr)[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 class QUNetTrain(TrainTask):
-    def __init__(self, model_dir: str, conf: AppConf, publish_path: str) -> None:
+    def __init__(self, model_dir: str, conf: AppConf, publish_path: str, ranks_command: list[str] | None = None) -> None:
         super().__init__("Train the U-net++ on the annotated slices (patches, Dice + CE on all four heads, AdamW)")
+        self.ranks_command = ranks_command  # train_cohort.py with the server's studies and conf: what multi_gpu runs
         self.conf = conf
         self.model_dir = model_dir
         self.publish_path = publish_path
@@ -89,7 +110,8 @@ class QUNetTrain(TrainTask):
     def config(self) -> dict[str, Any]:
         d = self.defaults()
         return {"max_epochs": d.max_epochs, "steps_per_epoch": d.steps_per_epoch, "train_batch_size": d.batch_size,
-                "learning_rate": d.learning_rate, "foreground": d.foreground, "augment": d.augment, "pretrained": True}
+                "learning_rate": d.learning_rate, "foreground": d.foreground, "augment": d.augment, "pretrained": True,
+                "multi_gpu": False}
 
     def stats(self) -> dict[str, Any]:
         return _read_json(self.stats_path, {})
@@ -102,6 +124,11 @@ class QUNetTrain(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         request = check_train_request(request)
+        gpus = torch.cuda.device_count()
+        if request.get("multi_gpu") is True and gpus > 1 and self.ranks_command and not dist.is_initialized():
+            logger.info(f"training over {gpus} GPUs")
+            return launch(self.ranks_command, gpus, {k: v for k, v in request.items() if k in REQUEST_KEYS or k in ("seed", "pretrained")})
+        leader = not dist.is_initialized() or dist.get_rank() == 0  # the one rank that writes
         settings = replace(self.defaults(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request
                                              and not isinstance(request[k], list)})
         device = torch.device(request["device"]) if isinstance(request.get("device"), str) else default_device()
@@ -110,26 +137,29 @@ class QUNetTrain(TrainTask):
         if not slices:
             raise Conflict(NOTHING_TO_TRAIN)
         network, start_from = self._start(bool(request.get("pretrained", True)))
-        heldout = self._heldout(network, annotated, datastore, device) if start_from == self.publish_path else None
+        heldout = self._heldout(network, annotated, datastore, device) if start_from == self.publish_path and leader else None
         logger.info(f"training on {len(slices)} annotated slices of {len(annotated)} volumes "
                     f"({sum(s.has_foreground for s in slices)} with foreground), from {start_from or 'scratch'}")
         started = time.time()
         seed = int(request.get("seed", 0))
         seed_everything(seed)
-        os.makedirs(self.model_dir, exist_ok=True)
-        atomic_write(json.dumps({k: v[0] for k, v in annotated.items()}), self.trained_path)
+        if leader:
+            os.makedirs(self.model_dir, exist_ok=True)
+            atomic_write(json.dumps({k: v[0] for k, v in annotated.items()}), self.trained_path)
 
         def end_of_epoch(epoch: EpochStats) -> None:  # published every epoch: a stopped training keeps its progress
             self._publish(network)
             self._write_stats(epoch, started, heldout, len(slices))
 
-        history = train(network, slices, settings, self.conf.patch_size, seed=seed, device=device, on_epoch=end_of_epoch)
+        history = train(network, slices, settings, self.conf.patch_size, seed=seed, device=device,
+                        on_epoch=end_of_epoch if leader else None)
         last = history[-1]
-        entry = {"ts": int(time.time()), "model": file_signature(self.publish_path), "slices": len(slices),
+        entry = {"ts": int(time.time()), "model": file_signature(self.publish_path) if leader else None, "slices": len(slices),
                  "volumes": len(annotated), "lesion_slices": sum(s.has_foreground for s in slices),
                  "heldout": heldout, "train_dice": round(last.dice, 4), "loss": round(last.loss, 4),
                  "steps": last.epoch * settings.steps_per_epoch, "seconds": round(time.time() - started, 1)}
-        atomic_write(json.dumps(self.history() + [entry]), self.history_path)
+        if leader:
+            atomic_write(json.dumps(self.history() + [entry]), self.history_path)
         return entry
 
     def _annotated(self, datastore: Datastore) -> dict[str, tuple[list[int], list[TrainingSlice]]]:

@@ -1,0 +1,36 @@
+"""What the torchrun commands (score_cohort.py, train_cohort.py) share: joining the ranks and opening the studies."""
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from lib.conf import AppConf
+from lib.datastore import QUNetDatastore, local_datastore
+from lib.dicomweb_datastore import dicomweb_datastore
+
+
+def join_ranks(threads: int = 0) -> tuple[int, int, torch.device]:
+    """(rank, ranks, device): the torch.distributed group torchrun describes (gloo on CPU, NCCL with one GPU per
+    local rank), or one rank without torchrun; torch CPU threads: `threads`, else the cores over the local ranks."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if "WORLD_SIZE" in os.environ:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
+
+
+def leave_ranks() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def open_datastore(studies: str, conf: AppConf) -> QUNetDatastore:
+    """The server's datastore for a folder (its file types: NIfTI, NRRD, ...) or a DICOMweb URL."""
+    if studies.startswith(("http://", "https://")):
+        return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
+    return local_datastore(studies, auto_reload=False)
