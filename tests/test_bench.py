@@ -49,7 +49,7 @@ def test_next_sample_latency_against_a_live_server(tmp_path):
     assert result["scoring"]["qunet_disagreement"]["scored"] == 3
     assert result["quality_rescoring"]["skipped"] == 3  # and the server agrees they are current
     assert result["disagreement_rescoring"]["skipped"] == 3
-    assert result["scoring"]["in_process"]["strategy_scan_ms"] > 0 and result["scoring"]["in_process"]["record_write_ms"] > 0
+    assert all(result["scoring"]["in_process"][k] > 0 for k in ("ranking_build_ms", "write_and_pick_ms", "record_write_ms"))
     assert result["startup_to_first_answer_seconds"] > 0
     assert result["initial_answer"]["phase"] == "initial"
     assert result["disagreement_answer"]["phase"] == "disagreement" and result["disagreement_answer"]["slices"]

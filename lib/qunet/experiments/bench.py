@@ -9,8 +9,7 @@ Measures, in one run on this machine:
 - `quality`: qunet.quality.slice_quality throughput on 512x512 slices;
 - `next_sample`: POST /activelearning/qunet latency (p50, p95) from a client, against a real
   `monailabel start_server` whose datastore holds N volumes scored by the app's `qunet_quality` method
-  (initial phase, no model) and then by `qunet_disagreement` with a small model (disagreement phase, a scan
-  over every volume);
+  (initial phase, no model) and then by `qunet_disagreement` with a small model (disagreement phase);
 - `memory`: peak resident memory beyond the loaded volume while scoring 512x512xD volumes of two depths, in
   fresh subprocesses (Linux VmHWM, reset after the volume is built).
 
@@ -219,8 +218,9 @@ def render(result: dict) -> str:
             lines.append(f"Next sample ({n['volumes']} volumes, {phase} phase): p50 {n[phase]['p50_ms']} ms, "
                          f"p95 {n[phase]['p95_ms']} ms over {n[phase]['requests']} requests")
         ip = n["scoring"]["in_process"]
-        lines.append(f"  server start to the first answer {n['startup_to_first_answer_seconds']} s; in process: strategy "
-                     f"scan over all volumes {ip['strategy_scan_ms']} ms; one answer's record written "
+        lines.append(f"  server start to the first answer {n['startup_to_first_answer_seconds']} s; in process: ranking "
+                     f"built from every volume {ip['ranking_build_ms']} ms, a record written and a pick "
+                     f"{ip['write_and_pick_ms']} ms; one answer's record written "
                      f"{ip['record_write_ms']} ms (records {ip['records_mb']} MB, datastore JSON {ip['datastore_json_mb']} "
                      f"MB); re-scoring with nothing new: quality {n['quality_rescoring']['seconds']} s, disagreement "
                      f"{n['disagreement_rescoring']['seconds']} s")
