@@ -42,7 +42,7 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     random_strategy: str = "qunet"
     max_voxels: int = ReadConfig.max_voxels  # largest image or label read (uploads, studies files)
     allow_model_upload: bool = False  # PUT and DELETE /model/qunet: a client replacing or removing the model
-    pick: str = SelectionConfig.pick  # Next sample's policy variant (qunet.policy.VARIANTS)
+    pick: str = SelectionConfig.pick  # Next sample's policy variant (qunet.variants.VARIANTS)
     budget: int = SelectionConfig.budget  # slices affordable in all; q0 is lowered to fit what is left (0: none)
     stop_tolerance: float = SelectionConfig.stop_tolerance  # agreement change below which Next sample signals stop
     # a training's length when the request does not say (auto-training, Slicer's defaults): epochs x updates

@@ -8,7 +8,7 @@ app's trainer does), re-score, and measure voxel Dice on every slice not annotat
 same number of slices each round (equal cost) and starts from the same weights for a seed:
 
 - `paper` (the app's default), `spread`: the app's Next sample policy (qunet.policy.choose, the very code the app's
-  strategy calls) with each of its variants (qunet.policy.VARIANTS); asked repeatedly, as annotators would, until the
+  strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators would, until the
   round's slices are reached (slices it serves are held, so it moves on); when it has nothing more to offer
   (no slice below q0) the rest of the round is random, and counted (`filled`);
 - `random`: slices drawn at random from the whole cohort;

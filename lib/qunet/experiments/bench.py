@@ -158,8 +158,13 @@ def quality_bench(shape=(512, 512, 48), repeats: int = 3) -> dict:
 TARGETS = {
     "scoring_fraction_of_matmul": 0.60,
     "quality_slices_per_s_512": 50.0,
-    "next_sample_p95_ms": 100.0,
+    "next_sample_p95_ms": 50.0,  # up to 10,000 volumes, live or in process
+    "next_sample_p95_ms_beyond": 100.0,  # beyond (100,000 volumes)
 }
+
+
+def next_sample_limit(volumes: int) -> float:
+    return TARGETS["next_sample_p95_ms"] if volumes <= 10000 else TARGETS["next_sample_p95_ms_beyond"]
 
 
 def targets(result: dict) -> dict:
@@ -173,15 +178,14 @@ def targets(result: dict) -> dict:
         out["quality >= 50 slices/s at 512x512"] = {"value": v, "met": v >= TARGETS["quality_slices_per_s_512"]}
     n = result.get("next_sample")
     if n:
-        worst = max(n["initial"]["p95_ms"], n["disagreement"]["p95_ms"])
-        out[f"Next sample p95 < 100 ms ({n['volumes']} volumes)"] = {"value": worst, "met": worst < TARGETS["next_sample_p95_ms"]}
+        worst, limit = max(n["initial"]["p95_ms"], n["disagreement"]["p95_ms"]), next_sample_limit(n["volumes"])
+        out[f"Next sample p95 < {limit:.0f} ms ({n['volumes']} volumes)"] = {"value": worst, "met": worst < limit}
     if result.get("ranks"):
         r = result["ranks"]
         out[f"scoring with {r['ranks']} ranks >= 1.7x one rank (one thread each)"] = {"value": r["speedup"],
                                                                                   "met": r["speedup"] >= 1.7}
     for r in result.get("scale", {}).get("runs", []):
-        limit = 50.0 if r["volumes"] <= 10000 else 100.0
-        value = r["next_sample_in_process"]["p95_ms"]
+        limit, value = next_sample_limit(r["volumes"]), r["next_sample_in_process"]["p95_ms"]
         out[f"Next sample p95 < {limit:.0f} ms in process ({r['volumes']} volumes of synthetic records)"] = {
             "value": value, "met": value < limit}
     mem = result.get("memory", {}).get("runs")
