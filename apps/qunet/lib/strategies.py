@@ -77,10 +77,13 @@ class QUNetStrategy(Strategy):
             return []
         return [e.get("agreement") for e in entries]
 
+    def _holding(self, served: dict, now: float) -> bool:
+        return any(not s.get("submitted") and now - s.get("ts", 0) < self.conf.hold_seconds for s in served.values())
+
     def _note_served(self, image_id: str, info: dict) -> None:
         """Keep a volume's served-slice records while one may hold slices (only these are looked at per answer)."""
         served = info.get(records.SERVED) or {}
-        if any(not s.get("submitted") and time.time() - s.get("ts", 0) < self.conf.hold_seconds for s in served.values()):
+        if self._holding(served, time.time()):
             self._served[image_id] = served
         else:
             self._served.pop(image_id, None)
@@ -114,6 +117,7 @@ class QUNetStrategy(Strategy):
         loop = LoopState(has_model=signature is not None, agreement=self._agreement(model))
         with self._lock:
             ranking = self._ranking_now(datastore, model)
+            self._served = {i: served for i, served in self._served.items() if self._holding(served, now)}
             held = {i: h for i, served in self._served.items() if (h := self._held(served, client_id, now))}
             pick = ranking.choose(loop, held)
             volumes = [replace(v, held=held.get(v.image_id, frozenset())) for v in ranking.volumes()] if with_volumes else None
