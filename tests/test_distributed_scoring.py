@@ -1,5 +1,6 @@
-"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py): two CPU ranks joined by gloo on loopback
-score every volume exactly once, into the records the server reads, with the same results as one process."""
+"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through lib.ranks.run_ranks as the server runs it
+on a multi-GPU machine): two CPU ranks joined by gloo on loopback score every volume exactly once, into the records
+the server reads, with the same results as one process."""
 
 import json
 import os
@@ -48,9 +49,16 @@ def run(command: list[str], cwd: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def torchrun(app: Path, studies: Path, conf: list[str]) -> dict:
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(app / "score_cohort.py"), "--studies", str(studies), "--threads", "1", *conf], app)
+def torchrun(app: Path, studies: Path, conf: list[str], *more: str) -> dict:
+    sys.path.insert(0, str(app))  # the app's `lib`, as the server has it
+    try:
+        from lib.ranks import run_ranks
+
+        return run_ranks([str(app / "score_cohort.py"), "--studies", str(studies), "--threads", "1", *conf, *more], 2)
+    finally:
+        sys.path.remove(str(app))
+        for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+            del sys.modules[name]
 
 
 def test_two_ranks_score_each_volume_once_as_one_process_would(tmp_path):
@@ -77,7 +85,11 @@ def test_two_ranks_score_each_volume_once_as_one_process_would(tmp_path):
             del a["source"], b["source"]  # signatures of two copies (inode, time): differ by design
             assert a == b, (name, key)
 
-    again = torchrun(app, studies, conf)  # every record current: nothing is read again
-    for method in ("quality", "disagreement"):
-        assert {k: again[method][k] for k in ("scored", "skipped", "failed")} == {"scored": 0, "skipped": len(VOLUMES),
-                                                                                 "failed": 0}, again
+    # what the server runs on a multi-GPU machine after a training: disagreement only, rank 0 reporting progress;
+    # every record is current, so nothing is read again
+    again = torchrun(app, studies, conf, "--methods", "disagreement", "--progress")
+    assert "quality" not in again
+    assert {k: again["disagreement"][k] for k in ("scored", "skipped", "failed")} == {
+        "scored": 0, "skipped": len(VOLUMES), "failed": 0}, again
+    progress = json.loads((app / "model" / "scoring_qunet_disagreement.json").read_text())
+    assert progress["state"] == "done" and progress["volumes_total"] == 3  # rank 0's share: volumes 0, 2, 4

@@ -45,9 +45,8 @@ class QUNetApp(MONAILabelApp):
         set_read_config(ReadConfig(max_voxels=self.qconf.max_voxels))  # every image and label this process reads
         self.model_dir = os.path.join(app_dir, "model")
         self.published = os.path.join(self.model_dir, f"{MODEL}.pt")
-        # what a `multi_gpu` training runs under torchrun: the server's studies and conf
-        self.ranks_command = [os.path.join(app_dir, "train_cohort.py"), "--studies", studies,
-                              *[x for k, v in conf.items() for x in ("--conf", str(k), str(v))]]
+        # the server's studies and conf, for the torchrun commands it runs on every GPU of a multi-GPU machine
+        self.ranks_args = ["--studies", studies, *[x for k, v in conf.items() for x in ("--conf", str(k), str(v))]]
         self.labels_since_training = 0
         super().__init__(
             app_dir=app_dir,
@@ -93,7 +92,8 @@ class QUNetApp(MONAILabelApp):
         return {MODEL: QUNetInfer([p for p in (self.qconf.pretrained_path, self.published) if p], self.qconf)}
 
     def init_trainers(self) -> dict:
-        return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published, self.ranks_command)}
+        return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published,
+                                  [os.path.join(self.app_dir, "train_cohort.py"), *self.ranks_args])}
 
     def init_strategies(self) -> dict:
         qunet = QUNetStrategy(self.qconf, self.model_path, self.model_dir)
@@ -103,7 +103,8 @@ class QUNetApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict:
         return {
             "qunet_quality": QualityScoring(self.qconf, self.model_dir),
-            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path, self.model_dir),
+            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path, self.model_dir,
+                                                      ranks_command=[os.path.join(self.app_dir, "score_cohort.py"), *self.ranks_args]),
         }
 
     # ---- requests: unknown names are 404, bad values 400, before MONAI Label turns them into 500 ----------------

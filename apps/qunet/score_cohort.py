@@ -8,7 +8,9 @@ WORLD_SIZE-th image of the run's order, writing into the same records as the ser
 transactions, safe across processes): a server started afterwards, or running meanwhile, skips what is current.
 torch.distributed (gloo on CPU, NCCL on GPUs, one GPU per local rank) joins the ranks: the totals are summed, and
 rank 0 records the model's agreement (the stop signal) once every shard is done. Without torchrun it is one rank.
-Give the same `--conf` values as the server (q0, patch_size, features, labels, quality settings).
+Give the same `--conf` values as the server (q0, patch_size, features, labels, quality settings). `--methods`
+runs one of the two; `--progress` has rank 0 report its share's progress where the server's Next sample reads it
+(the server itself runs `--methods disagreement --progress` on every GPU when a machine has two or more).
 """
 
 import argparse
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     p.add_argument("--model", help="model file (default: the app's published model, else conf pretrained_path)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (default: cores / local ranks)")
+    p.add_argument("--methods", nargs="+", choices=("quality", "disagreement"), default=["quality", "disagreement"])
+    p.add_argument("--progress", action="store_true", help="rank 0 writes its share's progress to the app's model folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
 
@@ -57,9 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
     datastore = open_datastore(args.studies, conf)
     path = model_path(conf, args.model)
-    methods = {"quality": QualityScoring(conf, shard=(rank, ranks))}
+    state_dir = str(APP_DIR / "model") if args.progress and rank == 0 else None
+    methods = {"quality": QualityScoring(conf, state_dir, shard=(rank, ranks))}
     if path:
-        methods["disagreement"] = DisagreementScoring(conf, lambda: path, shard=(rank, ranks))
+        methods["disagreement"] = DisagreementScoring(conf, lambda: path, state_dir, shard=(rank, ranks))
+    methods = {name: method for name, method in methods.items() if name in args.methods}
     totals = {}
     for name, method in methods.items():
         start = time.perf_counter()
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             dist.all_reduce(summed)  # also a barrier: every shard is written when it returns
             counts.update(zip(COUNTS, summed.tolist()))
         totals[name] = {**counts, "seconds": round(time.perf_counter() - start, 2)}  # until the slowest rank is done
-    if rank == 0 and path:
+    if rank == 0 and "disagreement" in methods:
         os.makedirs(APP_DIR / "model", exist_ok=True)
         DisagreementScoring(conf, lambda: path, str(APP_DIR / "model")).record_agreement(datastore, file_signature(path))
     if rank == 0:

@@ -1,6 +1,10 @@
-"""What the torchrun commands (score_cohort.py, train_cohort.py) share: joining the ranks and opening the studies."""
+"""What the torchrun commands (score_cohort.py, train_cohort.py) share: joining the ranks, opening the studies, and
+running one of them on every local GPU from the server (`run_ranks`)."""
 
+import json
 import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import torch
@@ -9,6 +13,7 @@ import torch.distributed as dist
 from lib.conf import AppConf
 from lib.datastore import QUNetDatastore, local_datastore
 from lib.dicomweb_datastore import dicomweb_datastore
+from lib.processes import die_with_parent
 
 
 def join_ranks(threads: int = 0) -> tuple[int, int, torch.device]:
@@ -34,3 +39,13 @@ def open_datastore(studies: str, conf: AppConf) -> QUNetDatastore:
     if studies.startswith(("http://", "https://")):
         return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
     return local_datastore(studies, auto_reload=False)
+
+
+def run_ranks(command: list[str], ranks: int) -> dict:
+    """Run an app command (the script and its arguments) on `ranks` local ranks with torchrun; the JSON its rank 0
+    prints last. The ranks die with the calling process; RuntimeError with the end of their output if they fail."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                           *command], capture_output=True, text=True, preexec_fn=die_with_parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(command[0])} over {ranks} ranks failed: {(done.stdout + done.stderr)[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Set
 from dataclasses import fields
 from typing import Any
 
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -33,6 +34,7 @@ from lib import records
 from lib.conf import AppConf
 from lib.errors import Conflict
 from lib.progress import ScoringProgress, record_agreement
+from lib.ranks import run_ranks
 
 ERROR_SOURCE = "qunet_error_source"  # file signature the error in records.ERROR was found for
 
@@ -183,15 +185,17 @@ class QualityScoring(ScoringMethod):
 
 class DisagreementScoring(ScoringMethod):
     """Re-scores only what changed (the model or the image; annotated slices are never scored), volumes most likely
-    to be asked for next first (qunet.policy.rescore_order), so Next sample can use them while the rest is scored."""
+    to be asked for next first (qunet.policy.rescore_order), so Next sample can use them while the rest is scored.
+    On a machine with two or more GPUs a whole run goes to score_cohort.py with one rank per GPU (`ranks_command`)."""
 
     def __init__(self, conf: AppConf, model_path: Callable[[], str | None], state_dir: str | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), ranks_command: list[str] | None = None) -> None:
         super().__init__("Per-slice Q = Jaccard(level 3 > 0.5, level 4 > 0.5) of the current U-net++")
         self.conf = conf
         self.model_path = model_path
         self.state_dir = state_dir  # where the run's progress and the agreement history go (the app's model folder)
         self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
+        self.ranks_command = ranks_command  # score_cohort.py with the server's studies and conf
 
     @staticmethod
     def _done_for(model: str) -> Callable[[dict, str], bool]:
@@ -214,6 +218,10 @@ class DisagreementScoring(ScoringMethod):
         if not path:
             return {"skipped": "no trained model yet"}
         model = file_signature(path)
+        gpus = torch.cuda.device_count()
+        if gpus > 1 and self.ranks_command and self.shard == (0, 1):
+            logger.info(f"disagreement scoring over {gpus} GPUs")
+            return run_ranks([*self.ranks_command, "--methods", "disagreement", "--model", path, "--progress"], gpus)["disagreement"]
         device = default_device()
         try:
             network = prepare(load_weights(build_network(self.conf.features, len(self.conf.labels)), path, device), device)
@@ -233,7 +241,7 @@ class DisagreementScoring(ScoringMethod):
         progress = ScoringProgress(self.state_dir, records.DISAGREEMENT, model)
         counts = _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT, progress, order[rank::ranks],
                              _open_slices)
-        if self.state_dir:
+        if self.state_dir and ranks == 1:  # a shard's share is not the model's agreement: score_cohort.py records it
             self.record_agreement(datastore, model)
         return counts
 

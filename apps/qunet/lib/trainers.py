@@ -8,15 +8,13 @@ annotated since that one was trained.
 
 Inside a torch.distributed group (train_cohort.py under torchrun) every rank trains its share of each batch and
 rank 0 alone writes. A request with `"multi_gpu": true` on a machine with two or more GPUs runs train_cohort.py
-with one rank per GPU (`launch`); with fewer it trains in this process.
+with one rank per GPU (lib.ranks.run_ranks); with fewer it trains in this process.
 """
 
 import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -37,7 +35,7 @@ from qunet.training import EpochStats, seed_everything, train
 from lib import records
 from lib.conf import AppConf
 from lib.files import atomic_write
-from lib.processes import die_with_parent
+from lib.ranks import run_ranks
 from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
 
 logger = logging.getLogger(__name__)
@@ -81,17 +79,6 @@ def _read_json(path: str, default: Any) -> Any:
         return default
 
 
-def launch(command: list[str], ranks: int, request: dict[str, Any]) -> dict[str, Any]:
-    """Run train_cohort.py (`command`: the script and its --studies and --conf arguments) on `ranks` local ranks
-    with torchrun; its history entry. Raises RuntimeError with the end of its output when it fails."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                           *command, "--request", json.dumps(request)], capture_output=True, text=True,
-                          preexec_fn=die_with_parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"training over {ranks} ranks failed: {(done.stdout + done.stderr)[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 class QUNetTrain(TrainTask):
     def __init__(self, model_dir: str, conf: AppConf, publish_path: str, ranks_command: list[str] | None = None) -> None:
         super().__init__("Train the U-net++ on the annotated slices (patches, Dice + CE on all four heads, AdamW)")
@@ -127,7 +114,8 @@ class QUNetTrain(TrainTask):
         gpus = torch.cuda.device_count()
         if request.get("multi_gpu") is True and gpus > 1 and self.ranks_command and not dist.is_initialized():
             logger.info(f"training over {gpus} GPUs")
-            return launch(self.ranks_command, gpus, {k: v for k, v in request.items() if k in REQUEST_KEYS or k in ("seed", "pretrained")})
+            keep = {k: v for k, v in request.items() if k in REQUEST_KEYS or k in ("seed", "pretrained")}
+            return run_ranks([*self.ranks_command, "--request", json.dumps(keep)], gpus)
         leader = not dist.is_initialized() or dist.get_rank() == 0  # the one rank that writes
         settings = replace(self.defaults(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request
                                              and not isinstance(request[k], list)})
