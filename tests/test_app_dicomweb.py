@@ -27,7 +27,8 @@ from qunet.dicomweb import upload
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
 
-TINY_CONF = {"patch_size": "32", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
+# pick: the paper's order, which the assertions below check (S0 best quality first, then the lowest Q)
+TINY_CONF = {"patch_size": "32", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01", "pick": "paper"}
 TRAIN = {"max_epochs": 2, "steps_per_epoch": 4, "train_batch_size": 4}
 CLIENT = "ohif-a"
 

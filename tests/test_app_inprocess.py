@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from app_inprocess import APP, app_client
-from qunet import build_network
+from qunet import build_network, load_stack, segment
+from qunet.network import load_weights, prepare
 from qunet.synthetic import generate_stack
 
 TINY = "4,4,8,8,16,4"
@@ -61,7 +62,13 @@ def test_pretrained_model_drives_disagreement_and_infer(studies, tmp_path):
     sample = client.post("/activelearning/qunet", json={"client_id": "a"}).json()
     assert sample["phase"] == "disagreement" and sample["slices"]
     info = client.get("/datastore/image/info", params={"image": sample["id"]}).json()
-    assert sample["scores"]["q"] == [info["qunet_disagreement"]["q"][k] for k in sample["slices"]]
+    rec = info["qunet_disagreement"]
+    assert sample["scores"] == {k: [rec[k][i] for i in sample["slices"]] for k in ("q", "area")}
+    # the recorded lesion area is the level-4 segmentation's, slice by slice
+    cpu = torch.device("cpu")
+    network = prepare(load_weights(build_network(tuple(map(int, TINY.split(",")))), str(weights), cpu), cpu)
+    found = segment(network, load_stack(str(studies / f"{sample['id']}.nii.gz")).array, 32) > 0
+    assert rec["area"] == found.sum(axis=(0, 1)).astype(float).tolist()
 
     r = client.post("/infer/qunet?image=ct1&output=image", data={"params": "{}"})
     assert r.status_code == 200
@@ -87,7 +94,7 @@ def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
 @pytest.mark.parametrize("random_strategy", ["qunet", "random"])
 def test_random_strategy_setting(studies, random_strategy):
     """OHIF's panel always asks for "random": by default that is the QU-net++ pick, with slices and a hold."""
-    client = app_client(studies, {"features": TINY, "patch_size": "32", "random_strategy": random_strategy})
+    client = app_client(studies, {"features": TINY, "patch_size": "32", "random_strategy": random_strategy, "pick": "paper"})
     sample = client.post("/activelearning/random", json={"client_id": "ohif"}).json()
     info = client.get("/datastore/image/info", params={"image": sample["id"]}).json()
     if random_strategy == "qunet":

@@ -24,7 +24,8 @@ from qunet.dicomweb import stack_to_series, upload
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 HINT = "run .ci/services.sh (installs the Debian packages chromium and chromium-driver) and pip install selenium"
-TINY_CONF = {"patch_size": "32", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01"}
+# pick: the paper's order, which the assertions below check (S0 best quality first, then the lowest Q)
+TINY_CONF = {"patch_size": "32", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01", "pick": "paper"}
 
 
 @pytest.fixture(scope="module")

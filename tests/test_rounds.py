@@ -89,3 +89,32 @@ def test_cli_writes_tables_and_plot(data, tmp_path, capsys):
     saved = json.loads((out / "rounds.json").read_text())
     assert len(saved["results"]) == 2 * 2 * 2  # seeds x methods x rounds
     assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_into_the_same_folder_adds_what_is_missing_and_refuses_other_settings(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--seeds", "1", "--max-epochs", "1",
+              "--batch-size", "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+    assert main([*common, "--steps-per-epoch", "2", "--methods", "random"]) == 0
+    first = json.loads((out / "rounds.json").read_text())["results"]
+    assert main([*common, "--steps-per-epoch", "2", "--methods", "lesion", "random"]) == 0
+    saved = json.loads((out / "rounds.json").read_text())
+    assert [r for r in saved["results"] if r["method"] == "random"] == first  # kept, not run again
+    assert [r["method"] for r in saved["results"]] == ["random"] * 2 + ["lesion"] * 2
+    assert saved["config"]["methods"] == ["random", "lesion"]
+    assert "| lesion |" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="other settings \\(train\\)"):
+        main([*common, "--steps-per-epoch", "3", "--methods", "paper"])
+
+
+def test_error_proxies_report_every_score(data, tmp_path):
+    from qunet.experiments.proxies import SCORES
+
+    out = tmp_path / "proxies"
+    argv = ["proxies", "--data", str(data), "--rounds", "1", "--per-round", "2", "--seeds", "1", "--steps-per-epoch", "2",
+            "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "proxies.json").read_text())["results"][0]
+    assert result["open"] == 18 - 2 and set(result["scores"]) == set(SCORES)
+    assert all(0 <= s["lesion_in_top"] <= 2 and (s["spearman"] != s["spearman"] or -1 <= s["spearman"] <= 1)
+               for s in result["scores"].values())

@@ -74,8 +74,10 @@ def volume_states(infos: dict[str, dict], model: str, client: str | None, hold: 
         held = {k for c, s in (info.get("qunet_served") or {}).items()
                 if c != client and not s.get("submitted") and now - s["ts"] < hold for k in s["slices"]}
         rec = info.get("qunet_disagreement") or {}
-        volumes.append(VolumeState(image_id, info["qunet_quality"]["initial"], rec["q"] if rec.get("model") == model else None,
-                                   frozenset(info.get("qunet_annotated", [])), frozenset(held), bool(info.get("qunet_error"))))
+        current = rec.get("model") == model
+        volumes.append(VolumeState(image_id, info["qunet_quality"]["initial"], rec["q"] if current else None,
+                                   frozenset(info.get("qunet_annotated", [])), frozenset(held), bool(info.get("qunet_error")),
+                                   area=rec["area"] if current else None, depth=info["qunet_quality"]["slices"]))
     return volumes
 
 
@@ -92,14 +94,18 @@ def next_sample(server, client: str) -> dict:
 
 
 def test_app_and_policy_pick_the_same_from_the_same_records(server):
+    """With the default pick (`lesion`)."""
+    answers = []
     for client in ("alice", "bob"):  # bob asks while alice holds her slices
-        expected = choose(volume_states(records(server), server.model, client), loop_state(server), SETTINGS)
-        answer = next_sample(server, client)
+        infos = records(server)
+        expected = choose(volume_states(infos, server.model, client), loop_state(server), SETTINGS)
+        answers.append(answer := next_sample(server, client))
         assert expected.slices, "nothing to compare"
         assert (answer["id"], answer["slices"], answer["phase"]) == (expected.image_id, expected.slices, expected.phase)
-        assert answer["scores"]["q"] == expected.scores and answer["q0"] == expected.q0
-        assert answer["budget"] == {"budget": SETTINGS.budget, "remaining": expected.remaining}
-    assert expected.remaining == SETTINGS.budget - 3  # alice's 3 held slices count against the budget
+        rec = infos[expected.image_id]["qunet_disagreement"]
+        assert answer["scores"] == {k: [rec[k][i] for i in expected.slices] for k in ("q", "area")}
+        assert answer["q0"] == expected.q0 and answer["budget"] == {"budget": SETTINGS.budget, "remaining": expected.remaining}
+    assert expected.remaining == SETTINGS.budget - len(answers[0]["slices"])  # alice's held slices count against the budget
     assert expected.q0 < SETTINGS.q0  # more open slices than the budget left: q0 lowered to fit
 
 

@@ -61,6 +61,12 @@ def cmd_rounds(args: argparse.Namespace) -> None:
     activelearning.main(args)
 
 
+def cmd_proxies(args: argparse.Namespace) -> None:
+    from qunet.experiments import proxies
+
+    proxies.main(args)
+
+
 def cmd_rescore(args: argparse.Namespace) -> None:
     from qunet.experiments import rescore
 
@@ -120,6 +126,11 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rounds", help="multi-round active-learning benchmark of the app's loop against baselines")
     rounds_arguments(r)
     r.set_defaults(run=cmd_rounds)
+    from qunet.experiments.proxies import add_arguments as proxies_arguments
+
+    x = sub.add_parser("proxies", help="which per-slice score of a model follows the slices it gets most wrong")
+    proxies_arguments(x)
+    x.set_defaults(run=cmd_proxies)
     b = sub.add_parser("bench", help="measure scoring, quality-metric and Next sample speed and scoring memory (docs/)")
     bench_arguments(b)
     b.set_defaults(run=cmd_bench)

@@ -58,6 +58,8 @@ GPU_TRAIN = TrainConfig(max_epochs=40, batch_size=24)
 class SelectionConfig:
     q0: float = 0.5  # flag slices whose Jaccard(L3, L4) is below this (the paper's code uses 0.5)
     slices_per_sample: int = 10  # at most this many slices per "Next sample" answer
-    pick: str = "paper"  # Next sample's policy variant (qunet.variants.VARIANTS); "paper": QU-net++ as published
+    # Next sample's policy variant (qunet.variants.VARIANTS): "lesion" (the best of them in docs/README.md's multi-round
+    # runs; random slices still did better) or "paper" (QU-net++ as published)
+    pick: str = "lesion"
     budget: int = 0  # slices the annotation lead can afford in all; Next sample lowers q0 to fit it (0: no budget)
     stop_tolerance: float = 0.01  # stop signal when the agreement of the last two models differs by less (0: off)

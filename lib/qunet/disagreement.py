@@ -69,13 +69,21 @@ def _labels(l4: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
+def disagreement_and_area(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
+                          device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Q per slice of a (X, Y, Z) stack and the level-4 lesion pixels per slice (any label) from one pass over levels
+    3 and 4; NaN where not scored."""
+    q, area = np.full(volume.shape[2], np.nan), np.full(volume.shape[2], np.nan)
+    for chunk, l3, l4 in _levels_3_and_4(network, volume, patch_size, slices, device):
+        q[chunk] = jaccard(l3 > 0, l4 > 0).cpu().numpy()  # logit > 0 is sigmoid > 0.5
+        area[chunk] = (l4.amax(dim=1) > 0).flatten(1).sum(1).cpu().numpy()
+    return q, area
+
+
 def disagreement_scores(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
                         device: torch.device | None = None) -> np.ndarray:
     """Q per slice of a (X, Y, Z) stack from one pass over levels 3 and 4; NaN where not scored."""
-    q = np.full(volume.shape[2], np.nan)
-    for chunk, l3, l4 in _levels_3_and_4(network, volume, patch_size, slices, device):
-        q[chunk] = jaccard(l3 > 0, l4 > 0).cpu().numpy()  # logit > 0 is sigmoid > 0.5
-    return q
+    return disagreement_and_area(network, volume, patch_size, slices, device)[0]
 
 
 @torch.inference_mode()

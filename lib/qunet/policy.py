@@ -5,7 +5,8 @@ the pick needs them, so that an answer looks at the few volumes it may serve, no
 strategy (apps/qunet/lib/strategies.py) keeps one and updates the volumes whose records changed; `choose` builds
 one for a single answer (the benchmarks). Both are the same code.
 
-Phases:
+Phases (`paper` and `spread`; a covering variant such as the default `lesion` serves the first volume in its order
+whatever the phase, which then says whether the current model has scored that volume):
 - `initial`: no model yet: the model-free pick S0 (quality ranking), in the variant's volume order.
 - `disagreement`: a model exists: slices whose Q = J(L3, L4) of the *current* model is below q0, from the volume
   holding the lowest open Q.
@@ -20,18 +21,17 @@ how the model agrees with itself; slices are still offered).
 
 Budget: with `budget` > 0, q0 is lowered to the Q of the (R+1)-th lowest open slice when more than R = budget -
 annotated - held slices lie below it, so at most R more slices are asked for; each answer holds at most R slices.
-
-Variants (the setting `pick`, qunet.variants): `paper` is QU-net++ as published; `spread` aims at coverage.
 """
 
 import bisect
+import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from qunet.config import SelectionConfig
-from qunet.variants import VARIANTS, Slices
+from qunet.variants import VARIANTS, Slices, covering
 
 INITIAL, DISAGREEMENT, SCORING = "initial", "disagreement", "scoring"
 
@@ -51,6 +51,9 @@ class VolumeState:
     # optional: the slices with Q below the configured q0, lowest Q first (the app's scoring run stores them), so
     # that the ranking need not look at every slice; None: computed from q
     ranked: Sequence[int] | None = None
+    # the current model's level-4 lesion pixels per slice (None where not scored); the `lesion` variant prefers them
+    area: Sequence[float | None] | None = None
+    depth: int | None = None  # slices in the stack (None: not known yet); variants that cover the slice axis need it
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class LoopState:
 @dataclass(frozen=True)
 class Option:
     volume: VolumeState
-    slices: Slices  # open (slice, score), best first: Q, or S0 rank in the initial phase
+    slices: Slices  # open (slice, score), best first: Q or S0 rank; covering variants: distance to the nearest taken slice
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ class Pick:
     phase: str
     image_id: str | None = None
     slices: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)  # Q (disagreement) or S0 rank, per slice
+    # per slice: Q (disagreement) or S0 rank (initial); covering variants: distance to the nearest taken slice
+    scores: list[float] = field(default_factory=list)
     q0: float = 0.5  # the q0 in force (the budget may lower it)
     below_q0: int = 0  # open slices below q0 in volumes scored by the current model: what is still to ask
     pending: int = 0  # volumes not scored by the current model yet
@@ -159,9 +163,16 @@ class Ranking:
         if v.q is not None:
             candidates = v.ranked if v.ranked is not None else range(len(v.q))
             low = [(v.q[k], v.image_id, k) for k in candidates if v.q[k] is not None and v.q[k] < q0 and k not in v.annotated]
-        has_s0 = v.initial is not None and any(k not in v.annotated for k in v.initial)
-        initial = (*self.variant.initial_key(v), v.image_id) if has_s0 else None
+        if self._covers(v):
+            opens = len(v.annotated) < v.depth
+        else:
+            opens = v.initial is not None and any(k not in v.annotated for k in v.initial)
+        initial = (*self.variant.initial_key(v), v.image_id) if opens else None
         return low, initial, v.initial is None and not v.unscorable
+
+    def _covers(self, v: VolumeState) -> bool:
+        """Whether the variant covers this volume's axis: it needs the depth, and a quality record or Q to go by."""
+        return self.variant.prefer is not None and v.depth is not None and (v.initial is not None or v.q is not None)
 
     @staticmethod
     def _remove(items: list, entry) -> None:
@@ -188,9 +199,16 @@ class Ranking:
         phase = DISAGREEMENT if loop.has_model else INITIAL
         if limit <= 0:
             return Pick(phase, message=stop.message if stop else "", **common)
-        chosen = self._lowest_q(held, q0) if loop.has_model else self._first_initial(held)
-        if chosen is None and loop.has_model and pending:
-            phase, chosen = SCORING, self._first_initial(held)
+        if not loop.has_model:
+            chosen = self._first_initial(held, limit)
+        elif self.variant.prefer is not None:  # covering: the model's records only steer the order
+            chosen = self._first_initial(held, limit)
+            if chosen is not None and chosen.volume.q is None:  # not scored by the current model (yet)
+                phase = SCORING if pending else INITIAL
+        else:
+            chosen = self._lowest_q(held, q0)
+            if chosen is None and pending:
+                phase, chosen = SCORING, self._first_initial(held, limit)
         if chosen is None:
             return Pick(phase, message=_nothing(phase, stop, pending), **common)
         slices = self.variant.order(chosen.slices, chosen.volume.annotated, limit)[:limit]
@@ -218,12 +236,16 @@ class Ranking:
                 return Option(self._states[image_id], [(j, qj) for qj, _, j in sorted(low) if qj < q0 and j not in taken])
         return None
 
-    def _first_initial(self, held: Mapping[str, frozenset[int]]) -> Option | None:
-        """The first volume in the variant's order with an S0 slice neither annotated nor held, its S0 slices open."""
+    def _first_initial(self, held: Mapping[str, frozenset[int]], limit: int) -> Option | None:
+        """The first volume in the variant's order with a slice to offer neither annotated nor held: its open S0
+        slices, or with a covering variant up to `limit` slices spread over its slice axis."""
         for entry in self._initial:
             v = self._states[entry[-1]]
             taken = v.annotated | held.get(v.image_id, frozenset())
-            open_ = [(k, float(rank)) for rank, k in enumerate(v.initial) if k not in taken]
+            if self._covers(v):
+                open_ = covering(v.depth, taken, self.variant.prefer(v), min(limit, math.ceil(v.depth * self.variant.share)))
+            else:
+                open_ = [(k, float(rank)) for rank, k in enumerate(v.initial) if k not in taken]
             if open_:
                 return Option(v, open_)
         return None

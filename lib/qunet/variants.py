@@ -1,16 +1,27 @@
-"""Next sample's pick variants (the setting `pick`): how a variant orders volumes before a model exists, and the
-slices of the volume it opens. Once a model exists every variant opens the volume holding the lowest open Q
-(Algorithm 1 of the paper); qunet.policy keeps the ranking and applies the variant.
+"""Next sample's pick variants (the setting `pick`): how a variant orders volumes before a model exists, which
+slices it offers then, what it ranks once a model exists, and the order of the slices of the volume it opens;
+qunet.policy keeps the ranking and applies the variant.
 
-`paper` is QU-net++ as published: S0 volume by volume in id order, slices best first. `spread` aims at coverage,
-which the literature finds hard to beat before a model is good (random and fixed-interval slices): the least
-annotated volume first, and no two slices of one answer, nor a slice and an annotated one, closer than an even
-spacing allows.
+`paper` is QU-net++ as published: S0 volume by volume in id order, slices best first; with a model, the volume
+holding the lowest open Q (Algorithm 1), its slices below q0 lowest first. `spread` aims at coverage, which the
+literature finds hard to beat before a model is good (random and fixed-interval slices): the least annotated volume
+first, and no two slices of one answer, nor a slice and an annotated one, closer than an even spacing allows.
+`lesion` (the default) covers each volume's slice axis (`covering`, an eighth of its slices per answer), the least
+annotated volume first (ties: the most lesion the current model predicts in an open slice), with or without a model;
+within each stratum the slice where the model predicts the most lesion (the level-4 output's pixels), else the best
+quality. Measured (docs/README.md, `python -m qunet proxies`), a slice's error grows with the lesion the model
+predicts in it, while its lowest-Q slices are mostly lesion-free slices it already gets nearly right. Served by
+predicted lesion alone (the volume and slices with the most), the slices crowded into one volume and one lesion's
+core and did worse than random slices; covering with that preference did better than `paper`, still not as well as
+random slices (docs/README.md#the-multi-round-benchmark).
 """
 
-from collections.abc import Callable, Set
+import math
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from qunet.policy import VolumeState
@@ -22,6 +33,12 @@ Slices = list[tuple[int, float]]  # (slice, score), best first: Q, or the S0 ran
 class Variant:
     initial_key: Callable[["VolumeState"], tuple]  # before a model: the smallest key opens first (ties: id order)
     order: Callable[[Slices, Set[int], int], Slices]  # (open slices, annotated slices, limit): the first `limit` are served
+    # covering variants serve any slice of the volume, spread over its axis (`covering`), with or without a model;
+    # `prefer` (slice -> lower is better) decides within a stratum. Others serve S0, then the lowest Q below q0.
+    prefer: Callable[["VolumeState"], Mapping[int, float]] | None = None
+    # covering: an answer serves at most this share of the volume's slices (rounded up), so that the next answer
+    # moves on to the next least annotated volume and the cohort is covered before any volume is dense
+    share: float = 1.0
 
 
 def best_first(slices: Slices, annotated: Set[int], limit: int) -> Slices:
@@ -44,7 +61,37 @@ def spaced(slices: Slices, annotated: Set[int], limit: int) -> Slices:
     return chosen + rest
 
 
+def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit: int) -> Slices:
+    """Up to `limit` open slices spread over the slice axis: each the farthest from the taken ones and those chosen
+    before it, so the first is the middle, then the ends, the quarters, and so on. Within a stratum (the slices at
+    least three quarters as far as the farthest) the most `preferred` wins (the lowest value: the S0 rank, or minus
+    the lesion the model predicts), else the farthest (ties: the lower index). (slice, distance) pairs."""
+    near = np.array(sorted(taken), dtype=np.int64)
+    chosen: Slices = []
+    while len(chosen) < limit:
+        anchors = near if near.size else np.array([-1, depth])  # nothing taken yet: the middle first
+        distance = np.abs(np.arange(depth)[:, None] - anchors[None, :]).min(axis=1)  # 0 where taken
+        far = int(distance.max(initial=0))
+        if far == 0:
+            break
+        stratum = np.flatnonzero(4 * distance >= 3 * far).tolist()
+        best = min(stratum, key=lambda k: (preferred.get(k, math.inf), -distance[k], k))
+        chosen.append((best, float(distance[best])))
+        near = np.append(near, best)
+    return chosen
+
+
+def predicted_lesion(v: "VolumeState") -> Mapping[int, float]:
+    """The most lesion the current model predicts in a slice first; without any (or a model), S0's best quality."""
+    return {k: -a for k, a in enumerate(v.area or ()) if a} or {k: rank for rank, k in enumerate(v.initial or ())}
+
+
+def least_annotated_most_lesion(v: "VolumeState") -> tuple:
+    return len(v.annotated), -max((a for k, a in enumerate(v.area or ()) if a and k not in v.annotated), default=0)
+
+
 VARIANTS: dict[str, Variant] = {
     "paper": Variant(initial_key=lambda v: (), order=best_first),
     "spread": Variant(initial_key=lambda v: (len(v.annotated),), order=spaced),
+    "lesion": Variant(initial_key=least_annotated_most_lesion, order=best_first, prefer=predicted_lesion, share=1 / 8),
 }

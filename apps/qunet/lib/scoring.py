@@ -24,8 +24,9 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.async_tasks.utils import processes
 
-from qunet import build_network, disagreement_scores, select_by_disagreement, select_initial, slice_quality
+from qunet import build_network, select_by_disagreement, select_initial, slice_quality
 from qunet.config import QualityConfig
+from qunet.disagreement import disagreement_and_area
 from qunet.io import StackError, file_signature, load_stack
 from qunet.network import default_device, load_weights, prepare
 from qunet.policy import VolumeState, agreement, rescore_order
@@ -159,7 +160,8 @@ def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | N
     current = rec and (model is None or rec.get("model") == model)
     ranked = rec.get("flagged") if current and rec.get("q0") == q0 else None
     return VolumeState(image_id, quality["initial"] if quality else None, rec["q"] if current else None,
-                       frozenset(annotated), held, bool(info.get(records.ERROR)), ranked)
+                       frozenset(annotated), held, bool(info.get(records.ERROR)), ranked,
+                       rec.get("area") if current else None, depth)
 
 
 class QualityScoring(ScoringMethod):
@@ -201,7 +203,8 @@ class DisagreementScoring(ScoringMethod):
     def _done_for(model: str) -> Callable[[dict, str], bool]:
         def done(info: dict, image_path: str) -> bool:
             rec = info.get(records.DISAGREEMENT) or {}
-            return rec.get("model") == model and rec.get("source") == file_signature(image_path)
+            # a record from before the lesion area was stored is scored again
+            return rec.get("model") == model and "area" in rec and rec.get("source") == file_signature(image_path)
 
         return done
 
@@ -232,9 +235,9 @@ class DisagreementScoring(ScoringMethod):
             stack = load_stack(image_path)
             skip = set(records.annotated(datastore, image_id, info, stack.num_slices))
             todo = [k for k in range(stack.num_slices) if k not in skip]
-            q = disagreement_scores(network, stack.array, self.conf.patch_size, todo, device)
-            return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0,
-                    "q": records.rounded(q), "flagged": select_by_disagreement(q, self.conf.q0, skip)}
+            q, area = disagreement_and_area(network, stack.array, self.conf.patch_size, todo, device)
+            return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0, "q": records.rounded(q),
+                    "flagged": select_by_disagreement(q, self.conf.q0, skip), "area": records.rounded(area)}
 
         order = rescore_order([volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)])
         rank, ranks = self.shard

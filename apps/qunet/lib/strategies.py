@@ -66,7 +66,7 @@ class QUNetStrategy(Strategy):
         """Slices served within the hold and not submitted, to another client than `client_id` (None: to anyone)."""
         held: set[int] = set()
         for client, entry in served.items():
-            if client != client_id and not entry.get("submitted") and now - entry["ts"] < self.conf.hold_seconds:
+            if client != client_id and not entry.get("submitted") and now - entry.get("ts", 0) < self.conf.hold_seconds:
                 held.update(entry["slices"])
         return frozenset(held)
 
@@ -78,7 +78,7 @@ class QUNetStrategy(Strategy):
         return [e.get("agreement") for e in entries]
 
     def _holding(self, served: dict, now: float) -> bool:
-        return any(not s.get("submitted") and now - s.get("ts", 0) < self.conf.hold_seconds for s in served.values())
+        return bool(self._held(served, None, now))
 
     def _note_served(self, image_id: str, info: dict) -> None:
         """Keep a volume's served-slice records while one may hold slices (only these are looked at per answer)."""
@@ -154,11 +154,12 @@ class QUNetStrategy(Strategy):
             used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
                 "ts": int(time.time()), "client_id": request.get("client_id")}}
             datastore.update_image_info(pick.image_id, {records.SERVED: served, "strategy": used})
+            # per slice: Q and the predicted lesion pixels of the model, or the quality metrics before one
             if pick.phase == DISAGREEMENT:
-                answer["scores"] = {"q": pick.scores}
+                rec, keys = info[records.DISAGREEMENT], ("q", "area")
             else:
-                rec = info[records.QUALITY]
-                answer["scores"] = {k: [rec[k][i] for i in pick.slices] for k in ("blurriness", "psnr_inv")}
+                rec, keys = info[records.QUALITY], ("blurriness", "psnr_inv")
+            answer["scores"] = {k: [rec[k][i] for i in pick.slices] for k in keys if rec.get(k)}
             # stock 3D Slicer names the loaded volume node after PatientID: the annotator sees the slices there
             answer["PatientID"] = f"{pick.image_id} - annotate slices (K) {', '.join(map(str, pick.slices))}"
         else:

@@ -2,15 +2,17 @@
 
     python -m qunet rounds --data FOLDER [--include GLOB...] --rounds 4 --per-round 12 --seeds 5 --out DIR
 
+A run into a folder that holds results of the same settings adds only the (method, seed) pairs missing there.
+
 R rounds of what the app does, on stacks with full labels: pick slices, the simulated annotator draws their ground
 truth, train (round 1 from the seed's initial weights, later rounds continuing from the previous round's, as the
 app's trainer does), re-score, and measure voxel Dice on every slice not annotated yet. Every method annotates the
 same number of slices each round (equal cost) and starts from the same weights for a seed:
 
-- `paper` (the app's default), `spread`: the app's Next sample policy (qunet.policy.choose, the very code the app's
-  strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators would, until the
-  round's slices are reached (slices it serves are held, so it moves on); when it has nothing more to offer
-  (no slice below q0) the rest of the round is random, and counted (`filled`);
+- `lesion` (the app's default), `paper`, `spread`: the app's Next sample policy (qunet.policy.choose, the very code
+  the app's strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators
+  would, until the round's slices are reached (slices it serves are held, so it moves on); when it has nothing more
+  to offer (`paper`, `spread`: no slice below q0) the rest of the round is random, and counted (`filled`);
 - `random`: slices drawn at random from the whole cohort;
 - `interval`: fixed-interval slices: each stack's share in proportion to its depth, each new slice the one
   farthest along the slice axis from those annotated in its stack;
@@ -42,7 +44,7 @@ from qunet.quality import slice_quality
 from qunet.selection import select_initial
 from qunet.training import seed_everything, train
 
-METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random")
+METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class LoopRun:
     cases: list[Case]
     annotated: dict[str, set[int]]
     q: dict[str, np.ndarray]  # latest Q per slice (NaN where annotated or not scored)
+    area: dict[str, np.ndarray] = field(default_factory=dict)  # latest predicted lesion pixels per slice (likewise)
     network: torch.nn.Module | None = None
     uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -139,7 +142,9 @@ def policy_picker(variant: str, initial: dict[str, list[int]], selection: Select
         while len(chosen) < n:
             held = {c.name: {k for name, k in chosen if name == c.name} for c in run.cases}
             volumes = [VolumeState(c.name, initial[c.name], _q_list(run.q.get(c.name)) if loop.has_model else None,
-                                   frozenset(run.annotated[c.name]), frozenset(held[c.name])) for c in run.cases]
+                                   frozenset(run.annotated[c.name]), frozenset(held[c.name]),
+                                   area=_q_list(run.area.get(c.name)) if loop.has_model else None, depth=c.depth)
+                       for c in run.cases]
             answer = policy.choose(volumes, loop, settings)
             if not answer.slices:
                 break
@@ -193,6 +198,8 @@ class Benchmark:
             q, found = score_and_segment(run.network, case.volume, self.config.model.patch_size, todo, self.device)
             run.q[case.name] = np.full(case.depth, np.nan)
             run.q[case.name][todo] = q
+            run.area[case.name] = np.full(case.depth, np.nan)
+            run.area[case.name][todo] = (found > 0).sum(axis=(0, 1))
             truth = case.truth[:, :, todo]
             lesion = truth.any(axis=(0, 1))
             found = found > 0
@@ -228,6 +235,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0)
 
 
+def _settings(config: dict) -> dict:
+    """What a result depends on, JSON-typed: not the seeds and methods run, nor the default pick (each method sets
+    its own)."""
+    config = json.loads(json.dumps(config, default=str))
+    config["selection"].pop("pick", None)
+    return {k: v for k, v in config.items() if k not in ("seeds", "methods")}
+
+
+def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult], list[str]]:
+    """The results and commands of earlier runs into the same folder with the same settings (seeds and methods
+    aside): a run adds the (method, seed) pairs it lacks, so new methods are compared with the same seeds' results
+    without rerunning them. Other settings: an error, not a silent mix."""
+    if not path.is_file():
+        return [], []
+    saved = json.loads(path.read_text())
+    mine, theirs = _settings(asdict(config)), _settings(saved["config"])
+    differ = sorted(k for k in mine if theirs.get(k) != mine[k])
+    if differ:
+        raise SystemExit(f"{path} holds results of other settings ({', '.join(differ)}): use another --out")
+    commands = saved["commands"] if "commands" in saved else [saved["command"]]  # one command before resuming existed
+    results = [RoundResult(**{**r, "picked": [tuple(p) for p in r["picked"]]}) for r in saved["results"]]
+    return results, commands
+
+
 def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,15 +274,21 @@ def main(args: argparse.Namespace) -> None:
     title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: list[RoundResult] = []
+    results, commands = earlier_results(out / "rounds.json", config)
+    commands = [*commands, command] if command and command not in commands else commands
+    done = {(r.method, r.seed) for r in results}
     for seed in range(config.seeds):
         for method in config.methods:
+            if (method, seed) in done:
+                continue
             results += bench.run(method, seed, lambda r: print(
                 f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
                 f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
                 file=sys.stderr, flush=True))
         # written after every seed: hours of CPU are not lost to an interrupted run, and its seeds so far are reported
-        (out / "rounds.json").write_text(json.dumps({"command": command, "config": asdict(config), "seeds_done": seed + 1,
+        held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
+                "seeds": len({r.seed for r in results})}
+        (out / "rounds.json").write_text(json.dumps({"commands": commands, "config": held,
                                                      "results": [asdict(r) for r in results]}, indent=1, default=str))
-        table = report(results, cases, out, title, command)
+        table = report(results, cases, out, title, commands)
     print(table)

@@ -97,10 +97,10 @@ def plot(results: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(results: list, cases: Sequence[Case], out: Path, title: str, command: str) -> str:
+def report(results: list, cases: Sequence[Case], out: Path, title: str, commands: Sequence[str]) -> str:
     total = sum(c.depth for c in cases)
     text = "\n".join([
-        f"# {title}", "", f"Command: `{command}`", "",
+        f"# {title}", "", *(f"Command: `{c}`" for c in commands if c), "",
         f"Stacks: {', '.join(f'{c.name} ({c.depth} slices, lesion in {len(c.lesion_slices)})' for c in cases)}; "
         f"{total} slices. Seeds: {len({r.seed for r in results})}.", "",
         "Voxel Dice on every slice not annotated yet, after each round; mean ± SD over seeds. `lesion-random` reads "

@@ -27,13 +27,15 @@ def synthetic_records(count: int, depth: int, seed: int = 0) -> dict[str, dict]:
         out[f"vol{i:06d}"] = {
             QUALITY: {"signature": f"s{i}", "initial": rng.choice(depth, 5, replace=False).tolist(),
                       **{m: np.round(rng.random(depth), 5).tolist() for m in ("blurriness", "psnr_inv", "cov", "mean")}},
-            DISAGREEMENT: {"model": "m", "q0": 0.5, "q": q.tolist(), "flagged": np.argsort(q)[: int((q < 0.5).sum())].tolist()},
+            DISAGREEMENT: {"model": "m", "q0": 0.5, "q": q.tolist(), "flagged": np.argsort(q)[: int((q < 0.5).sum())].tolist(),
+                           "area": np.round(rng.exponential(20, depth) * (rng.random(depth) < 0.2)).tolist()},
         }
     return out
 
 
 def volume_state(image_id: str, r: dict) -> VolumeState:
-    return VolumeState(image_id, r[QUALITY]["initial"], r[DISAGREEMENT]["q"], ranked=r[DISAGREEMENT]["flagged"])
+    rec = r[DISAGREEMENT]
+    return VolumeState(image_id, r[QUALITY]["initial"], rec["q"], ranked=rec["flagged"], area=rec["area"], depth=len(rec["q"]))
 
 
 def _percentiles(seconds: list[float]) -> dict:
