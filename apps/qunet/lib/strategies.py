@@ -48,9 +48,15 @@ class Snapshot:
     volumes: list[VolumeState] | None = None  # every volume with its holds, when asked for (the status page)
 
 
+DESCRIPTIONS = {  # what MONAI Label lists for the strategy, per `pick`
+    "lesion": "Slices spread over each volume, by quality, then where the model predicts the most lesion",
+    "paper": "QU-net++: S0 quality pick first, then slices where levels 3 and 4 disagree (Q < q0)",
+}
+
+
 class QUNetStrategy(Strategy):
     def __init__(self, conf: AppConf, model_path, state_dir: str) -> None:
-        super().__init__("QU-net++: S0 quality pick first, then slices where levels 3 and 4 disagree (Q < q0)")
+        super().__init__(DESCRIPTIONS.get(conf.pick, f"QU-net++ slice pick `{conf.pick}`"))
         self.conf = conf
         self.model_path = model_path
         self.state_dir = state_dir  # the app's model folder: scoring progress and agreement history
