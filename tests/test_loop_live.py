@@ -2,7 +2,8 @@
 is queued or running, its progress in Next sample's answer, in GET /info/ and in the log, then the stop signal when
 no unannotated slice is below q0.
 
-q0 = 0: no slice is ever below it, so Next sample stays in phase `scoring` for the whole run and then says stop.
+q0 = 0: no slice is ever below it, so Next sample (the paper's pick, which serves slices below q0 only) stays in
+phase `scoring` for the whole run and then says stop.
 MONAI Label's automatic scoring is off: the run starts when the test asks for it.
 """
 
@@ -37,7 +38,7 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     torch.save({"model": build_network(TINY).state_dict()}, weights)
     conf = {"patch_size": "96", "features": ",".join(map(str, TINY)), "q0": "0", "slices_per_sample": "3",
-            "pretrained_path": str(weights)}
+            "pretrained_path": str(weights), "pick": "paper"}
     env = {"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     srv = LiveServer(studies, root, conf=conf, env=env).start()
     srv.weights = weights

@@ -144,7 +144,7 @@ def _brute_force(volumes: list[VolumeState], loop: LoopState, settings: Selectio
     covers = {v.image_id: variant.prefer is not None and v.depth is not None and (v.initial is not None or v.q is not None)
               for v in volumes}
     s0 = sorted((variant.initial_key(v), v.image_id, v,
-                 covering(v.depth, v.annotated | held[v.image_id], variant.prefer(v), min(limit, -(-v.depth // 8)))
+                 covering(v.depth, v.annotated | held[v.image_id], variant.prefer(v), min(limit, -(-v.depth // 8)), v.constant)
                  if covers[v.image_id] else
                  [(k, float(r)) for r, k in enumerate(v.initial) if k not in v.annotated and k not in held[v.image_id]])
                 for v in volumes if v.initial is not None or covers[v.image_id])
@@ -180,7 +180,8 @@ def test_kept_ranking_updated_volume_by_volume_answers_as_the_rules_say():
         area = None if q is None or rng.random() < 0.1 else [None if v is None else rng.choice(lesion) for v in q]
         return VolumeState(f"v{i:02d}", initial=None if rng.random() < 0.2 else rng.sample(range(depth), rng.randint(1, depth)),
                            q=q, annotated=frozenset(rng.sample(range(depth), rng.randint(0, 3))),
-                           unscorable=rng.random() < 0.05, area=area, depth=None if rng.random() < 0.1 else depth)
+                           unscorable=rng.random() < 0.05, area=area, depth=None if rng.random() < 0.1 else depth,
+                           constant=frozenset(rng.sample(range(depth), rng.choice((0, 0, 1, depth)))))
 
     served = 0
     usual, every_volume_scored = (30, 40, 0.3, (0, 0, 3, 7, 7, 40)), (4, 6, 0.0, (0,) * 12 + (5,))  # the fallbacks
@@ -245,3 +246,7 @@ def test_lesion_covers_every_volume_preferring_predicted_lesion_within_a_stratum
     broken = replace(scored[1], q=None, area=None, annotated=frozenset(), unscorable=True)  # a quality record, no Q to come
     unscored = choose([scored[0], broken], MODEL, settings)
     assert (unscored.phase, unscored.image_id, unscored.pending) == (INITIAL, "b", 0)
+    # constant slices (no contrast) are never served; a volume of them only is passed over
+    flat = VolumeState("c", initial=[], depth=16, constant=frozenset(range(16)))
+    pick = choose([flat, replace(cold[1], constant=frozenset({9, 7, 8}))], LoopState(), settings)
+    assert (pick.image_id, pick.slices) == ("b", [6, 15])

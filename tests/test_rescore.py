@@ -15,7 +15,7 @@ def test_rescore_bench_one_round(tmp_path, capsys):
     data = tmp_path / "data"
     (data / "ground-truth").mkdir(parents=True)
     for i, kind in enumerate(("ct", "oct", "ct")):
-        stack = generate_stack(kind, 20 + i, (48, 48, 10))
+        stack = generate_stack(kind, 20 + i, (48, 48, 24))  # the default pick serves up to an eighth: 3 slices
         affine = np.diag([0.8, 0.8, 4.0, 1.0])
         nib.save(nib.Nifti1Image(stack.image.astype(np.int16), affine), data / f"{kind}{i}.nii.gz")
         nib.save(nib.Nifti1Image(stack.label.astype(np.uint8), affine), data / "ground-truth" / f"{kind}{i}.nii.gz")

@@ -54,6 +54,7 @@ class VolumeState:
     # the current model's level-4 lesion pixels per slice (None where not scored); the `lesion` variant prefers them
     area: Sequence[float | None] | None = None
     depth: int | None = None  # slices in the stack (None: not known yet); variants that cover the slice axis need it
+    constant: Set[int] = frozenset()  # slices without contrast (the quality record's `valid` false): never served
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class Ranking:
             candidates = v.ranked if v.ranked is not None else range(len(v.q))
             low = [(v.q[k], v.image_id, k) for k in candidates if v.q[k] is not None and v.q[k] < q0 and k not in v.annotated]
         if self._covers(v):
-            opens = len(v.annotated) < v.depth
+            opens = any(k not in v.annotated and k not in v.constant for k in range(v.depth))
         else:
             opens = v.initial is not None and any(k not in v.annotated for k in v.initial)
         initial = (*self.variant.initial_key(v), v.image_id) if opens else None
@@ -243,7 +244,8 @@ class Ranking:
             v = self._states[entry[-1]]
             taken = v.annotated | held.get(v.image_id, frozenset())
             if self._covers(v):
-                open_ = covering(v.depth, taken, self.variant.prefer(v), min(limit, math.ceil(v.depth * self.variant.share)))
+                share = min(limit, math.ceil(v.depth * self.variant.share))
+                open_ = covering(v.depth, taken, self.variant.prefer(v), share, v.constant)
             else:
                 open_ = [(k, float(rank)) for rank, k in enumerate(v.initial) if k not in taken]
             if open_:

@@ -61,16 +61,18 @@ def spaced(slices: Slices, annotated: Set[int], limit: int) -> Slices:
     return chosen + rest
 
 
-def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit: int) -> Slices:
+def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit: int, excluded: Set[int] = frozenset()) -> Slices:
     """Up to `limit` open slices spread over the slice axis: each the farthest from the taken ones and those chosen
     before it, so the first is the middle, then the ends, the quarters, and so on. Within a stratum (the slices at
     least three quarters as far as the farthest) the most `preferred` wins (the lowest value: the S0 rank, or minus
-    the lesion the model predicts), else the farthest (ties: the lower index). (slice, distance) pairs."""
+    the lesion the model predicts), else the farthest (ties: the lower index). `excluded` slices (constant ones) are
+    never chosen. (slice, distance) pairs."""
     near = np.array(sorted(taken), dtype=np.int64)
     chosen: Slices = []
     while len(chosen) < limit:
         anchors = near if near.size else np.array([-1, depth])  # nothing taken yet: the middle first
         distance = np.abs(np.arange(depth)[:, None] - anchors[None, :]).min(axis=1)  # 0 where taken
+        distance[[k for k in excluded if k < depth]] = 0
         far = int(distance.max(initial=0))
         if far == 0:
             break

@@ -159,9 +159,10 @@ def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | N
     annotated = records.annotated(datastore, image_id, info, depth) if depth else info.get(records.ANNOTATED) or []
     current = rec and (model is None or rec.get("model") == model)
     ranked = rec.get("flagged") if current and rec.get("q0") == q0 else None
+    constant = frozenset(k for k, ok in enumerate(quality.get("valid") or ()) if not ok) if quality else frozenset()
     return VolumeState(image_id, quality["initial"] if quality else None, rec["q"] if current else None,
                        frozenset(annotated), held, bool(info.get(records.ERROR)), ranked,
-                       rec.get("area") if current else None, depth)
+                       rec.get("area") if current else None, depth, constant)
 
 
 class QualityScoring(ScoringMethod):

@@ -132,7 +132,8 @@ def pick_mcdropout(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list
     return [(name, k) for _, name, k in ranked[:n]], 0
 
 
-def policy_picker(variant: str, initial: dict[str, list[int]], selection: SelectionConfig) -> Picker:
+def policy_picker(variant: str, initial: dict[str, list[int]], constant: dict[str, frozenset[int]],
+                  selection: SelectionConfig) -> Picker:
     """The app's Next sample policy, asked repeatedly by one annotator until the round's slices are reached."""
 
     def pick(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
@@ -143,7 +144,8 @@ def policy_picker(variant: str, initial: dict[str, list[int]], selection: Select
             held = {c.name: {k for name, k in chosen if name == c.name} for c in run.cases}
             volumes = [VolumeState(c.name, initial[c.name], _q_list(run.q.get(c.name)) if loop.has_model else None,
                                    frozenset(run.annotated[c.name]), frozenset(held[c.name]),
-                                   area=_q_list(run.area.get(c.name)) if loop.has_model else None, depth=c.depth)
+                                   area=_q_list(run.area.get(c.name)) if loop.has_model else None, depth=c.depth,
+                                   constant=constant[c.name])
                        for c in run.cases]
             answer = policy.choose(volumes, loop, settings)
             if not answer.slices:
@@ -162,10 +164,11 @@ def _q_list(q: np.ndarray | None) -> list[float | None] | None:
 class Benchmark:
     def __init__(self, cases: list[Case], config: RoundsConfig, device: torch.device) -> None:
         self.cases, self.config, self.device = cases, config, device
-        self.initial = {c.name: select_initial(slice_quality(c.volume, None, config.quality.median_window), config.quality)
-                        for c in cases}
+        quality = {c.name: slice_quality(c.volume, None, config.quality.median_window) for c in cases}
+        self.initial = {name: select_initial(q, config.quality) for name, q in quality.items()}
+        constant = {name: frozenset(np.flatnonzero(~q.valid).tolist()) for name, q in quality.items()}
         self.pickers: dict[str, Picker] = {
-            **{variant: policy_picker(variant, self.initial, config.selection) for variant in policy.VARIANTS},
+            **{variant: policy_picker(variant, self.initial, constant, config.selection) for variant in policy.VARIANTS},
             "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
             "lesion-random": pick_lesion_random}
 
