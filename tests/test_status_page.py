@@ -77,7 +77,8 @@ def volume_states(infos: dict[str, dict], model: str, client: str | None, hold: 
         current = rec.get("model") == model
         volumes.append(VolumeState(image_id, info["qunet_quality"]["initial"], rec["q"] if current else None,
                                    frozenset(info.get("qunet_annotated", [])), frozenset(held), bool(info.get("qunet_error")),
-                                   area=rec["area"] if current else None, depth=info["qunet_quality"]["slices"]))
+                                   area=rec["area"] if current else None, depth=info["qunet_quality"]["slices"],
+                                   constant=frozenset(k for k, ok in enumerate(info["qunet_quality"]["valid"]) if not ok)))
     return volumes
 
 
