@@ -52,7 +52,7 @@ def normalised_chunks(volume: np.ndarray, slices: list[int], device: torch.devic
         yield chunk, x.to(device), intensity.background
 
 
-def _levels_3_and_4(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None,
+def levels_3_and_4(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None,
                     device: torch.device | None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(slice indices, level-3 logits, level-4 logits) a chunk at a time; all slices by default."""
     device = device or next(network.parameters()).device
@@ -74,7 +74,7 @@ def disagreement_and_area(network: torch.nn.Module, volume: np.ndarray, patch_si
     """Q per slice of a (X, Y, Z) stack and the level-4 lesion pixels per slice (any label) from one pass over levels
     3 and 4; NaN where not scored."""
     q, area = np.full(volume.shape[2], np.nan), np.full(volume.shape[2], np.nan)
-    for chunk, l3, l4 in _levels_3_and_4(network, volume, patch_size, slices, device):
+    for chunk, l3, l4 in levels_3_and_4(network, volume, patch_size, slices, device):
         q[chunk] = jaccard(l3 > 0, l4 > 0).cpu().numpy()  # logit > 0 is sigmoid > 0.5
         area[chunk] = (l4.amax(dim=1) > 0).flatten(1).sum(1).cpu().numpy()
     return q, area
@@ -90,7 +90,7 @@ def disagreement_scores(network: torch.nn.Module, volume: np.ndarray, patch_size
 def segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
             device: torch.device | None = None) -> np.ndarray:
     """Level-4 labels (uint8, (X, Y, n)) of the given slices (default all), in that order."""
-    parts = [_labels(l4) for _, _, l4 in _levels_3_and_4(network, volume, patch_size, slices, device)]
+    parts = [_labels(l4) for _, _, l4 in levels_3_and_4(network, volume, patch_size, slices, device)]
     return np.concatenate(parts, axis=2) if parts else np.zeros((*volume.shape[:2], 0), np.uint8)
 
 
@@ -99,7 +99,7 @@ def score_and_segment(network: torch.nn.Module, volume: np.ndarray, patch_size: 
                       device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Both from one pass: Q of the given slices (in their order) and their level-4 labels (X, Y, n)."""
     qs, labels = [], []
-    for _, l3, l4 in _levels_3_and_4(network, volume, patch_size, slices, device):
+    for _, l3, l4 in levels_3_and_4(network, volume, patch_size, slices, device):
         qs.append(jaccard(l3 > 0, l4 > 0).cpu().numpy())
         labels.append(_labels(l4))
     if not qs:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from qunet.disagreement import heads, jaccard, normalised_chunks
+from qunet.disagreement import jaccard, levels_3_and_4
 from qunet.experiments.activelearning import METHODS, LoopRun, RoundsConfig, pick_random
 from qunet.experiments.data import find_pairs, load_cases, training_set
 from qunet.network import build_network, default_device, prepare
@@ -45,8 +45,8 @@ def slice_rows(network: torch.nn.Module, run: LoopRun, patch_size: int, device: 
     rows = []
     for case in run.cases:
         todo = [k for k in range(case.depth) if k not in run.annotated[case.name]]
-        for chunk, x, background in normalised_chunks(case.volume, todo, device):
-            l3, l4 = (h[:, 0] for h in heads(network, x, patch_size, background, (2, -1)))
+        for chunk, l3, l4 in levels_3_and_4(network, case.volume, patch_size, todo, device):
+            l3, l4 = l3[:, 0], l4[:, 0]
             scores = {name: f(l3, l4).cpu().numpy() for name, f in SCORES.items()}
             truth = torch.from_numpy(np.moveaxis(case.truth[:, :, chunk], 2, 0)).to(device)
             error = ((l4 > 0) ^ truth).flatten(1).sum(1).cpu().numpy()
