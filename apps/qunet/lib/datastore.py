@@ -1,16 +1,12 @@
 """MONAI Label's LocalDatastore with crash-safe writes, no lost updates between processes, and checked input.
 
-Scoring and training run in subprocesses that write the same datastore JSON as the server. The stock class
-truncates and rewrites the file in place (a kill mid-write loses every record) and writes its own in-memory
-copy (another process's update is lost). Here:
-
-- every write reloads the file under the lock (one lock per datastore: a file lock between processes, reentrant
-  within one), applies the change and replaces the file atomically (temporary file, fsync, rename);
+- every write of the datastore JSON reloads it under the datastore lock, applies the change and replaces the file
+  atomically, so that the scoring and training subprocesses lose no update (lib/datastore_json.py);
 - a label is saved with a roll-forward journal: its file is copied next to its final place, the JSON records
   the label, its bookkeeping and the pending copy in one atomic write (the commit), then the copy is renamed
   into place and the journal entry cleared. A process killed before the commit leaves the old label and the old
   records; one killed after it leaves a journal entry that the next start (any process opening the datastore)
-  completes, so the label file and its records always agree;
+  completes (lib/datastore_recovery.py), so the label file and its records always agree;
 - a submitted label is checked against its image before anything is written, and ids, tags and file types
   from clients are checked (nothing is written outside the studies folder); mistakes raise `lib.errors`
   exceptions, which the server answers with a 4xx status and a message naming the problem;
@@ -25,192 +21,33 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from monailabel.config import settings
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from qunet.io import StackError, load_stack
 
 from lib import records
+from lib.datastore_json import LockedJsonMixin
 from lib.datastore_records import RecordsMixin, same
-from lib.files import FILE_SUFFIXES, TMP_NAME, TMP_PREFIX, atomic_copy, copy_to_tmp, file_suffix, fsync_dir
+from lib.datastore_recovery import PENDING, RecoveryMixin
+from lib.files import FILE_SUFFIXES, atomic_copy, copy_to_tmp, file_suffix, fsync_dir
 from lib.errors import BadRequest, Conflict, ImageNotFound, LabelNotFound, Unprocessable, check_name, check_tag
 from lib.submission import check_label, prepare_submission
 
 logger = logging.getLogger(__name__)
-
-PENDING = "qunet_pending"  # label info: {"tmp": copy waiting to be renamed into place, "stale": file to delete}
 
 
 def _suffixes(path: str) -> str:
     return "".join(Path(path).suffixes) or "(none)"
 
 
-class QUNetDatastore(RecordsMixin, LocalDatastore):
+class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastore):
     max_label: int | None = None  # highest label value a submitted label may hold (the app sets it: its label count)
-
-    def __init__(self, *args, **kwargs) -> None:
-        self._rlock = threading.RLock()
-        self._lock_depth = 0
-        self._file_lock: FileLock | None = None
-        super().__init__(*args, **kwargs)
-        if getattr(self, "_handler", None):  # auto-reload: an atomic replace arrives as a move, not a modify
-            self._handler.on_moved = self._on_moved
-
-    # ---- locking and the JSON file ---------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """The datastore lock: the file lock (other processes) held once per thread, reentrant within it."""
-        with self._rlock:
-            if self._lock_depth == 0:
-                self._file_lock = FileLock(self._lock_file)
-                self._file_lock.acquire()
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-                if self._lock_depth == 0 and self._file_lock is not None:
-                    self._file_lock.release()
-                    self._file_lock = None
-
-    def _signature(self) -> tuple | None:
-        try:
-            st = os.stat(self._datastore_config_path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
-
-    def _reload(self) -> None:
-        """Re-read the JSON if another process replaced it (caller holds the lock)."""
-        sig = self._signature()
-        if sig is not None and sig != self._config_ts:
-            with open(self._datastore_config_path) as f:
-                self._datastore = LocalDatastoreModel.model_validate_json(f.read())
-            self._datastore.base_path = self._datastore_path
-            self._config_ts = sig
-
-    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
-        try:
-            with self._lock():
-                self._reload()
-        except ValueError as e:
-            logger.error(f"cannot read the datastore file {self._datastore_config_path}: {e}")
-            if throw_exception:
-                raise
-
-    def _fresh(self) -> None:
-        if self._signature() != self._config_ts:
-            self._init_from_datastore_file()
-
-    def generation(self) -> Any:
-        """Changes whenever the JSON's image list, image info or labels may have changed, in this process or
-        another (what the SQLite records do not carry): Next sample's kept ranking is rebuilt then. None: unknown."""
-        self._fresh()
-        return self._config_ts
-
-    def _on_moved(self, event) -> None:
-        if event.dest_path == self._datastore_config_path:
-            self._init_from_datastore_file()
-
-    def _update_datastore_file(self, lock: bool = True) -> None:
-        with self._lock() if lock else contextlib.nullcontext():
-            # pydantic's encoder: json.dumps with indent falls back to pure Python, 10x slower on 1,000 volumes
-            text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
-            fd, tmp = tempfile.mkstemp(dir=self._datastore_path, prefix=TMP_PREFIX, suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._datastore_config_path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            fsync_dir(self._datastore_path)
-            self._config_ts = self._signature()
-
-    def _locked_update(self, change: Callable[[], None]) -> None:
-        """Reload, change, write atomically, all under the lock; a change that raises leaves the file as it was."""
-        with self._lock():
-            self._reload()
-            try:
-                change()
-                self._update_datastore_file(lock=False)
-            except BaseException:
-                self._config_ts = None  # drop whatever the change did in memory: re-read the file
-                self._reload()
-                raise
-
-    # ---- start-up: finish or drop what a killed process left ------------------------------------------------
-
-    def _reconcile_datastore(self) -> None:
-        with self._lock():
-            self._reload()
-            self._migrate_records()
-            self._recover()
-            super()._reconcile_datastore()
-            self._drop_stale_records()
-
-    def _recover(self) -> None:
-        """Complete label saves that were committed when their process died; remove orphaned temporary files."""
-        changed = False
-        for image_id, obj in self._datastore.objects.items():
-            for tag, label in obj.labels.items():
-                if PENDING not in label.info:
-                    continue
-                folder = self._datastore.label_path(tag)
-                found = self._pending_files(image_id, label.info[PENDING])
-                if found is None:
-                    logger.warning(f"ignored a pending save of label {image_id!r} ({tag}) the app did not write: "
-                                   f"{str(label.info[PENDING])[:200]}")
-                else:
-                    tmp, stale, pending_records = found
-                    self._set_records(image_id, pending_records)
-                    if os.path.isfile(os.path.join(folder, tmp)):
-                        os.replace(os.path.join(folder, tmp), os.path.join(folder, self._filename(image_id, label.ext)))
-                        fsync_dir(folder)
-                        logger.warning(f"completed the interrupted save of label {image_id!r} ({tag})")
-                    if stale and stale != self._filename(image_id, label.ext):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(os.path.join(folder, stale))
-                label.info.pop(PENDING, None)
-                changed = True
-        if changed:
-            self._update_datastore_file(lock=False)
-        folders = [self._datastore_path, self._datastore.label_path(None)]
-        labels_dir = self._datastore.label_path(None)
-        if os.path.isdir(labels_dir):
-            folders += [os.path.join(labels_dir, d) for d in os.listdir(labels_dir)]
-        for folder in folders:
-            if os.path.isdir(folder):
-                for name in os.listdir(folder):
-                    if name.startswith(TMP_PREFIX):
-                        logger.warning(f"removing {os.path.join(folder, name)}, left by an interrupted write")
-                        with contextlib.suppress(OSError):
-                            os.remove(os.path.join(folder, name))
-
-    def _pending_files(self, image_id: str, pending: Any) -> tuple[str, str | None, dict] | None:
-        """(temporary copy, stale file, records) of a pending save if the entry is one `_store` writes: a temporary
-        name of ours, a stale file of this same image, the app's own records. None for anything else (it would move
-        or delete another file, or write other records)."""
-        if not isinstance(pending, dict) or not isinstance(pending.get("tmp"), str) or not TMP_NAME.fullmatch(pending["tmp"]):
-            return None
-        stale, pending_records = pending.get("stale"), pending.get("records", {})
-        if stale is not None and stale not in {self._filename(image_id, ext) for ext in FILE_SUFFIXES}:
-            return None
-        if not isinstance(pending_records, dict) or not all(map(records.in_records, pending_records)):
-            return None
-        return pending["tmp"], stale, pending_records
 
     # ---- only regular files inside the studies folder ----------------------------------------------------------
 
