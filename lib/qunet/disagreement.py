@@ -68,6 +68,11 @@ def _labels(l4: torch.Tensor) -> np.ndarray:
     return np.moveaxis(torch.where(best > 0, index + 1, 0).to(torch.uint8).cpu().numpy(), 0, 2)
 
 
+def _lesion_pixels(l4: torch.Tensor) -> np.ndarray:
+    """(n, C, X, Y) logits -> pixels per slice where any label is above 0.5: the predicted lesion area."""
+    return (l4.amax(dim=1) > 0).flatten(1).sum(1).cpu().numpy()
+
+
 @torch.inference_mode()
 def disagreement_and_area(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
                           device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +81,7 @@ def disagreement_and_area(network: torch.nn.Module, volume: np.ndarray, patch_si
     q, area = np.full(volume.shape[2], np.nan), np.full(volume.shape[2], np.nan)
     for chunk, l3, l4 in levels_3_and_4(network, volume, patch_size, slices, device):
         q[chunk] = jaccard(l3 > 0, l4 > 0).cpu().numpy()  # logit > 0 is sigmoid > 0.5
-        area[chunk] = (l4.amax(dim=1) > 0).flatten(1).sum(1).cpu().numpy()
+        area[chunk] = _lesion_pixels(l4)
     return q, area
 
 
@@ -96,12 +101,14 @@ def segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slice
 
 @torch.inference_mode()
 def score_and_segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int],
-                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Both from one pass: Q of the given slices (in their order) and their level-4 labels (X, Y, n)."""
-    qs, labels = [], []
+                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From one pass, for the given slices in their order: Q, level-4 labels (X, Y, n), and lesion pixels (as
+    `disagreement_and_area`)."""
+    qs, labels, areas = [], [], []
     for _, l3, l4 in levels_3_and_4(network, volume, patch_size, slices, device):
         qs.append(jaccard(l3 > 0, l4 > 0).cpu().numpy())
         labels.append(_labels(l4))
+        areas.append(_lesion_pixels(l4))
     if not qs:
-        return np.zeros(0), np.zeros((*volume.shape[:2], 0), np.uint8)
-    return np.concatenate(qs), np.concatenate(labels, axis=2)
+        return np.zeros(0), np.zeros((*volume.shape[:2], 0), np.uint8), np.zeros(0)
+    return np.concatenate(qs), np.concatenate(labels, axis=2), np.concatenate(areas)

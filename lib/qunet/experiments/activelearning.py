@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import torch
 from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import score_and_segment
 from qunet.experiments.al_report import report
-from qunet.experiments.data import Case, find_pairs, load_cases, training_set
+from qunet.experiments.data import Case, find_pairs, load_cases, proportional_shares, training_set
 from qunet.experiments.uncertainty import mc_dropout_scores
 from qunet.network import build_network, default_device, prepare
 from qunet import policy
@@ -104,10 +104,8 @@ def pick_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tu
 
 def pick_interval(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
     """Fixed-interval slices: stacks in proportion to depth; in each, the slice farthest from its annotated ones."""
-    from qunet.experiments.data import _spread
-
     chosen = []
-    for case, share in zip(run.cases, _spread(n, [c.depth for c in run.cases])):
+    for case, share in zip(run.cases, proportional_shares(n, [c.depth for c in run.cases])):
         taken = sorted(run.annotated[case.name])
         for _ in range(min(share, case.depth - len(taken))):
             # before any slice: the middle; then the slice farthest from every taken one (lowest index on ties)
@@ -172,13 +170,14 @@ class Benchmark:
             "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
             "lesion-random": pick_lesion_random}
 
-    def run(self, method: str, seed: int, progress: Callable[[RoundResult], None] = lambda r: None) -> list[RoundResult]:
+    def loop(self, method: str, seed: int) -> Iterator[tuple[LoopRun, int, list[tuple[str, int]], int, float]]:
+        """Each round of one method and seed, after its training: (the loop, round index, its picks, how many of them
+        were filled at random, when the round began). The caller scores the model before asking for the next."""
         c = self.config
         run = LoopRun(self.cases, {case.name: set() for case in self.cases}, {})
         rng = np.random.default_rng([seed, METHODS.index(method)])
         seed_everything(seed)  # every method of a seed starts from the same weights (dropout adds no parameters)
         network = build_network(c.model.features, 1, c.mc_dropout if method == "mcdropout" else 0.0)
-        results = []
         for r in range(c.rounds):
             start = time.perf_counter()
             picks, filled = self.pickers[method](run, c.per_round, rng)
@@ -187,6 +186,11 @@ class Benchmark:
             train(network, training_set(self.cases, {n: sorted(v) for n, v in run.annotated.items()}), c.train,
                   c.model.patch_size, seed=seed * 1000 + r, device=self.device)
             run.network = prepare(network, self.device)
+            yield run, r, picks, filled, start
+
+    def run(self, method: str, seed: int, progress: Callable[[RoundResult], None] = lambda r: None) -> list[RoundResult]:
+        results = []
+        for run, r, picks, filled, start in self.loop(method, seed):
             result = self._score(run, method, seed, r, filled, start)
             result.picked = picks
             results.append(result)
@@ -198,11 +202,11 @@ class Benchmark:
         counts = np.zeros((2, 3), np.int64)
         for case in self.cases:
             todo = [k for k in range(case.depth) if k not in run.annotated[case.name]]
-            q, found = score_and_segment(run.network, case.volume, self.config.model.patch_size, todo, self.device)
+            q, found, area = score_and_segment(run.network, case.volume, self.config.model.patch_size, todo, self.device)
             run.q[case.name] = np.full(case.depth, np.nan)
             run.q[case.name][todo] = q
             run.area[case.name] = np.full(case.depth, np.nan)
-            run.area[case.name][todo] = (found > 0).sum(axis=(0, 1))
+            run.area[case.name][todo] = area
             truth = case.truth[:, :, todo]
             lesion = truth.any(axis=(0, 1))
             found = found > 0

@@ -72,7 +72,7 @@ def load_cases(pairs: Sequence[tuple[Path, Path]]) -> list[Case]:
     return cases
 
 
-def _spread(total: int, weights: Sequence[float]) -> list[int]:
+def proportional_shares(total: int, weights: Sequence[float]) -> list[int]:
     """`total` split in proportion to `weights` by largest remainder."""
     share = np.asarray(weights, float) / max(float(np.sum(weights)), 1e-12) * total
     counts = np.floor(share).astype(int)
@@ -86,7 +86,7 @@ def stratified_draw(cases: Sequence[Case], total: int, rng: np.random.Generator,
     in proportion to its depth, and within a stack its lesion slices in proportion (at least one while another
     lesion slice stays unseen for testing)."""
     picks = {}
-    shares = [min(total, c.depth - 1) for c in cases] if per_stack else _spread(total, [c.depth for c in cases])
+    shares = [min(total, c.depth - 1) for c in cases] if per_stack else proportional_shares(total, [c.depth for c in cases])
     for case, n in zip(cases, shares):
         lesion = case.lesion_slices
         other = [k for k in range(case.depth) if k not in set(lesion)]

@@ -20,10 +20,9 @@ import torch
 from scipy.stats import spearmanr
 
 from qunet.disagreement import jaccard, levels_3_and_4
-from qunet.experiments.activelearning import METHODS, LoopRun, RoundsConfig, pick_random
-from qunet.experiments.data import find_pairs, load_cases, training_set
-from qunet.network import build_network, default_device, prepare
-from qunet.training import seed_everything, train
+from qunet.experiments.activelearning import Benchmark, LoopRun, RoundsConfig
+from qunet.experiments.data import find_pairs, load_cases
+from qunet.network import default_device
 
 # name -> per-slice score from (level-3 logits, level-4 logits), higher = asked for first
 SCORES = {
@@ -81,22 +80,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     d = RoundsConfig()
-    config = replace(d, train=replace(d.train, steps_per_epoch=args.steps_per_epoch),
+    config = replace(d, rounds=args.rounds, per_round=args.per_round,
+                     train=replace(d.train, steps_per_epoch=args.steps_per_epoch),
                      model=replace(d.model, features=args.features, patch_size=args.patch_size))
     device = default_device()
     cases = load_cases(find_pairs(args.data, include=args.include))
+    bench = Benchmark(cases, config, device)
     results = []
-    for seed in range(args.seeds):  # the random method's loop of `python -m qunet rounds`, seed for seed
-        run = LoopRun(cases, {c.name: set() for c in cases}, {})
-        rng = np.random.default_rng([seed, METHODS.index("random")])
-        seed_everything(seed)
-        network = build_network(config.model.features, 1)
-        for r in range(args.rounds):
-            for name, k in pick_random(run, args.per_round, rng)[0]:
-                run.annotated[name].add(k)
-            train(network, training_set(cases, {n: sorted(v) for n, v in run.annotated.items()}), config.train,
-                  config.model.patch_size, seed=seed * 1000 + r, device=device)
-            rows = slice_rows(prepare(network, device), run, config.model.patch_size, device)
+    for seed in range(args.seeds):
+        for run, r, _, _, _ in bench.loop("random", seed):  # the random method of `python -m qunet rounds`
+            rows = slice_rows(run.network, run, config.model.patch_size, device)
             results.append({"seed": seed, "round": r + 1, "open": len(rows), "lesion": sum(x["lesion"] for x in rows),
                             "scores": summary(rows, args.per_round)})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
