@@ -23,8 +23,8 @@ from qunet.io import set_read_config
 
 from lib import guards, processes, records, uploads
 from lib.conf import AppConf
-from lib.datastore import QUNetDatastore, local_datastore
-from lib.dicomweb_datastore import dicomweb_datastore
+from lib.datastore import QUNetDatastore
+from lib.dicomweb_datastore import open_studies
 from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
 from lib.infers import QUNetInfer
 from lib.progress import watch_model
@@ -72,21 +72,15 @@ class QUNetApp(MONAILabelApp):
         return None  # sessions (PUT /session/: any files, unpacked on request) are off; infer takes an upload instead
 
     def model_path(self) -> str | None:
-        """The published model if training produced one, else conf pretrained_path, else None."""
-        for path in (self.published, self.qconf.pretrained_path):
-            if path and os.path.isfile(path):
-                return path
-        return None
+        return self.qconf.model_in_use(self.published)
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            if settings.MONAI_LABEL_DATASTORE.lower() in ("", "dicomweb"):
-                # a DICOMweb server (PACS, Orthanc): series are images, final labels go back as DICOM SEG
-                self.studies = self.studies.rstrip("/").strip()
-                return dicomweb_datastore(self.studies, self.qconf.label_map())
-            logger.warning(f"{settings.MONAI_LABEL_DATASTORE} datastore: the app's label checks and slice records are off")
-            return super().init_datastore()
-        return local_datastore(self.studies, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+            if settings.MONAI_LABEL_DATASTORE.lower() not in ("", "dicomweb"):
+                logger.warning(f"{settings.MONAI_LABEL_DATASTORE} datastore: the app's label checks and slice records are off")
+                return super().init_datastore()
+            self.studies = self.studies.rstrip("/").strip()
+        return open_studies(self.studies, self.qconf, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
 
     def init_infers(self) -> dict:
         return {MODEL: QUNetInfer([p for p in (self.qconf.pretrained_path, self.published) if p], self.qconf)}

@@ -31,17 +31,11 @@ from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import file_signature, set_read_config  # noqa: E402
 
 from lib.conf import AppConf  # noqa: E402
-from lib.ranks import join_ranks, leave_ranks, open_datastore  # noqa: E402
+from lib.dicomweb_datastore import open_studies  # noqa: E402
+from lib.ranks import join_ranks, leave_ranks  # noqa: E402
 from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
 
 COUNTS = ("scored", "skipped", "failed")
-
-
-def model_path(conf: AppConf, model: str | None) -> str | None:
-    for path in (model, str(APP_DIR / "model" / "qunet.pt"), conf.pretrained_path):
-        if path and os.path.isfile(path):
-            return path
-    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     conf = AppConf.from_conf(dict(args.conf))
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
-    datastore = open_datastore(args.studies, conf)
-    path = model_path(conf, args.model)
+    datastore = open_studies(args.studies, conf)
+    path = conf.model_in_use(str(APP_DIR / "model" / "qunet.pt"), args.model)
     state_dir = str(APP_DIR / "model") if args.progress and rank == 0 else None
     methods = {"quality": QualityScoring(conf, state_dir, shard=(rank, ranks))}
     if path:

@@ -25,8 +25,9 @@ from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import set_read_config  # noqa: E402
 
 from lib.conf import AppConf  # noqa: E402
+from lib.dicomweb_datastore import open_studies  # noqa: E402
 from lib.processes import die_with_parent  # noqa: E402
-from lib.ranks import join_ranks, leave_ranks, open_datastore  # noqa: E402
+from lib.ranks import join_ranks, leave_ranks  # noqa: E402
 from lib.trainers import QUNetTrain  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = APP_DIR / "model"
     trainer = QUNetTrain(str(model_dir), conf, str(model_dir / "qunet.pt"))
     request = {**json.loads(args.request), "device": str(device), "multi_gpu": False}
-    entry = trainer(request, open_datastore(args.studies, conf))
+    entry = trainer(request, open_studies(args.studies, conf))
     if rank == 0:
         print(json.dumps({"ranks": ranks, **entry}))
     leave_ranks()

@@ -1,5 +1,6 @@
 """The app's `--conf KEY VALUE` settings (all strings on the command line), with the library's defaults."""
 
+import os
 from dataclasses import dataclass, fields
 
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig, TrainConfig
@@ -80,3 +81,11 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
 
     def label_map(self) -> dict[str, int]:
         return {name: i + 1 for i, name in enumerate(self.labels)}
+
+    def model_in_use(self, published: str, explicit: str | None = None) -> str | None:
+        """The model the app scores and infers with: the first file that exists of `explicit` (a command's
+        --model), the app's published model (training's output), then `pretrained_path`; None without one."""
+        for path in (explicit, published, self.pretrained_path):
+            if path and os.path.isfile(path):
+                return path
+        return None

@@ -36,7 +36,8 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from qunet.io import load_label, load_stack
 
 from lib import records
-from lib.datastore import QUNetDatastore
+from lib.conf import AppConf
+from lib.datastore import QUNetDatastore, local_datastore
 from lib.dicomweb_seg import SEG_INDEX_SECONDS, SEG_TOOL, DicomSegMixin, find_seg_tool
 from lib.dicomweb_series import UID, SeriesCacheMixin
 from lib.files import atomic_copy
@@ -255,3 +256,11 @@ def dicomweb_datastore(studies: str, labels: dict[str, int]) -> QUNetDICOMWebDat
         labels=labels,
         list_seconds=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY,
     )
+
+
+def open_studies(studies: str, conf: AppConf, auto_reload: bool = False) -> QUNetDatastore:
+    """The app's datastore for `--studies`: a DICOMweb server (series are images, final labels go back as DICOM
+    SEG) for an http(s) URL, else a folder of files (NIfTI, NRRD, ...)."""
+    if studies.startswith(("http://", "https://")):
+        return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
+    return local_datastore(studies, auto_reload)

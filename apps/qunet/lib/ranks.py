@@ -1,4 +1,4 @@
-"""What the torchrun commands (score_cohort.py, train_cohort.py) share: joining the ranks, opening the studies, and
+"""What the torchrun commands (score_cohort.py, train_cohort.py) share: joining the ranks, and
 running one of them on every local GPU from the server (`run_ranks`)."""
 
 import json
@@ -10,9 +10,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lib.conf import AppConf
-from lib.datastore import QUNetDatastore, local_datastore
-from lib.dicomweb_datastore import dicomweb_datastore
 from lib.processes import die_with_parent
 
 
@@ -32,13 +29,6 @@ def join_ranks(threads: int = 0) -> tuple[int, int, torch.device]:
 def leave_ranks() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def open_datastore(studies: str, conf: AppConf) -> QUNetDatastore:
-    """The server's datastore for a folder (its file types: NIfTI, NRRD, ...) or a DICOMweb URL."""
-    if studies.startswith(("http://", "https://")):
-        return dicomweb_datastore(studies.rstrip("/").strip(), conf.label_map())
-    return local_datastore(studies, auto_reload=False)
 
 
 def run_ranks(command: list[str], ranks: int) -> dict:
