@@ -106,9 +106,8 @@ class Ranking:
         self._annotated = self._unscored = 0
         for v in {v.image_id: v for v in volumes}.values():
             self._add(v, list.append)  # sorted once below
-        self._low.sort()
-        self._initial.sort()
-        self._no_quality.sort()
+        for items in (self._low, self._initial, self._no_quality):
+            items.sort()
 
     def __len__(self) -> int:
         return len(self._states)
@@ -200,11 +199,9 @@ class Ranking:
         phase = DISAGREEMENT if loop.has_model else INITIAL
         if limit <= 0:
             return Pick(phase, message=stop.message if stop else "", **common)
-        if not loop.has_model:
+        if not loop.has_model or self.variant.prefer is not None:  # covering: the model's records only steer the order
             chosen = self._first_initial(held, limit)
-        elif self.variant.prefer is not None:  # covering: the model's records only steer the order
-            chosen = self._first_initial(held, limit)
-            if chosen is not None and chosen.volume.q is None:  # not scored by the current model (yet)
+            if loop.has_model and chosen is not None and chosen.volume.q is None:  # not scored by the current model yet
                 phase = SCORING if pending else INITIAL
         else:
             chosen = self._lowest_q(held, q0)
