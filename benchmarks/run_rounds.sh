@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# The multi-round active-learning benchmark on every cohort (python -m qunet rounds), results in docs/rounds/NAME.
-# Each round trains a model with the app's recipe: about 4 minutes on 2 CPU cores, so hours per cohort; a GPU
-# run is the practical one. Usage: bash benchmarks/run_rounds.sh [extra rounds flags...]
+# Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
+# fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 60-75 s per round on 2 CPU cores,
+# about 4 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs
+# it lacks: delete docs/rounds/NAME to rerun it from scratch.
+# FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
+# cohort on 2 cores: a GPU run is the practical one). Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-$(mktemp -d)}
-"$PY" -m qunet generate "$WORK/prevalence" --cohort prevalence --count 5 --seed 1
-"$PY" -m qunet generate "$WORK/hybrid" --cohort hybrid --from sample-data --stacks brain1 breast1 lung1 --count 4 --seed 1
+"$PY" -m qunet generate "$WORK/prevalence" --cohort prevalence --kinds oct ct --count 3 --seed 1
+"$PY" -m qunet generate "$WORK/hybrid" --cohort hybrid --from sample-data --stacks brain1 breast1 --count 5 --seed 1
+METHODS=(lesion random interval)
 run() {
-    local name=$1; shift
+    local name=$1 per_round=$2; shift 2
     echo "== $name" >&2
-    "$PY" -m qunet rounds --out "docs/rounds/$name" --rounds 4 --per-round 12 --seeds 5 "$@"
+    if [ "${FULL:-0}" = 1 ]; then
+        "$PY" -m qunet rounds --out "docs/rounds/full-$name" --rounds 4 --per-round 12 --seeds 5 "$@"
+    else
+        "$PY" -m qunet rounds --out "docs/rounds/$name" --rounds 3 --per-round "$per_round" --seeds 5 \
+            --steps-per-epoch 25 "$@"
+    fi
 }
-run oct --data sample-data --include 'oct*' "${@}"
-run ct --data sample-data --include 'ct*' "${@}"
-run real --data sample-data --include 'lung1*' 'brain1*' 'breast1*' "${@}"
-run prevalence --data "$WORK/prevalence" "${@}"
-run hybrid --data "$WORK/hybrid" "${@}"
+run ct-5seeds 4 --data sample-data --include 'ct*' --methods "${METHODS[@]}" paper "${@}"
+run oct 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" "${@}"
+run real 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods "${METHODS[@]}" "${@}"
+run prevalence 8 --data "$WORK/prevalence" --methods random lesion "${@}"
+run hybrid 8 --data "$WORK/hybrid" --methods lesion random "${@}"
+for kind in ct oct; do  # which per-slice score follows the model's errors
+    "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --out "docs/rounds/proxies-$kind"
+done

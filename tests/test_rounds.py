@@ -10,8 +10,8 @@ import pytest
 import qunet.policy
 from qunet.__main__ import main
 from qunet.config import ModelConfig, TrainConfig
-from qunet.experiments.activelearning import METHODS, Benchmark, LoopRun, RoundsConfig, pick_interval
-from qunet.experiments.al_report import aubc, paired
+from qunet.experiments.activelearning import METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
+from qunet.experiments.al_report import aubc, paired, table
 from qunet.experiments.data import Case, find_pairs, load_cases
 from qunet.network import build_network
 from qunet.synthetic import generate_stack
@@ -66,6 +66,18 @@ def test_aubc_and_paired_intervals():
     assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # no spread
     mean, lo, hi = paired({0: 0.5, 1: 0.9}, {0: 0.4, 1: 0.4})
     assert lo < mean < hi
+
+
+def test_the_table_pairs_every_method_with_random_and_fixed_interval_slices():
+    final = {"random": (0.4, 0.5), "interval": (0.5, 0.6), "lesion": (0.7, 0.7)}  # per seed, Dice after both rounds
+    results = [RoundResult(method, seed, 1, 2, 1, 0, dice, dice, 1.0) for method, d in final.items() for seed, dice in enumerate(d)]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table(results).splitlines()[2:]}
+    header = table(results).splitlines()[0].split(" | ")
+    lesion = dict(zip(header, rows["lesion"]))
+    assert lesion["final - random [95 % CI]"].startswith("+0.250 [")  # (0.3 + 0.2) / 2
+    assert lesion["final - interval [95 % CI]"].startswith("+0.150 [")  # (0.2 + 0.1) / 2
+    assert dict(zip(header, rows["interval"]))["final - interval [95 % CI]"] == "–"
+    assert "- interval" not in table([r for r in results if r.method != "interval"])  # a baseline not run: no column
 
 
 def test_same_seed_same_initial_weights_for_every_method():

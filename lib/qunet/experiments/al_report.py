@@ -2,8 +2,8 @@
 
 AUBC (area under the budget curve, as nnActive reports it): the trapezoid area of Dice against the number of
 annotated slices, from the first round to the last, divided by that span: a Dice-like number in 0-1. Paired
-differences: per seed, a method's figure minus random's of the same seed (same initial weights), with a 95 %
-t-interval over seeds.
+differences: per seed, a method's figure minus random's (and fixed-interval slices', where run) of the same seed
+(same initial weights), with a 95 % t-interval over seeds.
 """
 
 from collections.abc import Sequence
@@ -48,23 +48,27 @@ def paired(values: dict[int, float], reference: dict[int, float]) -> tuple[float
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+BASELINES = ("random", "interval")  # the methods the targets name: every other method is paired with each one run
+
+
 def table(results: list, key: str = "dice") -> str:
     seeds = per_seed(results, key)
-    reference = seeds.get("random", {})
-    head = ["method", "AUBC", "final Dice", "AUBC - random [95 % CI]", "final - random [95 % CI]", "lesion slices annotated",
-            "filled"]
+    baselines = [b for b in BASELINES if b in seeds]
+    head = ["method", "AUBC", "final Dice", *(f"{k} - {b} [95 % CI]" for b in baselines for k in ("AUBC", "final")),
+            "lesion slices annotated", "filled"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, by_seed in seeds.items():
         row = [method]
         for k in ("aubc", "final"):
             v = [s[k] for s in by_seed.values()]
             row.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
-        for k in ("aubc", "final"):
-            if method == "random" or not reference:
-                row.append("–")
-                continue
-            mean, lo, hi = paired({s: v[k] for s, v in by_seed.items()}, {s: v[k] for s, v in reference.items()})
-            row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        for b in baselines:
+            for k in ("aubc", "final"):
+                if method == b:
+                    row.append("–")
+                    continue
+                mean, lo, hi = paired({s: v[k] for s, v in by_seed.items()}, {s: v[k] for s, v in seeds[b].items()})
+                row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         last = [_by(results, method, s)[-1] for s in by_seed]
         row.append(f"{np.mean([r.lesion_annotated for r in last]):.1f} of {last[0].annotated}")
         row.append(str(sum(r.filled for r in results if r.method == method)))
