@@ -12,8 +12,9 @@ within each stratum the slice where the model predicts the most lesion (the leve
 quality. Measured (docs/README.md, `python -m qunet proxies`), a slice's error grows with the lesion the model
 predicts in it, while its lowest-Q slices are mostly lesion-free slices it already gets nearly right. Served by
 predicted lesion alone (the volume and slices with the most), the slices crowded into one volume and one lesion's
-core and did worse than random slices; covering with that preference did better than `paper`, still not as well as
-random slices (docs/README.md#the-multi-round-benchmark).
+core and did worse than random slices; covering with that preference did better than `paper`, level with random
+and fixed-interval slices on the CT-like stacks and ahead of them on average, not yet clearly, on the other cohorts
+(docs/README.md#the-multi-round-benchmark).
 """
 
 import math
