@@ -25,8 +25,8 @@ run() {
 run ct-5seeds 4 --data sample-data --include 'ct*' --methods "${METHODS[@]}" paper "${@}"
 run oct 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" "${@}"
 run real 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods "${METHODS[@]}" "${@}"
-run prevalence 8 --data "$WORK/prevalence" --methods random lesion "${@}"
-run hybrid 8 --data "$WORK/hybrid" --methods lesion random "${@}"
+run prevalence 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" "${@}"
+run hybrid 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" "${@}"
 for kind in ct oct; do  # which per-slice score follows the model's errors
     "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --out "docs/rounds/proxies-$kind"
 done

@@ -1,6 +1,7 @@
 """Next sample's policy (qunet.policy) on hand-made records: phases, the paper's pick, the default `lesion` pick,
 holds, stop signal, budget."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -143,8 +144,10 @@ def _brute_force(volumes: list[VolumeState], loop: LoopState, settings: Selectio
     variant = VARIANTS[settings.pick]
     covers = {v.image_id: variant.prefer is not None and v.depth is not None and (v.initial is not None or v.q is not None)
               for v in volumes}
-    s0 = sorted((variant.initial_key(v), v.image_id, v,
-                 covering(v.depth, v.annotated | held[v.image_id], variant.prefer(v), min(limit, -(-v.depth // 8)), v.constant)
+    # the volume order counts held slices as annotated
+    s0 = sorted((variant.initial_key(replace(v, annotated=v.annotated | held[v.image_id])), v.image_id, v,
+                 covering(v.depth, v.annotated | held[v.image_id], variant.prefer(v),
+                          min(limit, math.ceil(v.depth * variant.share)), v.constant)
                  if covers[v.image_id] else
                  [(k, float(r)) for r, k in enumerate(v.initial) if k not in v.annotated and k not in held[v.image_id]])
                 for v in volumes if v.initial is not None or covers[v.image_id])
@@ -236,7 +239,10 @@ def test_lesion_covers_every_volume_preferring_predicted_lesion_within_a_stratum
     assert (pick.phase, pick.image_id, pick.slices) == (DISAGREEMENT, "a", [0, 6])
     assert choose([scored[0], replace(scored[1], area=[0] * 15 + [45])], MODEL, settings).image_id == "b"
     assert choose([scored[0], replace(scored[1], annotated=frozenset())], MODEL, settings).image_id == "b"  # less annotated
-    assert choose([replace(scored[0], held={5, 6}), scored[1]], MODEL, settings).slices == [0, 10]  # held: neither offered nor crowded
+    crowded = [replace(scored[0], held={5, 6}), replace(scored[1], annotated={3, 4, 12, 13})]
+    assert choose(crowded, MODEL, settings).slices == [0, 10]  # held: neither offered nor crowded
+    # held slices count as annotated in the volume order: a (1 annotated, 2 held) comes after b (1 annotated)
+    assert choose([replace(scored[0], held={5, 6}), scored[1]], MODEL, settings).image_id == "b"
     nothing = [replace(v, area=[0] * 16) for v in scored]
     quality = choose(nothing, MODEL, settings)  # the model finds lesion nowhere: S0's best within a stratum
     assert (quality.phase, quality.image_id, quality.slices) == (DISAGREEMENT, "a", [2, 8])

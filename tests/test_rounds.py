@@ -46,6 +46,10 @@ def test_every_method_annotates_the_same_number_of_new_slices_each_round(data, m
     assert len(bench.initial["a"]) >= 3
     assert paper[0].picked == [("a", k) for k in bench.initial["a"][:3]]  # no model: S0 of the first volume, as served
     assert paper[0].filled == 0
+    # `lesion` serves an eighth of a volume per answer (2 of a's 10 slices); the slices it served are held and count in
+    # the volume order as annotated ones would after a submit, so the round's last slice comes from b
+    lesion = bench.run("lesion", seed=0)
+    assert [name for name, _ in lesion[0].picked] == ["a", "a", "b"]
 
 
 def test_fixed_interval_spreads_over_the_slice_axis():

@@ -22,7 +22,7 @@ from qunet.config import ReadConfig
 from qunet.io import set_read_config
 
 from lib import guards, processes, records, uploads
-from lib.conf import AppConf
+from lib.conf import MODEL, AppConf, published_model
 from lib.datastore import QUNetDatastore
 from lib.dicomweb_datastore import open_studies
 from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
@@ -35,8 +35,6 @@ from lib.trainers import QUNetTrain
 
 logger = logging.getLogger(__name__)
 
-MODEL = "qunet"
-
 
 class QUNetApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
@@ -44,7 +42,7 @@ class QUNetApp(MONAILabelApp):
         self.qconf = AppConf.from_conf(conf)
         set_read_config(ReadConfig(max_voxels=self.qconf.max_voxels))  # every image and label this process reads
         self.model_dir = os.path.join(app_dir, "model")
-        self.published = os.path.join(self.model_dir, f"{MODEL}.pt")
+        self.published = published_model(app_dir)
         # the server's studies and conf, for the torchrun commands it runs on every GPU of a multi-GPU machine
         self.ranks_args = ["--studies", studies, *[x for k, v in conf.items() for x in ("--conf", str(k), str(v))]]
         self.labels_since_training = 0

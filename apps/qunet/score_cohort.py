@@ -30,7 +30,7 @@ sys.path.insert(0, str(APP_DIR))
 from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import file_signature, set_read_config  # noqa: E402
 
-from lib.conf import AppConf  # noqa: E402
+from lib.conf import AppConf, published_model  # noqa: E402
 from lib.dicomweb_datastore import open_studies  # noqa: E402
 from lib.ranks import join_ranks, leave_ranks  # noqa: E402
 from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     conf = AppConf.from_conf(dict(args.conf))
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
     datastore = open_studies(args.studies, conf)
-    path = conf.model_in_use(str(APP_DIR / "model" / "qunet.pt"), args.model)
+    path = conf.model_in_use(published_model(APP_DIR), args.model)
     state_dir = str(APP_DIR / "model") if args.progress and rank == 0 else None
     methods = {"quality": QualityScoring(conf, state_dir, shard=(rank, ranks))}
     if path:

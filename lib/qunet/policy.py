@@ -1,9 +1,8 @@
 """Next sample's policy: which volume to open, which of its slices to annotate, and when to stop asking.
 
-Plain data in, a pick out, no MONAI Label. `Ranking` keeps every volume's records (`VolumeState`) sorted the way
-the pick needs them, so that an answer looks at the few volumes it may serve, not at every volume: the app's
-strategy (apps/qunet/lib/strategies.py) keeps one and updates the volumes whose records changed; `choose` builds
-one for a single answer (the benchmarks). Both are the same code.
+Plain data in, a pick out, no MONAI Label. `Ranking` keeps every volume's records (`VolumeState`) sorted for the
+pick, so an answer looks at the few volumes it may serve: the app's strategy (apps/qunet/lib/strategies.py) keeps
+one and updates the volumes whose records changed; `choose` builds one per answer (the benchmarks). Same code.
 
 Phases (`paper` and `spread`; a covering variant such as the default `lesion` serves the first volume in its order
 whatever the phase, which then says whether the current model has scored that volume):
@@ -27,7 +26,7 @@ import bisect
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qunet.config import SelectionConfig
@@ -236,18 +235,28 @@ class Ranking:
 
     def _first_initial(self, held: Mapping[str, frozenset[int]], limit: int) -> Option | None:
         """The first volume in the variant's order with a slice to offer neither annotated nor held: its open S0
-        slices, or with a covering variant up to `limit` slices spread over its slice axis."""
+        slices, or with a covering variant up to `limit` slices spread over its slice axis. The order counts held
+        slices as annotated (a second annotator moves on to the next volume); held volumes are few, so only they are
+        keyed again."""
+        candidates = []
         for entry in self._initial:
-            v = self._states[entry[-1]]
-            taken = v.annotated | held.get(v.image_id, frozenset())
-            if self._covers(v):
-                share = min(limit, math.ceil(v.depth * self.variant.share))
-                open_ = covering(v.depth, taken, self.variant.prefer(v), share, v.constant)
-            else:
-                open_ = [(k, float(rank)) for rank, k in enumerate(v.initial) if k not in taken]
-            if open_:
-                return Option(v, open_)
-        return None
+            if entry[-1] not in held and (option := self._open(self._states[entry[-1]], frozenset(), limit)):
+                candidates.append((entry, option))
+                break
+        for image_id, taken in held.items():
+            v = self._states[image_id]
+            if option := self._open(v, taken, limit):
+                candidates.append(((*self.variant.initial_key(replace(v, annotated=v.annotated | taken)), image_id), option))
+        return min(candidates, key=lambda c: c[0])[1] if candidates else None
+
+    def _open(self, v: VolumeState, held: frozenset[int], limit: int) -> Option | None:
+        taken = v.annotated | held
+        if self._covers(v):
+            share = min(limit, math.ceil(v.depth * self.variant.share))
+            open_ = covering(v.depth, taken, self.variant.prefer(v), share, v.constant)
+        else:
+            open_ = [(k, float(rank)) for rank, k in enumerate(v.initial or ()) if k not in taken]
+        return Option(v, open_) if open_ else None
 
 
 def choose(volumes: Iterable[VolumeState], loop: LoopState, settings: SelectionConfig = SelectionConfig()) -> Pick:

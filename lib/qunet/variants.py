@@ -7,7 +7,8 @@ holding the lowest open Q (Algorithm 1), its slices below q0 lowest first. `spre
 literature finds hard to beat before a model is good (random and fixed-interval slices): the least annotated volume
 first, and no two slices of one answer, nor a slice and an annotated one, closer than an even spacing allows.
 `lesion` (the default) covers each volume's slice axis (`covering`, an eighth of its slices per answer), the least
-annotated volume first (ties: the most lesion the current model predicts in an open slice), with or without a model;
+annotated volume first (held slices count: a second annotator gets another volume; ties: the most lesion the current
+model predicts in an open slice), with or without a model;
 within each stratum the slice where the model predicts the most lesion (the level-4 output's pixels), else the best
 quality. Measured (docs/README.md, `python -m qunet proxies`), a slice's error grows with the lesion the model
 predicts in it, while its lowest-Q slices are mostly lesion-free slices it already gets nearly right. Served by
@@ -38,7 +39,8 @@ class Variant:
     # `prefer` (slice -> lower is better) decides within a stratum. Others serve S0, then the lowest Q below q0.
     prefer: Callable[["VolumeState"], Mapping[int, float]] | None = None
     # covering: an answer serves at most this share of the volume's slices (rounded up), so that the next answer
-    # moves on to the next least annotated volume and the cohort is covered before any volume is dense
+    # moves on to the next least annotated volume and the cohort is covered before any volume is dense. A sixteenth
+    # (measured, docs/README.md) did not train better models than an eighth
     share: float = 1.0
 
 

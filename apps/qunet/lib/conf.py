@@ -6,6 +6,12 @@ from dataclasses import dataclass, fields
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig, TrainConfig
 from qunet.policy import VARIANTS
 
+MODEL = "qunet"  # the app's model: the name of its tasks, and model/qunet.pt, the file training publishes
+
+
+def published_model(app_dir: str | os.PathLike) -> str:
+    return os.path.join(app_dir, "model", f"{MODEL}.pt")
+
 
 def _optional_float(value: str) -> float | None:
     return None if value.lower() in ("", "none", "mean") else float(value)

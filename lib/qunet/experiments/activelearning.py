@@ -11,7 +11,8 @@ same number of slices each round (equal cost) and starts from the same weights f
 
 - `lesion` (the app's default), `paper`, `spread`: the app's Next sample policy (qunet.policy.choose, the very code
   the app's strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators
-  would, until the round's slices are reached (slices it serves are held, so it moves on); when it has nothing more
+  would, until the round's slices are reached (slices it served are held: not served again, and counted in the
+  volume order as the app counts submitted ones, so it moves on as after a submit); when it has nothing more
   to offer (`paper`, `spread`: no slice below q0) the rest of the round is random, and counted (`filled`);
 - `random`: slices drawn at random from the whole cohort;
 - `interval`: fixed-interval slices: each stack's share in proportion to its depth, each new slice the one
