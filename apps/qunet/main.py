@@ -22,7 +22,7 @@ from qunet.config import ReadConfig
 from qunet.io import set_read_config
 
 from lib import guards, processes, records, uploads
-from lib.conf import MODEL, AppConf, published_model
+from lib.conf import MODEL, AppConf, model_dir, published_model
 from lib.datastore import QUNetDatastore
 from lib.dicomweb_datastore import open_studies
 from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
@@ -41,7 +41,7 @@ class QUNetApp(MONAILabelApp):
         processes.die_with_server()
         self.qconf = AppConf.from_conf(conf)
         set_read_config(ReadConfig(max_voxels=self.qconf.max_voxels))  # every image and label this process reads
-        self.model_dir = os.path.join(app_dir, "model")
+        self.model_dir = model_dir(app_dir)
         self.published = published_model(app_dir)
         # the server's studies and conf, for the torchrun commands it runs on every GPU of a multi-GPU machine
         self.ranks_args = ["--studies", studies, *[x for k, v in conf.items() for x in ("--conf", str(k), str(v))]]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(APP_DIR))
 from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import file_signature, set_read_config  # noqa: E402
 
-from lib.conf import AppConf, published_model  # noqa: E402
+from lib.conf import AppConf, model_dir, published_model  # noqa: E402
 from lib.dicomweb_datastore import open_studies  # noqa: E402
 from lib.ranks import join_ranks, leave_ranks  # noqa: E402
 from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
     datastore = open_studies(args.studies, conf)
     path = conf.model_in_use(published_model(APP_DIR), args.model)
-    state_dir = str(APP_DIR / "model") if args.progress and rank == 0 else None
+    state_dir = model_dir(APP_DIR) if args.progress and rank == 0 else None
     methods = {"quality": QualityScoring(conf, state_dir, shard=(rank, ranks))}
     if path:
         methods["disagreement"] = DisagreementScoring(conf, lambda: path, state_dir, shard=(rank, ranks))
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
             counts.update(zip(COUNTS, summed.tolist()))
         totals[name] = {**counts, "seconds": round(time.perf_counter() - start, 2)}  # until the slowest rank is done
     if rank == 0 and "disagreement" in methods:
-        os.makedirs(APP_DIR / "model", exist_ok=True)
-        DisagreementScoring(conf, lambda: path, str(APP_DIR / "model")).record_agreement(datastore, file_signature(path))
+        os.makedirs(model_dir(APP_DIR), exist_ok=True)
+        DisagreementScoring(conf, lambda: path, model_dir(APP_DIR)).record_agreement(datastore, file_signature(path))
     if rank == 0:
         print(json.dumps({"ranks": ranks, "model": path, **totals}))
     leave_ranks()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(APP_DIR))
 from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import set_read_config  # noqa: E402
 
-from lib.conf import AppConf, published_model  # noqa: E402
+from lib.conf import AppConf, model_dir, published_model  # noqa: E402
 from lib.dicomweb_datastore import open_studies  # noqa: E402
 from lib.processes import die_with_parent  # noqa: E402
 from lib.ranks import join_ranks, leave_ranks  # noqa: E402
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, ranks, device = join_ranks(args.threads)
     conf = AppConf.from_conf(dict(args.conf))
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
-    model_dir = APP_DIR / "model"
-    trainer = QUNetTrain(str(model_dir), conf, published_model(APP_DIR))
+    trainer = QUNetTrain(model_dir(APP_DIR), conf, published_model(APP_DIR))
     request = {**json.loads(args.request), "device": str(device), "multi_gpu": False}
     entry = trainer(request, open_studies(args.studies, conf))
     if rank == 0:

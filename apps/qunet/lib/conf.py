@@ -9,8 +9,13 @@ from qunet.policy import VARIANTS
 MODEL = "qunet"  # the app's model: the name of its tasks, and model/qunet.pt, the file training publishes
 
 
+def model_dir(app_dir: str | os.PathLike) -> str:
+    """The app's model folder: the published model, training's checkpoints, scoring progress and agreement history."""
+    return os.path.join(app_dir, "model")
+
+
 def published_model(app_dir: str | os.PathLike) -> str:
-    return os.path.join(app_dir, "model", f"{MODEL}.pt")
+    return os.path.join(model_dir(app_dir), f"{MODEL}.pt")
 
 
 def _optional_float(value: str) -> float | None:
