@@ -11,7 +11,7 @@ import qunet.policy
 from qunet.__main__ import main
 from qunet.config import ModelConfig, TrainConfig
 from qunet.experiments.activelearning import METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
-from qunet.experiments.al_report import aubc, paired, table
+from qunet.experiments.al_report import aubc, paired, rounds_table, table
 from qunet.experiments.data import Case, find_pairs, load_cases
 from qunet.network import build_network
 from qunet.synthetic import generate_stack
@@ -82,6 +82,17 @@ def test_the_table_pairs_every_method_with_random_and_fixed_interval_slices():
     assert lesion["final - interval [95 % CI]"].startswith("+0.150 [")  # (0.2 + 0.1) / 2
     assert dict(zip(header, rows["interval"]))["final - interval [95 % CI]"] == "–"
     assert "- interval" not in table([r for r in results if r.method != "interval"])  # a baseline not run: no column
+
+
+def test_each_round_pairs_the_default_pick_with_every_other_method():
+    dice = {"lesion": ((0.3, 0.8), (0.5, 0.9)), "mcdropout": ((0.2, 0.9), (0.2, 0.7))}  # per seed, per round
+    results = [RoundResult(method, seed, n + 1, 2 * (n + 1), 1, 0, d, d, 10.0 * (n + 1) if method == "mcdropout" else 5.0)
+               for method, per_seed in dice.items() for seed, rounds in enumerate(per_seed) for n, d in enumerate(rounds)]
+    rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ") for line in rounds_table(results).splitlines()[2:]}
+    assert rows["lesion"][1:] == ["0.400 ± 0.141", "0.850 ± 0.071", "5"]  # itself: no difference
+    assert rows["mcdropout"][1].startswith("0.200 ± 0.000; +0.200 [")  # (0.1 + 0.3) / 2
+    assert rows["mcdropout"][2].startswith("0.800 ± 0.141; +0.050 [")  # (-0.1 + 0.2) / 2: behind in one seed
+    assert rows["mcdropout"][3] == "15"
 
 
 def test_same_seed_same_initial_weights_for_every_method():
