@@ -50,6 +50,14 @@ def paired(values: dict[int, float], reference: dict[int, float]) -> tuple[float
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def mean_sd(values: Sequence[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+
+
+def difference(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 BASELINES = ("random", "interval")  # the methods the targets name: every other method is paired with each one run
 
 
@@ -62,15 +70,13 @@ def table(results: list, key: str = "dice") -> str:
     for method, by_seed in seeds.items():
         row = [method]
         for k in ("aubc", "final"):
-            v = [s[k] for s in by_seed.values()]
-            row.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
+            row.append(mean_sd([s[k] for s in by_seed.values()]))
         for b in baselines:
             for k in ("aubc", "final"):
                 if method == b:
                     row.append("–")
                     continue
-                mean, lo, hi = paired({s: v[k] for s, v in by_seed.items()}, {s: v[k] for s, v in seeds[b].items()})
-                row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                row.append(difference(*paired({s: v[k] for s, v in by_seed.items()}, {s: v[k] for s, v in seeds[b].items()})))
         last = [_by(results, method, s)[-1] for s in by_seed]
         row.append(f"{np.mean([r.lesion_annotated for r in last]):.1f} of {last[0].annotated}")
         row.append(str(sum(r.filled for r in results if r.method == method)))
@@ -89,11 +95,10 @@ def rounds_table(results: list, key: str = "dice") -> str:
         row = [method]
         for n in rounds:
             mine = {r.seed: getattr(r, key) for r in results if r.method == method and r.round == n}
-            cell = f"{np.mean(list(mine.values())):.3f} ± {np.std(list(mine.values()), ddof=1) if len(mine) > 1 else 0:.3f}"
+            cell = mean_sd(list(mine.values()))
             theirs = {r.seed: getattr(r, key) for r in results if r.method == default and r.round == n}
             if method != default and theirs:
-                mean, lo, hi = paired(theirs, mine)
-                cell += f"; {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                cell += "; " + difference(*paired(theirs, mine))
             row.append(cell)
         row.append(f"{np.mean([r.seconds for r in results if r.method == method]):.0f}")
         lines.append("| " + " | ".join(row) + " |")
