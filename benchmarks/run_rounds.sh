@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
-# (MC dropout about 120 s: five scoring passes), about 6 hours in all. A folder that already holds results of the
+# (MC dropout about 120 s: five scoring passes), about 7 hours in all. A folder that already holds results of the
 # same settings adds only the (method, seed) pairs it lacks: delete docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
 # cohort on 2 cores: a GPU run is the practical one). Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
@@ -27,6 +27,7 @@ run oct 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" "${@}"
 # every method from scratch in one go, on one machine (resumed folders pair runs of different machines: docs/README.md)
 run oct-mc 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" mcdropout lesion-random "${@}"
 run real 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods "${METHODS[@]}" "${@}"
+run real-middles 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods middles "${METHODS[@]}" "${@}"
 run prevalence 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" "${@}"
 run hybrid 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target

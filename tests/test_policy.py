@@ -87,7 +87,7 @@ def test_rescore_order_puts_volumes_never_scored_first_then_lowest_open_q():
 
 
 def test_variant_is_a_setting():
-    assert set(VARIANTS) == {"paper", "spread", "lesion"} and SelectionConfig().pick == "lesion"
+    assert set(VARIANTS) == {"paper", "spread", "lesion", "middles"} and SelectionConfig().pick == "lesion"
     with pytest.raises(KeyError):
         choose([], LoopState(), SelectionConfig(pick="no-such-variant"))
 
@@ -147,7 +147,8 @@ def _brute_force(volumes: list[VolumeState], loop: LoopState, settings: Selectio
     # the volume order counts held slices as annotated
     s0 = sorted((variant.initial_key(replace(v, annotated=v.annotated | held[v.image_id])), v.image_id, v,
                  covering(v.depth, v.annotated | held[v.image_id], variant.prefer(v),
-                          min(limit, math.ceil(v.depth * variant.share)), v.constant)
+                          1 if variant.first_alone and not v.annotated | held[v.image_id]
+                          else min(limit, math.ceil(v.depth * variant.share)), v.constant)
                  if covers[v.image_id] else
                  [(k, float(r)) for r, k in enumerate(v.initial) if k not in v.annotated and k not in held[v.image_id]])
                 for v in volumes if v.initial is not None or covers[v.image_id])
@@ -193,7 +194,8 @@ def test_kept_ranking_updated_volume_by_volume_answers_as_the_rules_say():
             (SelectionConfig(q0=0.3, pick="spread", slices_per_sample=2), usual),
             (SelectionConfig(q0=0.2, slices_per_sample=2), every_volume_scored),
             (SelectionConfig(pick="lesion", slices_per_sample=3), usual), (SelectionConfig(pick="lesion", budget=12), usual),
-            (SelectionConfig(pick="lesion", q0=0.2), every_volume_scored)):
+            (SelectionConfig(pick="lesion", q0=0.2), every_volume_scored),
+            (SelectionConfig(pick="middles", slices_per_sample=3), usual)):
         states = {i: random_volume(i, unscored, lesion) for i in range(count)}
         ranking = Ranking(settings, states.values())
         for step in range(150):
@@ -256,3 +258,22 @@ def test_lesion_covers_every_volume_preferring_predicted_lesion_within_a_stratum
     flat = VolumeState("c", initial=[], depth=16, constant=frozenset(range(16)))
     pick = choose([flat, replace(cold[1], constant=frozenset({9, 7, 8}))], LoopState(), settings)
     assert (pick.image_id, pick.slices) == ("b", [6, 15])
+
+
+def test_middles_asks_for_every_volume_middle_before_a_second_slice_of_any():
+    settings = SelectionConfig(slices_per_sample=10, pick="middles")
+    volumes = [VolumeState(i, initial=[], depth=33) for i in ("a", "b", "c")]
+    served = []
+    for _ in range(4):  # one annotator asking again and again: the slices served so far are held
+        held = {i: {k for j, k in served if j == i} for i in ("a", "b", "c")}
+        pick = choose([replace(v, held=frozenset(held[v.image_id])) for v in volumes], LoopState(), settings)
+        served += [(pick.image_id, k) for k in pick.slices]
+    # one slice per volume, the middle, then `lesion`'s answer (an eighth of 33, rounded up: 5) from the first again
+    assert served[:3] == [("a", 16), ("b", 16), ("c", 16)] and [j for j, _ in served[3:]] == ["a"] * 5
+    assert [k for _, k in served[3:]] == [k for k in choose([replace(volumes[0], annotated={16})], LoopState(),
+                                                           replace(settings, pick="lesion")).slices]
+    # with a model: the first slice of an unannotated volume is where it predicts the most lesion, near the middle
+    area = [0] * 33
+    area[14], area[2] = 30, 90
+    pick = choose([VolumeState("d", initial=[], q=[0.9] * 33, area=area, depth=33)], MODEL, settings)
+    assert (pick.phase, pick.image_id, pick.slices) == (DISAGREEMENT, "d", [14])

@@ -23,7 +23,6 @@ annotated - held slices lie below it, so at most R more slices are asked for; ea
 """
 
 import bisect
-import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
@@ -252,8 +251,8 @@ class Ranking:
     def _open(self, v: VolumeState, held: frozenset[int], limit: int) -> Option | None:
         taken = v.annotated | held
         if self._covers(v):
-            share = min(limit, math.ceil(v.depth * self.variant.share))
-            open_ = covering(v.depth, taken, self.variant.prefer(v), share, v.constant)
+            size = self.variant.answer_size(v.depth, taken, limit)
+            open_ = covering(v.depth, taken, self.variant.prefer(v), size, v.constant)
         else:
             open_ = [(k, float(rank)) for rank, k in enumerate(v.initial or ()) if k not in taken]
         return Option(v, open_) if open_ else None

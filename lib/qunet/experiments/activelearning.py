@@ -9,7 +9,7 @@ truth, train (round 1 from the seed's initial weights, later rounds continuing f
 app's trainer does), re-score, and measure voxel Dice on every slice not annotated yet. Every method annotates the
 same number of slices each round (equal cost) and starts from the same weights for a seed:
 
-- `lesion` (the app's default), `paper`, `spread`: the app's Next sample policy (qunet.policy.choose, the very code
+- `lesion` (the app's default), `paper`, `spread`, `middles`: the app's Next sample policy (qunet.policy.choose, the very code
   the app's strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators
   would, until the round's slices are reached (slices it served are held: not served again, and counted in the
   volume order as the app counts submitted ones, so it moves on as after a submit); when it has nothing more
@@ -45,7 +45,7 @@ from qunet.quality import slice_quality
 from qunet.selection import select_initial
 from qunet.training import seed_everything, train
 
-METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion")
+METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion", "middles")
 
 
 @dataclass(frozen=True)
