@@ -270,8 +270,8 @@ def test_middles_asks_for_every_volume_middle_before_a_second_slice_of_any():
         served += [(pick.image_id, k) for k in pick.slices]
     # one slice per volume, the middle, then `lesion`'s answer (an eighth of 33, rounded up: 5) from the first again
     assert served[:3] == [("a", 16), ("b", 16), ("c", 16)] and [j for j, _ in served[3:]] == ["a"] * 5
-    assert [k for _, k in served[3:]] == [k for k in choose([replace(volumes[0], annotated={16})], LoopState(),
-                                                           replace(settings, pick="lesion")).slices]
+    assert [k for _, k in served[3:]] == choose([replace(volumes[0], annotated={16})], LoopState(),
+                                                replace(settings, pick="lesion")).slices
     # with a model: the first slice of an unannotated volume is where it predicts the most lesion, near the middle
     area = [0] * 33
     area[14], area[2] = 30, 90

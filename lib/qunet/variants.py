@@ -21,7 +21,7 @@ that every volume's middle comes first, as with fixed-interval slices.
 
 import math
 from collections.abc import Callable, Mapping, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,10 +103,10 @@ def least_annotated_most_lesion(v: "VolumeState") -> tuple:
     return len(v.annotated), -max((a for k, a in enumerate(v.area or ()) if a and k not in v.annotated), default=0)
 
 
+LESION = Variant(initial_key=least_annotated_most_lesion, order=best_first, prefer=predicted_lesion, share=1 / 8)
 VARIANTS: dict[str, Variant] = {
     "paper": Variant(initial_key=lambda v: (), order=best_first),
     "spread": Variant(initial_key=lambda v: (len(v.annotated),), order=spaced),
-    "lesion": Variant(initial_key=least_annotated_most_lesion, order=best_first, prefer=predicted_lesion, share=1 / 8),
-    "middles": Variant(initial_key=least_annotated_most_lesion, order=best_first, prefer=predicted_lesion, share=1 / 8,
-                       first_alone=True),
+    "lesion": LESION,
+    "middles": replace(LESION, first_alone=True),
 }
