@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
-# (MC dropout about 120 s: five scoring passes), about 7 hours in all. A folder that already holds results of the
+# (MC dropout about 120 s: five scoring passes), about 8 hours in all. A folder that already holds results of the
 # same settings adds only the (method, seed) pairs it lacks: delete docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
 # cohort on 2 cores: a GPU run is the practical one). Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
@@ -30,6 +30,15 @@ run real 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods 
 run real-middles 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods middles "${METHODS[@]}" "${@}"
 run prevalence 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" "${@}"
 run hybrid 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" "${@}"
+# middles against the others: CT-like from scratch in one run; elsewhere added to copies of the folders above
+run ct-middles 4 --data sample-data --include 'ct*' --methods middles "${METHODS[@]}" "${@}"
+prefix=docs/rounds/; [ "${FULL:-0}" = 1 ] && prefix=docs/rounds/full-
+for name in oct-mc:oct-middles prevalence:prevalence-middles hybrid:hybrid-middles; do
+    [ -e "$prefix${name#*:}" ] || cp -r "$prefix${name%%:*}" "$prefix${name#*:}"
+done
+run oct-middles 4 --data sample-data --include 'oct*' --methods middles "${@}"
+run prevalence-middles 8 --data "$WORK/prevalence" --methods middles "${@}"
+run hybrid-middles 8 --data "$WORK/hybrid" --methods middles "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
