@@ -12,13 +12,15 @@ WORK=${WORK:-$(mktemp -d)}
 "$PY" -m qunet generate "$WORK/prevalence" --cohort prevalence --kinds oct ct --count 3 --seed 1
 "$PY" -m qunet generate "$WORK/hybrid" --cohort hybrid --from sample-data --stacks brain1 breast1 --count 5 --seed 1
 METHODS=(lesion random interval)
+prefix=docs/rounds/
+if [ "${FULL:-0}" = 1 ]; then prefix=docs/rounds/full-; fi
 run() {
     local name=$1 per_round=$2; shift 2
     echo "== $name" >&2
     if [ "${FULL:-0}" = 1 ]; then
-        "$PY" -m qunet rounds --out "docs/rounds/full-$name" --rounds 4 --per-round 12 --seeds 5 "$@"
+        "$PY" -m qunet rounds --out "$prefix$name" --rounds 4 --per-round 12 --seeds 5 "$@"
     else
-        "$PY" -m qunet rounds --out "docs/rounds/$name" --rounds 3 --per-round "$per_round" --seeds 5 \
+        "$PY" -m qunet rounds --out "$prefix$name" --rounds 3 --per-round "$per_round" --seeds 5 \
             --steps-per-epoch 25 "$@"
     fi
 }
@@ -32,7 +34,6 @@ run prevalence 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" "${@}"
 run hybrid 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" "${@}"
 # middles against the others: CT-like from scratch in one run; elsewhere added to copies of the folders above
 run ct-middles 4 --data sample-data --include 'ct*' --methods middles "${METHODS[@]}" "${@}"
-prefix=docs/rounds/; [ "${FULL:-0}" = 1 ] && prefix=docs/rounds/full-
 for name in oct-mc:oct-middles prevalence:prevalence-middles hybrid:hybrid-middles; do
     [ -e "$prefix${name#*:}" ] || cp -r "$prefix${name%%:*}" "$prefix${name#*:}"
 done
