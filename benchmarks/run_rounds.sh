@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
-# (MC dropout about 120 s: five scoring passes), about 8 hours in all. A folder that already holds results of the
+# (MC dropout about 120 s: five scoring passes), about 9 hours in all. A folder that already holds results of the
 # same settings adds only the (method, seed) pairs it lacks: delete docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
 # cohort on 2 cores: a GPU run is the practical one). Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
@@ -40,6 +40,13 @@ done
 run oct-middles 4 --data sample-data --include 'oct*' --methods middles "${@}"
 run prevalence-middles 8 --data "$WORK/prevalence" --methods middles "${@}"
 run hybrid-middles 8 --data "$WORK/hybrid" --methods middles "${@}"
+# lesion's picks trained also on pseudo-labelled neighbours of the annotated lesion slices, added to copies
+for name in ct-middles:ct-neighbours oct-middles:oct-neighbours real-middles:real-neighbours; do
+    [ -e "$prefix${name#*:}" ] || cp -r "$prefix${name%%:*}" "$prefix${name#*:}"
+done
+run ct-neighbours 4 --data sample-data --include 'ct*' --methods lesion+copy lesion+model "${@}"
+run oct-neighbours 4 --data sample-data --include 'oct*' --methods lesion+copy lesion+model "${@}"
+run real-neighbours 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods lesion+copy "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"

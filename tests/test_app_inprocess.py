@@ -35,7 +35,8 @@ def test_conf_parsing_and_errors():
     for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"patch_size": "100"}, "multiple of 16"),
                          ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy"),
                          ({"allow_model_upload": "maybe"}, "allow_model_upload"), ({"max_voxels": "0"}, "max_voxels"),
-                         ({"steps_per_epoch": "0"}, "steps_per_epoch"), ({"max_epochs": "ten"}, "max_epochs")):
+                         ({"steps_per_epoch": "0"}, "steps_per_epoch"), ({"max_epochs": "ten"}, "max_epochs"),
+                         ({"neighbour_labels": "nearest"}, "neighbour_labels")):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
 
@@ -76,6 +77,27 @@ def test_pretrained_model_drives_disagreement_and_infer(studies, tmp_path):
     out.write_bytes(r.content)
     pred, image = nib.load(out), nib.load(studies / "ct1.nii.gz")
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-4)
+
+
+def test_training_adds_the_neighbours_of_submitted_lesion_slices_as_the_conf_says(studies, tmp_path):
+    """`--conf neighbour_labels copy`: the app's trainer also trains on the unannotated neighbours of each submitted
+    lesion slice (qunet.neighbours), and its history says how many."""
+    client = app_client(studies, {"features": TINY, "patch_size": "32", "neighbour_labels": "copy"})
+    sample = client.post("/activelearning/qunet", json={"client_id": "a"}).json()
+    served, depth = sample["slices"], load_stack(str(studies / f"{sample['id']}.nii.gz")).num_slices
+    label = np.zeros((48, 48, depth), np.uint8)
+    label[10:20, 12:22, served[0]] = 1  # lesion drawn on the first served slice only
+    nib.save(nib.Nifti1Image(label, np.diag([0.7, 0.7, 5, 1])), tmp_path / "label.nii.gz")
+    with open(tmp_path / "label.nii.gz", "rb") as f:
+        r = client.put("/datastore/label", params={"image": sample["id"]}, files={"label": ("label.nii.gz", f)},
+                       data={"params": '{"client_id": "a"}'})
+    assert r.status_code == 200, r.text
+    from monailabel.interfaces.utils.app import app_instance
+
+    app = app_instance()
+    entry = app._trainers["qunet"]({"max_epochs": 1, "steps_per_epoch": 1, "train_batch_size": 2}, app.datastore())
+    neighbours = [k for k in (served[0] - 1, served[0] + 1) if 0 <= k < depth and k not in served]
+    assert entry["slices"] == len(served) and entry["neighbour_slices"] == len(neighbours) > 0
 
 
 def test_fully_labelled_import_leaves_nothing_to_annotate(studies):

@@ -6,13 +6,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import binary_dilation
 
 import qunet.policy
 from qunet.__main__ import main
 from qunet.config import ModelConfig, TrainConfig
-from qunet.experiments.activelearning import METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
+from qunet.experiments.activelearning import METHODS, NEIGHBOUR_METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
 from qunet.experiments.al_report import aubc, paired, rounds_table, table
 from qunet.experiments.data import Case, find_pairs, load_cases
+from qunet.neighbours import MARGIN
 from qunet.network import build_network
 from qunet.synthetic import generate_stack
 
@@ -41,7 +43,8 @@ def test_every_method_annotates_the_same_number_of_new_slices_each_round(data, m
         results = bench.run(method, seed=0)
         assert [r.annotated for r in results] == [3, 6], method
         assert all(0 <= r.dice <= 1 and 0 <= r.lesion_annotated <= r.annotated for r in results)
-        assert (len(calls) > before) == (method in qunet.policy.VARIANTS), "the QU-net++ methods ask the app's policy"
+        asks = method in qunet.policy.VARIANTS or method in NEIGHBOUR_METHODS
+        assert (len(calls) > before) == asks, "the QU-net++ methods ask the app's policy"
     paper = bench.run("paper", seed=0)
     assert len(bench.initial["a"]) >= 3
     assert paper[0].picked == [("a", k) for k in bench.initial["a"][:3]]  # no model: S0 of the first volume, as served
@@ -50,6 +53,32 @@ def test_every_method_annotates_the_same_number_of_new_slices_each_round(data, m
     # the volume order as annotated ones would after a submit, so the round's last slice comes from b
     lesion = bench.run("lesion", seed=0)
     assert [name for name, _ in lesion[0].picked] == ["a", "a", "b"]
+
+
+def test_neighbour_methods_pick_as_lesion_and_train_also_on_the_lesion_slices_neighbours(data):
+    import torch
+
+    bench = Benchmark(load_cases(find_pairs(data)), TINY, torch.device("cpu"))
+    a = bench.cases[0]
+    k = a.lesion_slices[0]
+    inside = [j for j in (k - 1, k + 1) if 0 <= j < a.depth]
+    run = LoopRun(bench.cases, {"a": {k}, "b": set()}, {})
+    assert [s.index for s in bench._training_set(run, "off")] == [k]
+    copied = bench._training_set(run, "copy")
+    assert [s.index for s in copied] == [k, *inside]
+    assert all(np.array_equal(s.target, copied[0].target) for s in copied)
+    assert [s.index for s in bench._training_set(run, "model")] == [k]  # no model yet: nothing to label with
+    # the previous round's model labels them: its level-4 answer (here lesion everywhere) within reach of the annotation
+    run.network = build_network(TINY.model.features).eval()
+    with torch.no_grad():
+        run.network.final_conv_0_4.weight.zero_()
+        run.network.final_conv_0_4.bias.fill_(10.0)
+    reach = binary_dilation(copied[0].target[0] > 0, iterations=MARGIN)
+    labelled = bench._training_set(run, "model")[1:]
+    assert [s.index for s in labelled] == inside
+    assert all(np.array_equal(s.target[0] > 0, reach) for s in labelled)
+    first = [bench.run(m, seed=0)[0] for m in ("lesion", "lesion+model")]
+    assert first[0].picked == first[1].picked and first[0].dice == first[1].dice  # round 1: the same loop
 
 
 def test_fixed_interval_spreads_over_the_slice_axis():

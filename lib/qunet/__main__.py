@@ -56,9 +56,9 @@ def cmd_curve(args: argparse.Namespace) -> None:
 
 
 def cmd_rounds(args: argparse.Namespace) -> None:
-    from qunet.experiments import activelearning
+    from qunet.experiments import rounds_cli
 
-    activelearning.main(args)
+    rounds_cli.main(args)
 
 
 def cmd_proxies(args: argparse.Namespace) -> None:
@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curve", help="learning curve: Dice on unseen slices against the number of annotated slices")
     curve_arguments(c)
     c.set_defaults(run=cmd_curve)
-    from qunet.experiments.activelearning import add_arguments as rounds_arguments
+    from qunet.experiments.rounds_cli import add_arguments as rounds_arguments
 
     r = sub.add_parser("rounds", help="multi-round active-learning benchmark of the app's loop against baselines")
     rounds_arguments(r)

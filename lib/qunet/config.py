@@ -47,6 +47,9 @@ class TrainConfig:
     weight_decay: float = 3e-5
     foreground: float = 0.66  # share of patches centred on a lesion pixel (when any annotated slice holds lesion)
     augment: bool = True  # rotation, scaling, flips, intensity noise and gamma
+    # pseudo-labels for the unannotated neighbours of annotated lesion slices, added by whoever builds the training
+    # set (qunet.neighbours.MODES: "off", "copy", "model"; measured in docs/README.md)
+    neighbours: str = "off"
 
 
 # On a GPU: the paper's widths, larger patches and batches, more updates (python -m qunet curve --preset gpu).

@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, fields
 
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig, TrainConfig
+from qunet.neighbours import MODES
 from qunet.policy import VARIANTS
 
 MODEL = "qunet"  # the app's model: the name of its tasks, and model/qunet.pt, the file training publishes
@@ -60,6 +61,7 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     # a training's length when the request does not say (auto-training, Slicer's defaults): epochs x updates
     max_epochs: int = TrainConfig.max_epochs
     steps_per_epoch: int = TrainConfig.steps_per_epoch
+    neighbour_labels: str = TrainConfig.neighbours  # pseudo-labels for annotated lesion slices' neighbours (MODES)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
@@ -82,6 +84,8 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf max_voxels must be positive, got {result.max_voxels}")
         if result.pick not in VARIANTS:
             raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
+        if result.neighbour_labels not in MODES:
+            raise ValueError(f"--conf neighbour_labels must be one of {', '.join(MODES)}, got {result.neighbour_labels!r}")
         if result.max_epochs < 1 or result.steps_per_epoch < 1:
             raise ValueError("--conf max_epochs and steps_per_epoch must be 1 or more")
         if result.budget < 0 or result.stop_tolerance < 0:

@@ -28,6 +28,7 @@ from qunet import build_network
 from qunet.config import TrainConfig
 from qunet.disagreement import segment
 from qunet.io import StackError, file_signature, load_label, load_stack
+from qunet.neighbours import neighbour_slices
 from qunet.network import default_device, load_weights, prepare
 from qunet.slices import TrainingSlice, training_slices
 from qunet.training import EpochStats, seed_everything, train
@@ -92,7 +93,8 @@ class QUNetTrain(TrainTask):
 
     def defaults(self) -> TrainConfig:
         """The recipe, with the training length the app's conf gives."""
-        return TrainConfig(max_epochs=self.conf.max_epochs, steps_per_epoch=self.conf.steps_per_epoch)
+        return TrainConfig(max_epochs=self.conf.max_epochs, steps_per_epoch=self.conf.steps_per_epoch,
+                           neighbours=self.conf.neighbour_labels)
 
     def config(self) -> dict[str, Any]:
         d = self.defaults()
@@ -126,8 +128,10 @@ class QUNetTrain(TrainTask):
             raise Conflict(NOTHING_TO_TRAIN)
         network, start_from = self._start(bool(request.get("pretrained", True)))
         heldout = self._heldout(network, annotated, datastore, device) if start_from == self.publish_path and leader else None
+        pseudo = self._neighbours(datastore, annotated, settings.neighbours, network if start_from else None, device)
         logger.info(f"training on {len(slices)} annotated slices of {len(annotated)} volumes "
-                    f"({sum(s.has_foreground for s in slices)} with foreground), from {start_from or 'scratch'}")
+                    f"({sum(s.has_foreground for s in slices)} with foreground) and {len(pseudo)} pseudo-labelled "
+                    f"neighbours, from {start_from or 'scratch'}")
         started = time.time()
         seed = int(request.get("seed", 0))
         seed_everything(seed)
@@ -139,11 +143,12 @@ class QUNetTrain(TrainTask):
             self._publish(network)
             self._write_stats(epoch, started, heldout, len(slices))
 
-        history = train(network, slices, settings, self.conf.patch_size, seed=seed, device=device,
+        history = train(network, slices + pseudo, settings, self.conf.patch_size, seed=seed, device=device,
                         on_epoch=end_of_epoch if leader else None)
         last = history[-1]
         entry = {"ts": int(time.time()), "model": file_signature(self.publish_path) if leader else None, "slices": len(slices),
                  "volumes": len(annotated), "lesion_slices": sum(s.has_foreground for s in slices),
+                 "neighbour_slices": len(pseudo),
                  "heldout": heldout, "train_dice": round(last.dice, 4), "loss": round(last.loss, 4),
                  "steps": last.epoch * settings.steps_per_epoch, "seconds": round(time.time() - started, 1)}
         if leader:
@@ -163,6 +168,22 @@ class QUNetTrain(TrainTask):
             ks = records.annotated(datastore, image_id, datastore.get_image_info(image_id), stack.num_slices)
             if ks:
                 out[image_id] = (ks, training_slices(stack.array, label, ks, len(self.conf.labels), image_id))
+        return out
+
+    def _neighbours(self, datastore: Datastore, annotated: dict[str, tuple[list[int], list[TrainingSlice]]], mode: str,
+                    network: torch.nn.Module | None, device: torch.device) -> list[TrainingSlice]:
+        """Pseudo-labelled neighbours of the annotated lesion slices (qunet.neighbours); in "model" mode labelled by
+        the model training starts from (none from scratch)."""
+        if mode == "off" or (mode == "model" and network is None):
+            return []
+        if network is not None:
+            prepare(network, device)
+        out = []
+        for image_id, (ks, _) in annotated.items():
+            stack = load_stack(datastore.get_image_uri(image_id))
+            label = load_label(datastore.get_label_uri(image_id, "final"), stack)
+            out += neighbour_slices(stack.array, label, ks, len(self.conf.labels), image_id, mode, network,
+                                    self.conf.patch_size, device)
         return out
 
     def _start(self, pretrained: bool) -> tuple[torch.nn.Module, str | None]:

@@ -1,8 +1,4 @@
-"""Multi-round active-learning benchmark of the app's own loop (`python -m qunet rounds`).
-
-    python -m qunet rounds --data FOLDER [--include GLOB...] --rounds 4 --per-round 12 --seeds 5 --out DIR
-
-A run into a folder that holds results of the same settings adds only the (method, seed) pairs missing there.
+"""Multi-round active-learning benchmark of the app's own loop (`python -m qunet rounds`, qunet.experiments.rounds_cli).
 
 R rounds of what the app does, on stacks with full labels: pick slices, the simulated annotator draws their ground
 truth, train (round 1 from the seed's initial weights, later rounds continuing from the previous round's, as the
@@ -19,33 +15,35 @@ same number of slices each round (equal cost) and starts from the same weights f
   farthest along the slice axis from those annotated in its stack;
 - `mcdropout`: MONAI Label-style epistemic active learning (a dropout network, 5 stochastic passes, mean entropy
   of the level-4 output), the most uncertain slices; its first round is random (MONAI Label's cold start);
-- `lesion-random` (reference only, it reads the ground truth): random, one pick in three forced onto a lesion slice.
+- `lesion-random` (reference only, it reads the ground truth): random, one pick in three forced onto a lesion slice;
+- `lesion+copy`, `lesion+model`: `lesion`'s picks, trained also on pseudo-labels of the annotated lesion slices'
+  neighbours (qunet.neighbours: the annotation copied, or the previous round's model within the annotation's reach).
 """
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import score_and_segment
-from qunet.experiments.al_report import report
-from qunet.experiments.data import Case, find_pairs, load_cases, proportional_shares, training_set
+from qunet.experiments.data import Case, proportional_shares, training_set
 from qunet.experiments.uncertainty import mc_dropout_scores
-from qunet.network import build_network, default_device, prepare
+from qunet.neighbours import neighbour_slices
+from qunet.network import build_network, prepare
 from qunet import policy
 from qunet.policy import LoopState, VolumeState
 from qunet.quality import slice_quality
 from qunet.selection import select_initial
+from qunet.slices import TrainingSlice
 from qunet.training import seed_everything, train
 
-METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion", "middles")
+METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion", "middles", "lesion+copy",
+           "lesion+model")
+# `lesion`'s picks, trained also on pseudo-labels of the annotated lesion slices' neighbours (qunet.neighbours)
+NEIGHBOUR_METHODS = {"lesion+copy": "copy", "lesion+model": "model"}
 
 
 @dataclass(frozen=True)
@@ -170,6 +168,8 @@ class Benchmark:
             **{variant: policy_picker(variant, self.initial, constant, config.selection) for variant in policy.VARIANTS},
             "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
             "lesion-random": pick_lesion_random}
+        for method in NEIGHBOUR_METHODS:
+            self.pickers[method] = self.pickers["lesion"]
 
     def loop(self, method: str, seed: int) -> Iterator[tuple[LoopRun, int, list[tuple[str, int]], int, float]]:
         """Each round of one method and seed, after its training: (the loop, round index, its picks, how many of them
@@ -184,10 +184,19 @@ class Benchmark:
             picks, filled = self.pickers[method](run, c.per_round, rng)
             for name, k in picks:
                 run.annotated[name].add(k)
-            train(network, training_set(self.cases, {n: sorted(v) for n, v in run.annotated.items()}), c.train,
+            train(network, self._training_set(run, NEIGHBOUR_METHODS.get(method, "off")), c.train,
                   c.model.patch_size, seed=seed * 1000 + r, device=self.device)
             run.network = prepare(network, self.device)
             yield run, r, picks, filled, start
+
+    def _training_set(self, run: LoopRun, neighbours: str) -> list[TrainingSlice]:
+        """The annotated slices, and the pseudo-labelled neighbours of the lesion slices among them (the previous
+        round's model labels them in "model" mode)."""
+        annotated = {n: sorted(v) for n, v in run.annotated.items()}
+        return training_set(self.cases, annotated) + [
+            s for c in self.cases for s in neighbour_slices(c.volume, c.truth.astype(np.uint8), annotated[c.name], 1,
+                                                            c.name, neighbours, run.network, self.config.model.patch_size,
+                                                            self.device)]
 
     def run(self, method: str, seed: int, progress: Callable[[RoundResult], None] = lambda r: None) -> list[RoundResult]:
         results = []
@@ -222,81 +231,3 @@ class Benchmark:
         lesion_annotated = sum(int(c.truth[:, :, sorted(run.annotated[c.name])].any(axis=(0, 1)).sum()) for c in self.cases)
         return RoundResult(method, seed, r + 1, sum(map(len, run.annotated.values())), lesion_annotated, filled,
                            round(dice[0], 4), round(dice[1], 4), round(time.perf_counter() - start, 1))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RoundsConfig()
-    p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
-    p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--per-round", type=int, default=d.per_round, help="slices annotated each round by every method")
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
-    p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round, in epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=d.train.steps_per_epoch)
-    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
-    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.model.features)
-    p.add_argument("--patch-size", type=int, default=d.model.patch_size)
-    p.add_argument("--out", required=True)
-    p.add_argument("--title", default="")
-    p.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
-    p.add_argument("--threads", type=int, default=0)
-
-
-def _settings(config: dict) -> dict:
-    """What a result depends on, JSON-typed: not the seeds and methods run, nor the default pick (each method sets
-    its own)."""
-    config = json.loads(json.dumps(config, default=str))
-    config["selection"].pop("pick", None)
-    return {k: v for k, v in config.items() if k not in ("seeds", "methods")}
-
-
-def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult], list[str]]:
-    """The results and commands of earlier runs into the same folder with the same settings (seeds and methods
-    aside): a run adds the (method, seed) pairs it lacks, so new methods are compared with the same seeds' results
-    without rerunning them. Other settings: an error, not a silent mix."""
-    if not path.is_file():
-        return [], []
-    saved = json.loads(path.read_text())
-    mine, theirs = _settings(asdict(config)), _settings(saved["config"])
-    differ = sorted(k for k in mine if theirs.get(k) != mine[k])
-    if differ:
-        raise SystemExit(f"{path} holds results of other settings ({', '.join(differ)}): use another --out")
-    commands = saved["commands"] if "commands" in saved else [saved["command"]]  # one command before resuming existed
-    results = [RoundResult(**{**r, "picked": [tuple(p) for p in r["picked"]]}) for r in saved["results"]]
-    return results, commands
-
-
-def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    d = RoundsConfig()
-    config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
-                     model=replace(d.model, features=args.features, patch_size=args.patch_size),
-                     train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
-                                   batch_size=args.batch_size))
-    device = torch.device(args.device) if args.device else default_device()
-    cases = load_cases(find_pairs(args.data, include=args.include))
-    bench = Benchmark(cases, config, device)
-    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
-    title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, commands = earlier_results(out / "rounds.json", config)
-    commands = [*commands, command] if command and command not in commands else commands
-    done = {(r.method, r.seed) for r in results}
-    for seed in range(config.seeds):
-        for method in config.methods:
-            if (method, seed) in done:
-                continue
-            results += bench.run(method, seed, lambda r: print(
-                f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
-                f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
-                file=sys.stderr, flush=True))
-        # written after every seed: hours of CPU are not lost to an interrupted run, and its seeds so far are reported
-        held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
-                "seeds": len({r.seed for r in results})}
-        (out / "rounds.json").write_text(json.dumps({"commands": commands, "config": held,
-                                                     "results": [asdict(r) for r in results]}, indent=1, default=str))
-        table = report(results, cases, out, title, commands)
-    print(table)

@@ -1,0 +1,99 @@
+"""`python -m qunet rounds`: the multi-round benchmark's command line, and resuming a run into the same folder.
+
+    python -m qunet rounds --data FOLDER [--include GLOB...] --rounds 4 --per-round 12 --seeds 5 --out DIR
+
+A run into a folder that holds results of the same settings adds only the (method, seed) pairs missing there; the
+benchmark itself is qunet.experiments.activelearning.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from qunet.experiments.activelearning import METHODS, Benchmark, RoundResult, RoundsConfig
+from qunet.experiments.al_report import report
+from qunet.experiments.data import find_pairs, load_cases
+from qunet.network import default_device
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RoundsConfig()
+    p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
+    p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--per-round", type=int, default=d.per_round, help="slices annotated each round by every method")
+    p.add_argument("--seeds", type=int, default=d.seeds)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
+    p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round, in epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=d.train.steps_per_epoch)
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
+    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.model.features)
+    p.add_argument("--patch-size", type=int, default=d.model.patch_size)
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    p.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def _settings(config: dict) -> dict:
+    """What a result depends on, JSON-typed: not the seeds and methods run, nor the default pick and neighbour labels
+    (each method sets its own)."""
+    config = json.loads(json.dumps(config, default=str))
+    config["selection"].pop("pick", None)
+    config["train"].pop("neighbours", None)
+    return {k: v for k, v in config.items() if k not in ("seeds", "methods")}
+
+
+def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult], list[str]]:
+    """The results and commands of earlier runs into the same folder with the same settings (seeds and methods
+    aside): a run adds the (method, seed) pairs it lacks, so new methods are compared with the same seeds' results
+    without rerunning them. Other settings: an error, not a silent mix."""
+    if not path.is_file():
+        return [], []
+    saved = json.loads(path.read_text())
+    mine, theirs = _settings(asdict(config)), _settings(saved["config"])
+    differ = sorted(k for k in mine if theirs.get(k) != mine[k])
+    if differ:
+        raise SystemExit(f"{path} holds results of other settings ({', '.join(differ)}): use another --out")
+    commands = saved["commands"] if "commands" in saved else [saved["command"]]  # one command before resuming existed
+    results = [RoundResult(**{**r, "picked": [tuple(p) for p in r["picked"]]}) for r in saved["results"]]
+    return results, commands
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = RoundsConfig()
+    config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
+                     model=replace(d.model, features=args.features, patch_size=args.patch_size),
+                     train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
+                                   batch_size=args.batch_size))
+    device = torch.device(args.device) if args.device else default_device()
+    cases = load_cases(find_pairs(args.data, include=args.include))
+    bench = Benchmark(cases, config, device)
+    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
+    title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, commands = earlier_results(out / "rounds.json", config)
+    commands = [*commands, command] if command and command not in commands else commands
+    done = {(r.method, r.seed) for r in results}
+    for seed in range(config.seeds):
+        for method in config.methods:
+            if (method, seed) in done:
+                continue
+            results += bench.run(method, seed, lambda r: print(
+                f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
+                f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
+                file=sys.stderr, flush=True))
+        # written after every seed: hours of CPU are not lost to an interrupted run, and its seeds so far are reported
+        held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
+                "seeds": len({r.seed for r in results})}
+        (out / "rounds.json").write_text(json.dumps({"commands": commands, "config": held,
+                                                     "results": [asdict(r) for r in results]}, indent=1, default=str))
+        table = report(results, cases, out, title, commands)
+    print(table)
