@@ -6,7 +6,7 @@ The app's `--conf` keys, the CLI flags and the experiment read their defaults fr
 from dataclasses import dataclass
 
 # U-net++ widths as MONAI's BasicUNetPlusPlus takes them: five encoder levels, then the last decoder. A quarter of
-# the paper's widths (a sixteenth of its cost per pixel), so training and scoring fit a CPU (docs/learning.md).
+# the paper's widths (a sixteenth of its cost per pixel), so training and scoring fit a CPU (docs/learning-curve.md).
 DEFAULT_FEATURES: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
 PAPER_FEATURES: tuple[int, ...] = (32, 64, 128, 256, 512, 32)
 

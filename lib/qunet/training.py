@@ -39,7 +39,7 @@ from qunet.slices import PatchSampler, TrainingSlice
 def augmentation() -> Compose:
     """Spatial (rotation +-15 degrees, scale +-30 %, flips) and intensity (noise, scale, gamma) augmentation of a
     patch; nearest-neighbour for the target so lesion borders stay binary. The wide scale range is what lets a
-    nodule annotated on one slice be found on its neighbours, where it is smaller (docs/learning.md)."""
+    nodule annotated on one slice be found on its neighbours, where it is smaller (docs/learning-curve.md)."""
     keys = ("image", "label")
     return Compose([
         RandAffined(keys, prob=0.5, rotate_range=math.radians(15), scale_range=(0.3, 0.3),
