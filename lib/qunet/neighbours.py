@@ -18,7 +18,7 @@ import torch
 from scipy.ndimage import binary_dilation
 
 from qunet.disagreement import segment
-from qunet.slices import TrainingSlice, training_slices
+from qunet.slices import Intensity, TrainingSlice, label_channels
 
 MODES = ("off", "copy", "model")
 MARGIN = 3  # pixels around the annotated lesion within which the model's segmentation of a neighbour is kept
@@ -56,10 +56,6 @@ def neighbour_slices(volume: np.ndarray, label: np.ndarray, annotated: list[int]
         else:
             near = binary_dilation(lent > 0, iterations=MARGIN)
             pseudo[:, :, i] = np.where(near, found[:, :, i], 0)
-    keep = [i for i in range(len(ks)) if pseudo[:, :, i].any()]
-    if not keep:
-        return []
-    # training_slices normalises by the whole stack; the pseudo labels sit at their own slice indices
-    full = np.zeros(label.shape, label.dtype)
-    full[:, :, [ks[i] for i in keep]] = pseudo[:, :, keep]
-    return training_slices(volume, full, [ks[i] for i in keep], num_labels, name)
+    intensity = Intensity.of(volume)  # normalised as the whole stack is for inference, as the annotated slices are
+    return [TrainingSlice(intensity.apply(volume[None, :, :, j]), label_channels(pseudo[:, :, i], num_labels),
+                          intensity.background, name, j) for i, j in enumerate(ks) if pseudo[:, :, i].any()]
