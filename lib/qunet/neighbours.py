@@ -10,7 +10,8 @@ cost of one. Two ways, by `mode`:
   annotated lesion (the annotation says where the lesion can be); a neighbour where nothing is left gets no label.
 
 Only neighbours of lesion slices get one: next to a lesion-free slice, a lesion may begin, and the annotator said
-nothing about it.
+nothing about it. In the multi-round benchmark both modes trained worse models than the annotated slices alone
+(docs/README.md, "Pseudo-labels from annotated neighbours"), so the app's `neighbour_labels` is "off" by default.
 """
 
 import numpy as np
