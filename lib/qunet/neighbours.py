@@ -19,7 +19,7 @@ import torch
 from scipy.ndimage import binary_dilation
 
 from qunet.disagreement import segment
-from qunet.slices import Intensity, TrainingSlice, label_channels
+from qunet.slices import TrainingSlice, labelled_slices
 
 MODES = ("off", "copy", "model")
 MARGIN = 3  # pixels around the annotated lesion within which the model's segmentation of a neighbour is kept
@@ -57,6 +57,5 @@ def neighbour_slices(volume: np.ndarray, label: np.ndarray, annotated: list[int]
         else:
             near = binary_dilation(lent > 0, iterations=MARGIN)
             pseudo[:, :, i] = np.where(near, found[:, :, i], 0)
-    intensity = Intensity.of(volume)  # normalised as the whole stack is for inference, as the annotated slices are
-    return [TrainingSlice(intensity.apply(volume[None, :, :, j]), label_channels(pseudo[:, :, i], num_labels),
-                          intensity.background, name, j) for i, j in enumerate(ks) if pseudo[:, :, i].any()]
+    return labelled_slices(volume, [(j, pseudo[:, :, i]) for i, j in enumerate(ks) if pseudo[:, :, i].any()],
+                           num_labels, name)

@@ -80,9 +80,14 @@ class TrainingSlice:
 
 def training_slices(volume: np.ndarray, label: np.ndarray, slices: list[int], num_labels: int, name: str = "") -> list[TrainingSlice]:
     """The annotated slices of one stack, normalised as the whole stack is for inference."""
+    return labelled_slices(volume, [(k, label[:, :, k]) for k in slices], num_labels, name)
+
+
+def labelled_slices(volume: np.ndarray, targets: list[tuple[int, np.ndarray]], num_labels: int, name: str = "") -> list[TrainingSlice]:
+    """Slices of one stack given as (slice index, (X, Y) label) pairs, normalised as the whole stack is for inference."""
     intensity = Intensity.of(volume)
-    return [TrainingSlice(intensity.apply(volume[None, :, :, k]), label_channels(label[:, :, k], num_labels),
-                          intensity.background, name, k) for k in slices]
+    return [TrainingSlice(intensity.apply(volume[None, :, :, k]), label_channels(target, num_labels),
+                          intensity.background, name, k) for k, target in targets]
 
 
 class PatchSampler:
