@@ -173,7 +173,8 @@ class QUNetTrain(TrainTask):
     def _neighbours(self, datastore: Datastore, annotated: dict[str, tuple[list[int], list[TrainingSlice]]], mode: str,
                     network: torch.nn.Module | None, device: torch.device) -> list[TrainingSlice]:
         """Pseudo-labelled neighbours of the annotated lesion slices (qunet.neighbours); in "model" mode labelled by
-        the model training starts from (none from scratch)."""
+        the model training starts from (none from scratch). Each stack is read again, one at a time, rather than
+        kept from `_annotated`: memory stays one stack, however many volumes are labelled."""
         if mode == "off" or (mode == "model" and network is None):
             return []
         if network is not None:
