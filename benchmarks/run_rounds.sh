@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
-# (MC dropout about 90-120 s, 420 s on the hybrid cohort: five scoring passes), about 10.5 hours in all. A folder
+# (MC dropout about 90-120 s, 420 s on the hybrid cohort: five scoring passes), about 11 hours in all. A folder
 # that already holds results of the same settings adds only the (method, seed) pairs it lacks: delete
 # docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
@@ -49,8 +49,9 @@ run ct-neighbours 4 --data sample-data --include 'ct*' --methods lesion+copy les
 run oct-neighbours 4 --data sample-data --include 'oct*' --methods lesion+copy lesion+model "${@}"
 run real-neighbours 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods lesion+copy "${@}"
 # added to the middles folders after the copies above: MC dropout on the hybrid cohort (3 seeds: about 7 min per
-# round, five scoring passes over 230 slices) and the paper's pick on the real stacks
+# round, five scoring passes over 230 slices) and the paper's pick on the hybrid and real cohorts
 run hybrid-middles 8 --data "$WORK/hybrid" --methods mcdropout --seeds 3 "${@}"
+run hybrid-middles 8 --data "$WORK/hybrid" --methods paper "${@}"
 run real-middles 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods paper "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
