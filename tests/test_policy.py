@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from qunet.config import SelectionConfig
-from qunet.policy import (DISAGREEMENT, INITIAL, SCORING, VARIANTS, LoopState, VolumeState, agreement,
-                          choose, rescore_order)
+from qunet.policy import DISAGREEMENT, INITIAL, SCORING, VARIANTS, LoopState, VolumeState, choose, rescore_order
+from qunet.stopping import agreement
 from qunet.variants import covering
 
 MODEL = LoopState(has_model=True)

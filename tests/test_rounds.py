@@ -101,7 +101,7 @@ def test_aubc_and_paired_intervals():
     assert lo < mean < hi
 
 
-def test_the_table_pairs_every_method_with_random_and_fixed_interval_slices():
+def test_the_table_pairs_every_method_with_the_default_random_and_fixed_interval_slices():
     final = {"random": (0.4, 0.5), "interval": (0.5, 0.6), "lesion": (0.7, 0.7)}  # per seed, Dice after both rounds
     results = [RoundResult(method, seed, 1, 2, 1, 0, dice, dice, 1.0) for method, d in final.items() for seed, dice in enumerate(d)]
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table(results).splitlines()[2:]}
@@ -110,6 +110,8 @@ def test_the_table_pairs_every_method_with_random_and_fixed_interval_slices():
     assert lesion["final - random [95 % CI]"].startswith("+0.250 [")  # (0.3 + 0.2) / 2
     assert lesion["final - interval [95 % CI]"].startswith("+0.150 [")  # (0.2 + 0.1) / 2
     assert dict(zip(header, rows["interval"]))["final - interval [95 % CI]"] == "–"
+    assert dict(zip(header, rows["random"]))["final - lesion [95 % CI]"].startswith("-0.250 [")
+    assert lesion["AUBC - lesion [95 % CI]"] == "–"
     assert "- interval" not in table([r for r in results if r.method != "interval"])  # a baseline not run: no column
 
 

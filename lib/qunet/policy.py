@@ -13,22 +13,19 @@ whatever the phase, which then says whether the current model has scored that vo
   already re-scored are used (phase `disagreement`) as soon as one has a slice below q0; until then the answer
   says `scoring` and offers S0 slices still open, if any.
 
-Stop signal (`Pick.stop`): `budget_spent` (nothing left of `budget`), `no_slice_below_q0` (every volume is scored
-by the current model and no unannotated slice is below q0) or `agreement_flattened` (the agreement statistic of
-the current model differs from the previous model's by less than `stop_tolerance`: more labels stopped changing
-how the model agrees with itself; slices are still offered).
+Stop signal (`Pick.stop`): qunet.stopping.
 
 Budget: with `budget` > 0, q0 is lowered to the Q of the (R+1)-th lowest open slice when more than R = budget -
 annotated - held slices lie below it, so at most R more slices are asked for; each answer holds at most R slices.
 """
 
 import bisect
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qunet.config import SelectionConfig
+from qunet.stopping import Stop, stop_signal
 from qunet.variants import VARIANTS, Slices, covering
 
 INITIAL, DISAGREEMENT, SCORING = "initial", "disagreement", "scoring"
@@ -65,12 +62,6 @@ class LoopState:
 class Option:
     volume: VolumeState
     slices: Slices  # open (slice, score), best first: Q or S0 rank; covering variants: distance to the nearest taken slice
-
-
-@dataclass(frozen=True)
-class Stop:
-    reason: str  # budget_spent, no_slice_below_q0, agreement_flattened
-    message: str
 
 
 @dataclass(frozen=True)
@@ -192,7 +183,7 @@ class Ranking:
         if loop.has_model and remaining is not None:
             q0 = self._budget_q0(held, remaining)
         below = bisect.bisect_left(self._low, (q0,)) if loop.has_model else 0  # held slices count: still to ask
-        stop = _stop(loop, settings, remaining, below, pending)
+        stop = stop_signal(loop.has_model, loop.agreement, settings, remaining, below, pending)
         common = {"q0": q0, "below_q0": below, "pending": pending, "remaining": remaining, "stop": stop}
         phase = DISAGREEMENT if loop.has_model else INITIAL
         if limit <= 0:
@@ -264,14 +255,6 @@ def choose(volumes: Iterable[VolumeState], loop: LoopState, settings: SelectionC
     return Ranking(settings, volumes).choose(loop, {v.image_id: v.held for v in volumes if v.held})
 
 
-def agreement(q_values: Sequence[float]) -> float | None:
-    """How well a model agrees with itself on open slices: the median Q over those where its levels 3 and 4 differ
-    at all (Q < 1). Slices where both heads see nothing have Q = 1 and would pin a plain median at 1 on stacks where
-    most slices hold no lesion. None when no slice disagrees."""
-    disagreeing = [q for q in q_values if q < 1]
-    return statistics.median(disagreeing) if disagreeing else None
-
-
 def rescore_order(volumes: Sequence[VolumeState]) -> list[str]:
     """The order to re-score volumes for a new model, those likely to be asked for next first, from the latest Q
     each has (an earlier model's): volumes with no Q at all first (nothing is known of them, and no model has been
@@ -282,20 +265,6 @@ def rescore_order(volumes: Sequence[VolumeState]) -> list[str]:
         return (1, min((q for k, q in enumerate(v.q) if q is not None and k not in v.annotated), default=2.0), v.image_id)
 
     return [v.image_id for v in sorted(volumes, key=key)]
-
-
-def _stop(loop: LoopState, settings: SelectionConfig, remaining: int | None, below: int, pending: int) -> Stop | None:
-    if remaining == 0:
-        return Stop("budget_spent", f"the budget of {settings.budget} slices is annotated or held")
-    if not loop.has_model:
-        return None
-    if not pending and not below:
-        return Stop("no_slice_below_q0", "no unannotated slice has Q below q0 for the current model")
-    last = [a for a in loop.agreement[-2:] if a is not None]
-    if settings.stop_tolerance > 0 and len(last) == 2 and abs(last[1] - last[0]) < settings.stop_tolerance:
-        return Stop("agreement_flattened", f"the model's agreement changed by {abs(last[1] - last[0]):.3f} (< "
-                                           f"{settings.stop_tolerance}) since the previous model")
-    return None
 
 
 def _nothing(phase: str, stop: Stop | None, pending: int) -> str:

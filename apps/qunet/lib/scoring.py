@@ -29,7 +29,8 @@ from qunet.config import QualityConfig
 from qunet.disagreement import disagreement_and_area
 from qunet.io import StackError, file_signature, load_stack
 from qunet.network import default_device, load_weights, prepare
-from qunet.policy import VolumeState, agreement, rescore_order
+from qunet.policy import VolumeState, rescore_order
+from qunet.stopping import agreement
 
 from lib import records
 from lib.conf import AppConf

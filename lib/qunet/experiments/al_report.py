@@ -2,9 +2,9 @@
 
 AUBC (area under the budget curve, as nnActive reports it): the trapezoid area of Dice against the number of
 annotated slices, from the first round to the last, divided by that span: a Dice-like number in 0-1. Paired
-differences: per seed, a method's figure minus random's (and fixed-interval slices', where run) of the same seed
-(same initial weights), with a 95 % t-interval over seeds. Round by round, the default pick is paired with every
-other method the same way (the target "ahead of MC dropout at every round").
+differences: per seed, a method's figure minus that of the default pick, of random slices and of fixed-interval
+slices (each where run) of the same seed (same initial weights), with a 95 % t-interval over seeds. Round by round,
+the default pick is paired with every other method the same way (the target "ahead of MC dropout at every round").
 """
 
 from collections.abc import Sequence
@@ -63,7 +63,7 @@ BASELINES = ("random", "interval")  # the methods the targets name: every other 
 
 def table(results: list, key: str = "dice") -> str:
     seeds = per_seed(results, key)
-    baselines = [b for b in BASELINES if b in seeds]
+    baselines = [b for b in (SelectionConfig().pick, *BASELINES) if b in seeds]
     head = ["method", "AUBC", "final Dice", *(f"{k} - {b} [95 % CI]" for b in baselines for k in ("AUBC", "final")),
             "lesion slices annotated", "filled"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
