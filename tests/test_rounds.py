@@ -153,9 +153,10 @@ def test_a_run_into_the_same_folder_adds_what_is_missing_and_refuses_other_setti
     out = tmp_path / "out"
     common = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--seeds", "1", "--max-epochs", "1",
               "--batch-size", "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
-    assert main([*common, "--steps-per-epoch", "2", "--methods", "random"]) == 0
+    assert main([*common, "--steps-per-epoch", "2", "--methods", "random", "--title", "Named run"]) == 0
     first = json.loads((out / "rounds.json").read_text())["results"]
     assert main([*common, "--steps-per-epoch", "2", "--methods", "lesion", "random"]) == 0
+    assert (out / "table.md").read_text().startswith("# Named run\n")  # the title outlives a run without --title
     saved = json.loads((out / "rounds.json").read_text())
     assert [r for r in saved["results"] if r["method"] == "random"] == first  # kept, not run again
     assert [r["method"] for r in saved["results"]] == ["random"] * 2 + ["lesion"] * 2

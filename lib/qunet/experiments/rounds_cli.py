@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.model.features)
     p.add_argument("--patch-size", type=int, default=d.model.patch_size)
     p.add_argument("--out", required=True)
-    p.add_argument("--title", default="")
+    p.add_argument("--title", default="", help="of the table and plot (default: the title of the folder's earlier "
+                                                "runs, else the stacks' names)")
     p.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=0)
 
@@ -48,12 +49,12 @@ def _settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("seeds", "methods")}
 
 
-def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult], list[str]]:
-    """The results and commands of earlier runs into the same folder with the same settings (seeds and methods
-    aside): a run adds the (method, seed) pairs it lacks, so new methods are compared with the same seeds' results
-    without rerunning them. Other settings: an error, not a silent mix."""
+def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult], list[str], str]:
+    """The results, commands and title of earlier runs into the same folder with the same settings (seeds and
+    methods aside): a run adds the (method, seed) pairs it lacks, so new methods are compared with the same seeds'
+    results without rerunning them. Other settings: an error, not a silent mix."""
     if not path.is_file():
-        return [], []
+        return [], [], ""
     saved = json.loads(path.read_text())
     mine, theirs = _settings(asdict(config)), _settings(saved["config"])
     differ = sorted(k for k in mine if theirs.get(k) != mine[k])
@@ -61,7 +62,7 @@ def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult]
         raise SystemExit(f"{path} holds results of other settings ({', '.join(differ)}): use another --out")
     commands = saved["commands"] if "commands" in saved else [saved["command"]]  # one command before resuming existed
     results = [RoundResult(**{**r, "picked": [tuple(p) for p in r["picked"]]}) for r in saved["results"]]
-    return results, commands
+    return results, commands, saved.get("title", "")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -76,10 +77,10 @@ def main(args: argparse.Namespace) -> None:
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)
     command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
-    title = args.title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, commands = earlier_results(out / "rounds.json", config)
+    results, commands, title = earlier_results(out / "rounds.json", config)
+    title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
     commands = [*commands, command] if command and command not in commands else commands
     done = {(r.method, r.seed) for r in results}
     for seed in range(config.seeds):
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
         # written after every seed: hours of CPU are not lost to an interrupted run, and its seeds so far are reported
         held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
                 "seeds": len({r.seed for r in results})}
-        (out / "rounds.json").write_text(json.dumps({"commands": commands, "config": held,
+        (out / "rounds.json").write_text(json.dumps({"title": title, "commands": commands, "config": held,
                                                      "results": [asdict(r) for r in results]}, indent=1, default=str))
         table = report(results, cases, out, title, commands)
     print(table)
