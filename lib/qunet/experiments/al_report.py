@@ -59,11 +59,12 @@ def difference(mean: float, lo: float, hi: float) -> str:
 
 
 BASELINES = ("random", "interval")  # the methods the targets name: every other method is paired with each one run
+DEFAULT = SelectionConfig().pick  # the app's default pick: every other method is paired with it too
 
 
 def table(results: list, key: str = "dice") -> str:
     seeds = per_seed(results, key)
-    baselines = [b for b in (SelectionConfig().pick, *BASELINES) if b in seeds]
+    baselines = [b for b in (DEFAULT, *BASELINES) if b in seeds]
     head = ["method", "AUBC", "final Dice", *(f"{k} - {b} [95 % CI]" for b in baselines for k in ("AUBC", "final")),
             "lesion slices annotated", "filled"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -87,17 +88,16 @@ def table(results: list, key: str = "dice") -> str:
 def rounds_table(results: list, key: str = "dice") -> str:
     """Dice after each round (mean ± SD over seeds), the default pick minus each other method per seed [95 % CI],
     and the mean seconds per round (training, scoring and Dice: MC dropout's extra passes show here)."""
-    default = SelectionConfig().pick
     rounds = sorted({r.round for r in results})
-    lines = ["| method | " + " | ".join(f"round {n}: Dice; `{default}` - method [95 % CI]" for n in rounds)
+    lines = ["| method | " + " | ".join(f"round {n}: Dice; `{DEFAULT}` - method [95 % CI]" for n in rounds)
              + " | seconds per round |", "|" + "---|" * (len(rounds) + 2)]
     for method in dict.fromkeys(r.method for r in results):
         row = [method]
         for n in rounds:
             mine = {r.seed: getattr(r, key) for r in results if r.method == method and r.round == n}
             cell = mean_sd(list(mine.values()))
-            theirs = {r.seed: getattr(r, key) for r in results if r.method == default and r.round == n}
-            if method != default and theirs:
+            theirs = {r.seed: getattr(r, key) for r in results if r.method == DEFAULT and r.round == n}
+            if method != DEFAULT and theirs:
                 cell += "; " + difference(*paired(theirs, mine))
             row.append(cell)
         row.append(f"{np.mean([r.seconds for r in results if r.method == method]):.0f}")
