@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
-# (MC dropout about 90-120 s, 420 s on the hybrid cohort: five scoring passes), about 15 hours in all. A folder
+# (MC dropout about 90-120 s, 420 s on the hybrid cohort: five scoring passes), about 15.5 hours in all. A folder
 # that already holds results of the same settings adds only the (method, seed) pairs it lacks: delete
 # docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
@@ -59,8 +59,8 @@ run prevalence-middles 8 --data "$WORK/prevalence" --methods lesion-random paper
 run real-middles 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods lesion-random "${@}"
 run hybrid-middles 8 --data "$WORK/hybrid" --methods lesion-random "${@}"
 run oct-mc 4 --data sample-data --include 'oct*' --methods paper "${@}"
-# seeds 5-9 of lesion, random and fixed interval on the OCT-like, CT-like and real stacks and the hybrid cohort,
-# added to copies of the one-run and middles folders
+# seeds 5-9 of lesion, random and fixed interval on the OCT-like, CT-like and real stacks and the hybrid and
+# prevalence cohorts, added to copies of the one-run and middles folders
 [ -e "${prefix}oct-10seeds" ] || cp -r "${prefix}oct-mc" "${prefix}oct-10seeds"
 run oct-10seeds 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" --seeds 10 "${@}"
 [ -e "${prefix}ct-10seeds" ] || cp -r "${prefix}ct-middles" "${prefix}ct-10seeds"
@@ -69,6 +69,8 @@ run ct-10seeds 4 --data sample-data --include 'ct*' --methods "${METHODS[@]}" --
 run hybrid-10seeds 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --seeds 10 "${@}"
 [ -e "${prefix}real-10seeds" ] || cp -r "${prefix}real-middles" "${prefix}real-10seeds"
 run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods "${METHODS[@]}" --seeds 10 "${@}"
+[ -e "${prefix}prevalence-10seeds" ] || cp -r "${prefix}prevalence-middles" "${prefix}prevalence-10seeds"
+run prevalence-10seeds 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --seeds 10 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
