@@ -61,16 +61,16 @@ run hybrid-middles 8 --data "$WORK/hybrid" --methods lesion-random "${@}"
 run oct-mc 4 --data sample-data --include 'oct*' --methods paper "${@}"
 # seeds 5-9 of lesion, random and fixed interval on the OCT-like, CT-like and real stacks and the hybrid and
 # prevalence cohorts, added to copies of the one-run and middles folders
-[ -e "${prefix}oct-10seeds" ] || cp -r "${prefix}oct-mc" "${prefix}oct-10seeds"
-run oct-10seeds 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" --seeds 10 "${@}"
-[ -e "${prefix}ct-10seeds" ] || cp -r "${prefix}ct-middles" "${prefix}ct-10seeds"
-run ct-10seeds 4 --data sample-data --include 'ct*' --methods "${METHODS[@]}" --seeds 10 "${@}"
-[ -e "${prefix}hybrid-10seeds" ] || cp -r "${prefix}hybrid-middles" "${prefix}hybrid-10seeds"
-run hybrid-10seeds 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --seeds 10 "${@}"
-[ -e "${prefix}real-10seeds" ] || cp -r "${prefix}real-middles" "${prefix}real-10seeds"
-run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods "${METHODS[@]}" --seeds 10 "${@}"
-[ -e "${prefix}prevalence-10seeds" ] || cp -r "${prefix}prevalence-middles" "${prefix}prevalence-10seeds"
-run prevalence-10seeds 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --seeds 10 "${@}"
+ten_seeds() {
+    local from=$1 name=$2 per_round=$3; shift 3
+    [ -e "$prefix$name" ] || cp -r "$prefix$from" "$prefix$name"
+    run "$name" "$per_round" --methods "${METHODS[@]}" --seeds 10 "$@"
+}
+ten_seeds oct-mc oct-10seeds 4 --data sample-data --include 'oct*' "${@}"
+ten_seeds ct-middles ct-10seeds 4 --data sample-data --include 'ct*' "${@}"
+ten_seeds hybrid-middles hybrid-10seeds 8 --data "$WORK/hybrid" "${@}"
+ten_seeds real-middles real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' "${@}"
+ten_seeds prevalence-middles prevalence-10seeds 8 --data "$WORK/prevalence" "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
