@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
-# (MC dropout about 90-120 s, 420 s on the hybrid cohort: five scoring passes), about 15.5 hours in all. A folder
-# that already holds results of the same settings adds only the (method, seed) pairs it lacks: delete
-# docs/rounds/NAME to rerun it from scratch.
+# (MC dropout about 90-120 s, 420 s on the hybrid cohort and 320 s on the real stacks: five scoring passes), about
+# 17 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
+# lacks: delete docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
 # cohort on 2 cores: a GPU run is the practical one). Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
 set -euo pipefail
@@ -71,6 +71,8 @@ ten_seeds ct-middles ct-10seeds 4 --data sample-data --include 'ct*' "${@}"
 ten_seeds hybrid-middles hybrid-10seeds 8 --data "$WORK/hybrid" "${@}"
 ten_seeds real-middles real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' "${@}"
 ten_seeds prevalence-middles prevalence-10seeds 8 --data "$WORK/prevalence" "${@}"
+# MC dropout on the real stacks (seeds 0-4, about 5 min per round there), paired with the 10-seed folder's seeds
+run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods mcdropout "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"

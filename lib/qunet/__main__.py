@@ -38,7 +38,7 @@ def cmd_upload(args: argparse.Namespace) -> dict:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from qunet.experiments import table1 as experiment
+    from qunet.experiments import table1_cli as experiment
 
     experiment.main(args)
 
@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     u.set_defaults(run=cmd_upload)
     from qunet.experiments.bench import add_arguments as bench_arguments
     from qunet.experiments.rescore import add_arguments as rescore_arguments
-    from qunet.experiments.table1 import add_arguments as experiment_arguments
+    from qunet.experiments.table1_cli import add_arguments as experiment_arguments
 
     e = sub.add_parser("experiment", help="rerun the paper's Table I comparison on stacks with full labels (docs/)")
     experiment_arguments(e)
