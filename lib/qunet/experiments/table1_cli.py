@@ -4,6 +4,7 @@ qunet.experiments.table1.
     python -m qunet experiment --data FOLDER [--labels DIR] --out DIR [settings]
 """
 
+import argparse
 import sys
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ from qunet.experiments.data import find_pairs
 from qunet.experiments.table1 import METHODS, ExperimentConfig, run_experiment
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     d, t = ExperimentConfig(), TrainConfig()
     p.add_argument("--data", required=True, help="folder of stacks with full labels")
     p.add_argument("--labels", help="folder of labels with the images' file names (default DATA/ground-truth)")
@@ -53,7 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def config_from_args(args) -> ExperimentConfig:
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     settings = replace(TrainConfig(), max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
                        batch_size=args.batch_size, learning_rate=args.lr)
     return ExperimentConfig(
@@ -65,7 +66,7 @@ def config_from_args(args) -> ExperimentConfig:
         device=args.device)
 
 
-def main(args) -> None:
+def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = find_pairs(args.data, args.labels, args.include, tuple(args.label_replace) if args.label_replace else None)
