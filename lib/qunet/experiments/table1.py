@@ -260,4 +260,3 @@ def run_experiment(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig,
     title = title or f"QU-net++ experiment on {', '.join(c.name for c in cases)}"
     return report(results, cases, runner.s0, config, Path(out), title, command or " ".join(sys.argv),
                   time.perf_counter() - start)
-
