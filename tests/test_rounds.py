@@ -1,11 +1,14 @@
 """The multi-round benchmark (qunet.experiments.activelearning) on a tiny cohort: equal cost, bookkeeping, report."""
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import binary_dilation
 
 import qunet.policy
@@ -138,14 +141,20 @@ def test_same_seed_same_initial_weights_for_every_method():
     assert torch.equal(*weights)
 
 
-def test_cli_writes_tables_and_plot(data, tmp_path, capsys):
+def test_cli_writes_tables_and_plot_and_the_command_to_rerun_them(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    argv = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--seeds", "2", "--methods", "paper",
-            "random", "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+    argv = ["rounds", "--data", str(data), "--include", "[ab]*", "--rounds", "2", "--per-round", "2", "--seeds", "2",
+            "--methods", "paper", "random", "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+            "--features", "4,4,8,8,16,4", "--patch-size", "32", "--device", "cpu", "--threads",
+            str(torch.get_num_threads()), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["qunet", *argv])  # as `python -m qunet rounds ...` sees it
     assert main(argv) == 0
     assert "AUBC - random" in capsys.readouterr().out
     saved = json.loads((out / "rounds.json").read_text())
     assert len(saved["results"]) == 2 * 2 * 2  # seeds x methods x rounds
+    [command] = saved["commands"]
+    assert "--include '[ab]*'" in command  # the glob quoted: a shell gives back the same arguments
+    assert shlex.split(command) == ["python", "-m", "qunet", *argv]
     assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from qunet.config import GPU_MODEL, GPU_TRAIN, ModelConfig, TrainConfig
+from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
 from qunet.experiments.data import Case, find_pairs, load_cases, stratified_draw, training_set
 from qunet.experiments.data import evaluate as evaluate_unseen
-from qunet.network import build_network, default_device, prepare
+from qunet.network import build_network, prepare
 from qunet.training import seed_everything, train
 
 PRESETS = {"cpu": (ModelConfig(), TrainConfig()), "gpu": (GPU_MODEL, GPU_TRAIN)}
@@ -138,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-stack", action="store_true", help="counts are per stack (each leaving a slice unseen)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="recipe size: cpu (minutes) or gpu (paper-size)")
-    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), help="override the preset's widths")
+    p.add_argument("--features", type=widths, help="override the preset's widths")
     p.add_argument("--patch-size", type=int)
     p.add_argument("--max-epochs", type=int, help="override the preset's epochs (of steps-per-epoch updates)")
     p.add_argument("--steps-per-epoch", type=int)
@@ -146,18 +147,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foreground", type=float, help="share of patches centred on lesion")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_machine_arguments(p)
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = machine(args)
     model, settings = PRESETS[args.preset]
     model = replace(model, **{k: getattr(args, k) for k in ("features", "patch_size") if getattr(args, k)})
     settings = replace(settings, **{k: getattr(args, k) for k in ("max_epochs", "steps_per_epoch", "batch_size", "foreground")
                                     if getattr(args, k) is not None})
-    device = torch.device(args.device) if args.device else default_device()
     cases = load_cases(find_pairs(args.data, include=args.include))
     points = []
     for count in args.counts:
@@ -168,7 +166,7 @@ def main(args: argparse.Namespace) -> None:
             points.append(point)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["curve"] else ""
+    command = recorded_command("curve")
     title = args.title or f"Learning curve on {', '.join(c.name for c in cases)}"
     print(report(points, cases, Path(args.out), title, command,
                  {"device": device_name, "model": asdict(model), "train": asdict(settings)}))

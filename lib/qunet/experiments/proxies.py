@@ -21,8 +21,8 @@ from scipy.stats import spearmanr
 
 from qunet.disagreement import jaccard, levels_3_and_4
 from qunet.experiments.activelearning import Benchmark, LoopRun, RoundsConfig
+from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
 from qunet.experiments.data import find_pairs, load_cases
-from qunet.network import default_device
 
 # name -> per-slice score from (level-3 logits, level-4 logits), higher = asked for first
 SCORES = {
@@ -73,9 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-round", type=int, default=4)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps-per-epoch", type=int, default=RoundsConfig().train.steps_per_epoch)
-    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=RoundsConfig().model.features)
+    p.add_argument("--features", type=widths, default=RoundsConfig().model.features)
     p.add_argument("--patch-size", type=int, default=RoundsConfig().model.patch_size)
     p.add_argument("--out", required=True)
+    add_machine_arguments(p)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> None:
     config = replace(d, rounds=args.rounds, per_round=args.per_round,
                      train=replace(d.train, steps_per_epoch=args.steps_per_epoch),
                      model=replace(d.model, features=args.features, patch_size=args.patch_size))
-    device = default_device()
+    device = machine(args)
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)
     results = []
@@ -100,7 +101,7 @@ def main(args: argparse.Namespace) -> None:
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["proxies"] else ""
+    command = recorded_command("proxies")
     (out / "proxies.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
     (out / "table.md").write_text(f"Command: `{command}`\n\nSpearman's rho of each score with the slice's error "
                                   f"(lesion slices among its top {args.per_round}):\n\n{table}\n")

@@ -12,12 +12,10 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from qunet.experiments.activelearning import METHODS, Benchmark, RoundResult, RoundsConfig
 from qunet.experiments.al_report import report
+from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
 from qunet.experiments.data import find_pairs, load_cases
-from qunet.network import default_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,13 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round, in epochs")
     p.add_argument("--steps-per-epoch", type=int, default=d.train.steps_per_epoch)
     p.add_argument("--batch-size", type=int, default=d.train.batch_size)
-    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.model.features)
+    p.add_argument("--features", type=widths, default=d.model.features)
     p.add_argument("--patch-size", type=int, default=d.model.patch_size)
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="", help="of the table and plot (default: the title of the folder's earlier "
                                                 "runs, else the stacks' names)")
-    p.add_argument("--device", help="cpu, cuda (default: CUDA when available)")
-    p.add_argument("--threads", type=int, default=0)
+    add_machine_arguments(p)
 
 
 def _settings(config: dict) -> dict:
@@ -66,17 +63,15 @@ def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult]
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = machine(args)
     d = RoundsConfig()
     config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
                      model=replace(d.model, features=args.features, patch_size=args.patch_size),
                      train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
                                    batch_size=args.batch_size))
-    device = torch.device(args.device) if args.device else default_device()
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)
-    command = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["rounds"] else ""
+    command = recorded_command("rounds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, commands, title = earlier_results(out / "rounds.json", config)

@@ -5,12 +5,10 @@ qunet.experiments.table1.
 """
 
 import argparse
-import sys
 from dataclasses import replace
 
-import torch
-
 from qunet.config import TrainConfig
+from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
 from qunet.experiments.data import find_pairs
 from qunet.experiments.table1 import METHODS, ExperimentConfig, run_experiment
 
@@ -27,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=d.seeds, help="repetitions (the paper: 20)")
     p.add_argument("--first-seed", type=int, default=d.first_seed)
     p.add_argument("--patch-size", type=int, default=d.patch_size)
-    p.add_argument("--features", type=lambda v: tuple(int(x) for x in v.split(",")), default=d.features,
+    p.add_argument("--features", type=widths, default=d.features,
                    help="six comma-separated widths")
     p.add_argument("--max-epochs", type=int, default=t.max_epochs, help="epochs per training stage")
     p.add_argument("--steps-per-epoch", type=int, default=t.steps_per_epoch)
@@ -49,8 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mc-dropout", type=float, default=d.mc_dropout)
     p.add_argument("--mc-score", choices=("entropy", "variance"), default=d.mc_score)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_machine_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -67,11 +64,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    machine(args)  # --threads; the experiment takes the device by name (ExperimentConfig.device)
     pairs = find_pairs(args.data, args.labels, args.include, tuple(args.label_replace) if args.label_replace else None)
-    command = "python -m qunet " + " ".join(f"'{a}'" if any(ch in a for ch in " *?[]") else a for a in sys.argv[1:]) \
-        if sys.argv[1:2] == ["experiment"] else ""
+    command = recorded_command("experiment")
     result = run_experiment(pairs, config_from_args(args), args.out, args.title, command, not args.no_progress)
     print(result["table"])
     print("written: " + ", ".join(result["files"]))
