@@ -73,6 +73,8 @@ ten_seeds real-middles real-10seeds 4 --data sample-data --include 'lung1*' 'bra
 ten_seeds prevalence-middles prevalence-10seeds 8 --data "$WORK/prevalence" "${@}"
 # MC dropout on the real stacks (seeds 0-4, about 5 min per round there), paired with the 10-seed folder's seeds
 run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods mcdropout "${@}"
+# MC dropout on the prevalence cohort (seeds 0-4, about 95 s per round), paired with the 10-seed folder's seeds
+run prevalence-10seeds 8 --data "$WORK/prevalence" --methods mcdropout "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
