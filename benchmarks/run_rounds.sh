@@ -4,8 +4,9 @@
 # (MC dropout about 90-120 s, 420 s on the hybrid cohort and 320 s on the real stacks: five scoring passes), about
 # 17 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
 # lacks: delete docs/rounds/NAME to rerun it from scratch.
-# FULL=1: 4 rounds of 12 slices with the app's full training per round, into docs/rounds/full-NAME (hours per
-# cohort on 2 cores: a GPU run is the practical one). Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
+# FULL=1: 4 rounds of 12 slices with the app's full training per round (10 epochs of 50 updates), into
+# docs/rounds/full-NAME (hours per cohort on 2 cores: a GPU run is the practical one).
+# Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +20,7 @@ run() {
     local name=$1 per_round=$2; shift 2
     echo "== $name" >&2
     if [ "${FULL:-0}" = 1 ]; then
-        "$PY" -m qunet rounds --out "$prefix$name" --rounds 4 --per-round 12 --seeds 5 "$@"
+        "$PY" -m qunet rounds --out "$prefix$name" --rounds 4 --per-round 12 --seeds 5 --max-epochs 10 "$@"
     else
         "$PY" -m qunet rounds --out "$prefix$name" --rounds 3 --per-round "$per_round" --seeds 5 \
             --steps-per-epoch 25 "$@"
@@ -75,9 +76,13 @@ ten_seeds prevalence-middles prevalence-10seeds 8 --data "$WORK/prevalence" "${@
 run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods mcdropout "${@}"
 # MC dropout on the prevalence cohort (seeds 0-4, about 95 s per round), paired with the 10-seed folder's seeds
 run prevalence-10seeds 8 --data "$WORK/prevalence" --methods mcdropout "${@}"
-if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like slices (16 of 64), for the 12 % target
+# MC dropout's seeds 3-4 on the hybrid cohort (about 6 min per round), beside the seeds 0-2 copied from hybrid-middles
+run hybrid-10seeds 8 --data "$WORK/hybrid" --methods mcdropout "${@}"
+if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
+    "$PY" -m qunet rounds --data sample-data --include 'ct*' --rounds 4 --per-round 4 --seeds 10 --steps-per-epoch 25 \
+        --methods random --out docs/rounds/ct-random-4rounds "${@}"
 fi
 for kind in ct oct; do  # which per-slice score follows the model's errors
     "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --out "docs/rounds/proxies-$kind"
