@@ -17,6 +17,7 @@ from urllib.parse import quote_plus
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom.uid
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -24,7 +25,8 @@ from monailabel.client import MONAILabelClient
 
 from live_server import SAMPLES, TRUTH, LiveServer, draw_truth, wait_for
 from qunet.dicomweb import upload
-from qunet.io import file_signature, load_label, load_stack
+from qunet.config import ReadConfig
+from qunet.io import file_signature, load_label, load_stack, set_read_config
 from qunet.synthetic import generate_stack
 
 # pick: the paper's order, which the assertions below check (S0 best quality first, then the lowest Q)
@@ -280,7 +282,28 @@ def test_datastore_in_process(data):
             assert label.any()
         with pytest.raises(Exception, match="not found"):
             store.get_image_uri("../../etc")
+
+        # what the server holds is untrusted too: SEG UIDs name cache files, and headers decide memory
+        client = DICOMwebClient(data["url"])
+        image_id = labelled[0]
+        [seg] = client.retrieve_series(segs_of(data["url"], image_id)[0].StudyInstanceUID,
+                                       segs_of(data["url"], image_id)[0].SeriesInstanceUID)
+        seg.SeriesInstanceUID, seg.SOPInstanceUID = "1.2/../../../../escaped", pydicom.uid.generate_uid()
+        client.store_instances([seg])
+        fresh = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache3"),
+                                       labels={"lesion": 1})
+        assert image_id in fresh.get_labeled_images()
+        assert load_label(fresh.get_label_uri(image_id, "final"), load_stack(fresh.get_image_uri(image_id))).any()
+        assert not list(data["root"].parent.rglob("escaped*")), "a file named after the hostile UID"
+        from lib.errors import InvalidFile
+
+        set_read_config(ReadConfig(max_voxels=1000))  # below either stack's voxels: the series is refused unread
+        capped = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache4"),
+                                        labels={"lesion": 1})
+        with pytest.raises(InvalidFile, match="more than the limit of 1,000"):
+            capped.get_image_uri(image_id)
     finally:
+        set_read_config(ReadConfig())
         sys.path.remove(app_dir)
         for k in [k for k in sys.modules if k == "lib" or k.startswith("lib.")]:
             del sys.modules[k]

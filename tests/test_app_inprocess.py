@@ -36,9 +36,19 @@ def test_conf_parsing_and_errors():
                          ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy"),
                          ({"allow_model_upload": "maybe"}, "allow_model_upload"), ({"max_voxels": "0"}, "max_voxels"),
                          ({"steps_per_epoch": "0"}, "steps_per_epoch"), ({"max_epochs": "ten"}, "max_epochs"),
-                         ({"neighbour_labels": "nearest"}, "neighbour_labels")):
+                         ({"neighbour_labels": "nearest"}, "neighbour_labels"), ({"median_window": "0"}, "median_window"),
+                         ({"blur_percentile": "101"}, "blur_percentile must be from 0 to 100"),
+                         ({"slices_per_sample": "0"}, "slices_per_sample"), ({"q0": "nan"}, "q0"),
+                         ({"hold_seconds": "-1"}, "hold_seconds must be 0 or more")):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
+
+
+def test_conf_warns_of_keys_it_does_not_know(caplog):
+    AppConf = load_conf_class()
+    with caplog.at_level("WARNING"):
+        assert AppConf.from_conf({"q_0": "0.2", "server_mode": "true"}).q0 == AppConf().q0
+    assert "--conf q_0: not a setting of this app" in caplog.text and "server_mode" not in caplog.text
 
 
 @pytest.fixture

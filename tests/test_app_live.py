@@ -161,6 +161,9 @@ def test_stock_client_without_client_id_drives_the_loop_with_auto_train(data, tm
         image_file = Path(sample["path"])
         label = tmp_path / "label.nii.gz"
         draw_truth(truth_path(data, sample["id"]), image_file, sample["slices"], label)
+        client.save_label(sample["id"], str(label), tag="draft")
+        with pytest.raises(Exception):
+            client.train_status()  # a draft is not a label to train on: no auto-training (it is queued as the save answers)
         saved = client.save_label(sample["id"], str(label), params={"label_info": [{"name": "lesion", "idx": 1}]})
         assert saved["annotated_slices"] == sorted(sample["slices"])  # the anonymous client's served slices
         status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training")

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from filelock import FileLock
 
 from live_server import APP
 from qunet import build_network
@@ -83,3 +84,10 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
         float(torch.quantile(apart, 0.99)), float(apart.norm() / moved.norm()))
     history = json.loads((two / "model" / "history.json").read_text())
     assert len(history) == 1 and history[0]["model"] is not None  # rank 0 alone wrote
+
+    # a training running (the server's, holding the app's lock): the script refuses rather than publish beside it
+    with FileLock(str(one / "model" / "qunet-train.lock"), timeout=0):
+        refused = subprocess.run([sys.executable, str(one / "train_cohort.py"), "--studies", str(studies), *conf,
+                                  "--request", json.dumps(REQUEST), "--threads", "1"], env=env, capture_output=True,
+                                 text=True, timeout=600)
+    assert refused.returncode != 0 and "a training is running already" in refused.stderr, refused.stderr[-2000:]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qunet.metrics import mean_slice_metrics, slice_metrics, stack_metrics
+from qunet.metrics import slice_metrics, stack_metrics
 
 
 def test_metrics_equal_hand_computed_values():
@@ -23,4 +23,4 @@ def test_metrics_equal_hand_computed_values():
     assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 4)
     assert s["dice"] == pytest.approx(4 / 7) and s["jaccard"] == pytest.approx(2 / 5)
     assert s["accuracy"] == pytest.approx(57 / 60)
-    assert mean_slice_metrics(pred, truth)["dice"] == pytest.approx((4 / 6 + 0 + 1) / 3)
+    assert slice_metrics(pred, truth)["dice"].mean() == pytest.approx((4 / 6 + 0 + 1) / 3)

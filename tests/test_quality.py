@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -75,10 +77,10 @@ def test_roi_mask_shape_must_match():
         slice_quality(textured_stack(2), np.zeros((3, 3, 2)))
 
 
-def test_quality_round_trips_through_dict():
+def test_quality_record_is_plain_json():
     q = slice_quality(textured_stack(2))
-    again = SliceQuality.from_dict(q.to_dict())
-    assert np.array_equal(again.blurriness, q.blurriness) and again.roi == q.roi
+    again = json.loads(json.dumps(q.to_dict()))  # what the app stores in image info
+    assert np.array_equal(again["blurriness"], q.blurriness) and again["valid"] == q.valid.tolist() and again["roi"] == q.roi
 
 
 def quality(blur, psnr, cov, mean, valid=None) -> SliceQuality:

@@ -2,21 +2,18 @@
 endpoint), nothing outside the studies folder is read or served, memory stays bounded whatever a header claims,
 and nothing on disk changes after a refusal (datastore JSON, labels, studies and model folders, temporary folder).
 
-One server (`server`, model uploads on) over a studies folder that also holds a symlink to a stack outside it, a
-stack above the server's voxel cap, an NRRD header naming a file outside, and a symlinked label; the last test
-kills it mid-training and restarts it. (Model uploads off by default: tests/test_app_inprocess.py.)
+One server (`server`, model uploads on) over hostile_files.make_studies's folder (a symlink to a stack outside it, a
+stack above the server's voxel cap, an NRRD header naming a file outside, a symlinked label); the last test kills it
+mid-training and restarts it. (Model uploads off by default: tests/test_app_inprocess.py. Fuzzed headers:
+tests/test_security_files.py.)
 """
 
 import io
 import json
 import os
-import random
 import signal
-import struct
-import zlib
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import psutil
 import pytest
@@ -24,91 +21,15 @@ import requests
 import torch
 from filelock import FileLock
 
-from live_server import APP, LiveServer, records_on_disk, wait_for
+from hostile_files import (BOMB, CAP, MEMORY_BOUND, SHAPE, TINY, VOXELS, deflate, disk_state, live_server, make_studies,
+                           mha_bytes, nifti, nifti_bytes, nrrd_bytes, peak_rss)
+from live_server import records_on_disk, wait_for
 from qunet import build_network
-from qunet.io import load_label, load_stack
-from qunet.synthetic import generate_stack
-
-TINY = (4, 4, 8, 8, 16, 4)
-SHAPE = (48, 48, 10)
-CAP = 48 * 48 * 12  # --conf max_voxels: the stacks fit, big.nii.gz (48 x 48 x 16) does not
-CONF = {"patch_size": "32", "features": ",".join(map(str, TINY)), "max_voxels": str(CAP), "hold_seconds": "0",
-        "allow_model_upload": "true"}
-AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
-BOMB = 256 << 20  # zeros appended inside a compressed stream (about 1 MB on the wire)
-MEMORY_BOUND = 100 << 20  # the server's peak RSS may grow by less than this through all refused uploads
-
-
-def nifti(array: np.ndarray, path: Path) -> Path:
-    nib.save(nib.Nifti1Image(array, AFFINE), path)
-    return path
-
-
-def deflate(data: bytes, extra_zeros: int = 0, wbits: int = 31) -> bytes:
-    """`data` then `extra_zeros` zero bytes in one gzip (wbits 31) or zlib (15) stream."""
-    c = zlib.compressobj(1, zlib.DEFLATED, wbits)
-    out = [c.compress(data)]
-    chunk = bytes(1 << 24)
-    for _ in range(extra_zeros // len(chunk)):
-        out.append(c.compress(chunk))
-    return b"".join(out) + c.flush()
-
-
-def nifti_bytes(shape=SHAPE, claim=None, magic=b"n+1", extra_zeros=0) -> bytes:
-    """A gzipped uint8 NIfTI label of `shape` (its header may claim another shape or be a detached .hdr)."""
-    header = nib.Nifti1Header()
-    header.set_data_dtype(np.uint8)
-    header.set_data_shape(claim or shape)
-    header.set_data_offset(352)
-    block = bytearray(header.binaryblock)
-    block[344:347] = magic
-    return deflate(bytes(block) + bytes(4) + bytes(int(np.prod(shape))), extra_zeros)
-
-
-def nrrd_bytes(fields: dict[str, str], data: bytes = b"") -> bytes:
-    head = {"type": "uint8", "dimension": "3", "space": "left-posterior-superior", "sizes": " ".join(map(str, SHAPE)),
-            "space directions": "(-0.8,0,0) (0,-0.8,0) (0,0,4)", "endian": "little", "encoding": "raw",
-            "space origin": "(0,0,0)", **fields}  # the geometry of AFFINE
-    return ("NRRD0004\n" + "".join(f"{k}: {v}\n" for k, v in head.items() if v is not None) + "\n").encode() + data
-
-
-def mha_bytes(fields: dict[str, str], data: bytes = b"") -> bytes:
-    head = {"ObjectType": "Image", "NDims": "3", "DimSize": " ".join(map(str, SHAPE)), "ElementType": "MET_UCHAR",
-            "TransformMatrix": "-1 0 0 0 -1 0 0 0 1", "Offset": "0 0 0", "ElementSpacing": "0.8 0.8 4", **fields}
-    if head.get("CompressedData") == "True":
-        head.setdefault("CompressedDataSize", str(len(data)))
-    head["ElementDataFile"] = head.pop("ElementDataFile", "LOCAL")  # must be the last line
-    return "".join(f"{k} = {v}\n" for k, v in head.items() if v is not None).encode() + data
-
-
-VOXELS = bytes(int(np.prod(SHAPE)))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    studies, outside, tmp = root / "studies", root / "outside", root / "tmp"
-    for folder in (studies, outside, tmp, studies / "labels" / "final"):
-        folder.mkdir(parents=True)
-    for i, name in enumerate(("ct1", "ct2")):
-        nifti(generate_stack("ct", i + 1, SHAPE).image.astype(np.int16), studies / f"{name}.nii.gz")
-    secret = nifti(generate_stack("ct", 7, SHAPE).image.astype(np.int16), outside / "secret.nii.gz")
-    (outside / "secret.txt").write_bytes(b"SECRET" * 4000)
-    os.symlink(secret, studies / "link.nii.gz")
-    nifti(generate_stack("ct", 3, (48, 48, 16)).image.astype(np.int16), studies / "big.nii.gz")
-    (studies / "detached.nrrd").write_bytes(nrrd_bytes({"data file": str(outside / "secret.txt")}))
-    label = np.zeros(SHAPE, np.uint8)
-    label[:, :, 4] = 1
-    os.symlink(nifti(label, outside / "label.nii.gz"), studies / "labels" / "final" / "ct2.nii.gz")
-    torch.manual_seed(0)
-    torch.save({"model": build_network(TINY).state_dict()}, root / "pretrained.pt")
-    return {"root": root, "studies": studies, "outside": outside, "tmp": tmp}
-
-
-def live_server(setup) -> LiveServer:
-    conf = {**CONF, "pretrained_path": str(setup["root"] / "pretrained.pt")}
-    env = {"TMPDIR": str(setup["tmp"]), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-    return LiveServer(setup["studies"], setup["root"], conf=conf, env=env).start()
+    return make_studies(tmp_path_factory.mktemp("security"))
 
 
 @pytest.fixture(scope="module")
@@ -116,24 +37,6 @@ def server(setup):
     srv = live_server(setup)
     yield srv
     srv.stop()
-
-
-def disk_state(setup, server) -> dict:
-    """What a refused request must leave alone, byte for byte."""
-    studies, model = setup["studies"], Path(server.app_dir) / "model"
-    return {
-        "datastore": (studies / "datastore_v2.json").read_bytes(),
-        "records": records_on_disk(studies),
-        "labels": {p.relative_to(studies).as_posix(): p.read_bytes() for p in (studies / "labels").rglob("*") if p.is_file()},
-        "studies": sorted(os.listdir(studies)),
-        "model": sorted(p.relative_to(model).as_posix() for p in model.rglob("*")) if model.exists() else [],
-        "tmp": sorted(os.listdir(setup["tmp"])),
-    }
-
-
-def peak_rss(server) -> int:
-    status = Path(f"/proc/{server.proc.pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +164,7 @@ def test_unused_endpoints_off_and_the_rest_checked(setup, server):
         assert r.status_code == 404 and "no model 'nope'" in r.json()["detail"], (method, r.text)
     checks = [
         ("post", "/train/", {"json": {"qunet": {"max_epochs": "x"}}}, 400, "max_epochs"),
+        ("post", "/train/", {"json": {"qunet": {"seed": [1]}}}, 400, "seed"),
         ("post", "/train/", {"json": {"nope": {}}}, 404, "no trainer 'nope'"),
         ("post", "/train/qunet", {"json": {"model": "other"}}, 400, "params.model"),
         ("post", "/scoring/qunet_quality", {"json": {"method": "qunet_disagreement"}}, 400, "params.method"),
@@ -285,105 +189,6 @@ def test_served_slice_records_are_pruned(setup, server):
     counts = {k: len(v.get("qunet_served", {})) for k, v in kept.items()}
     assert 0 < max(counts.values()) <= 33, counts  # the newest expired ones and the one being written
     assert f"client-059-{'x' * 100}" in kept[r.json()["id"]]["qunet_served"]  # the newest kept
-
-
-def test_fuzzed_upload_headers(setup, server, tmp_path):
-    """Seeded mutations of NIfTI, NRRD and MetaImage label headers: never a 5xx, a refusal changes nothing, an
-    accepted label reads back on the image's grid, and memory stays bounded."""
-    rng = random.Random(20261201)
-    image = load_stack(setup["studies"] / "ct1.nii.gz")
-    label = np.zeros(SHAPE, np.uint8)
-    label[5:9, 5:9, 2] = 1
-    raw = np.ascontiguousarray(label.transpose(2, 1, 0)).tobytes()  # file order: x fastest
-    ints = ["0", "-1", "1", "3", "2", "48", "10", "4096", "2147483647", "99999999999", "x", ""]
-    nrrd_fields = {"type": ["uint8", "int16", "float", "double", "block", "weird"], "dimension": ["2", "3", "4", "0", "-1", "x"],
-                   "sizes": ["48 48 10", "48 48", "4800 4800 1000", "0 48 10", "-1 48 10", "48 48 10 1", "a b c"],
-                   "encoding": ["raw", "gzip", "bzip2", "ascii", "hex", "none"], "endian": ["little", "big", "middle"],
-                   "byte skip": ints, "line skip": ints, "data file": ["/etc/hostname", "LIST", "x%03d.raw 1 3 1"],
-                   "space directions": ["(-0.8,0,0) (0,-0.8,0) (0,0,4)", "none", "(1,0) (0,1)", "garbage"],
-                   "space origin": ["(0,0,0)", "(1,2)", "none"]}
-    meta_fields = {"NDims": ints, "DimSize": ["48 48 10", "48 48", "4800 4800 1000", "0 0 0", "48 48 x"],
-                   "ElementType": ["MET_UCHAR", "MET_FLOAT", "MET_DOUBLE", "MET_FLOAT_ARRAY", "MET_NONE", "x"],
-                   "ElementNumberOfChannels": ints, "CompressedData": ["True", "False", "maybe"],
-                   "CompressedDataSize": ints, "HeaderSize": ints, "BinaryData": ["True", "False"],
-                   "ElementDataFile": ["LOCAL", "local", "/etc/hostname", "LIST", "x%d.raw 1 3 1"]}
-    nifti_fields = {0: "<i", 40: "<h", 42: "<h", 44: "<h", 46: "<h", 48: "<h", 70: "<h", 72: "<h", 108: "<f", 112: "<f"}
-    values = {"i": [0, -1, 1, 2, 3, 7, 48, 255, 348, 540, 32767, -32768], "f": [0.0, -1.0, 352.0, 1e30, float("nan")]}
-
-    def mutated() -> tuple[str, bytes]:
-        kind, compress, changes = rng.choice(["nifti", "nrrd", "mha"]), rng.random() < 0.5, rng.choice([0, 1, 1, 2, 3])
-        if kind == "nrrd":
-            fields = {k: rng.choice(v) for k, v in rng.sample(sorted(nrrd_fields.items()), changes)}
-            if compress:
-                fields.setdefault("encoding", "gzip")
-            data = deflate(raw, 0) if fields.get("encoding") == "gzip" else raw
-            return "l.nrrd", nrrd_bytes(fields, data[: rng.choice([len(data), len(data) // 2])])
-        if kind == "mha":
-            fields = {k: rng.choice(v) for k, v in rng.sample(sorted(meta_fields.items()), changes)}
-            if compress:
-                fields.setdefault("CompressedData", "True")
-            data = deflate(raw, 0, 15) if fields.get("CompressedData") == "True" else raw
-            return "l.mha", mha_bytes(fields, data[: rng.choice([len(data), len(data) // 2])])
-        block = bytearray(nib.Nifti1Image(label, AFFINE).header.binaryblock)
-        block[108:112] = np.float32(352).tobytes()
-        for _ in range(changes):
-            offset = rng.choice(sorted(nifti_fields))
-            fmt = nifti_fields[offset]
-            block[offset: offset + struct.calcsize(fmt)] = struct.pack(fmt, rng.choice(values["f" if fmt == "<f" else "i"]))
-        if changes and rng.random() < 0.2:
-            block[344:348] = rng.choice([b"ni1\0", b"n+2\0", b"xxxx"])
-        data = bytes(block) + bytes(4) + label.transpose(2, 1, 0).tobytes()
-        return ("l.nii.gz", deflate(data)) if compress else ("l.nii", data)
-
-    for name, data in (("l.nii", nifti(label, tmp_path / "w.nii").read_bytes()), ("l.nrrd", nrrd_bytes({}, raw)), ("l.mha", mha_bytes({}, raw)),
-                       ("l.nrrd", nrrd_bytes({"encoding": "gzip"}, deflate(raw))),
-                       ("l.mha", mha_bytes({"CompressedData": "True"}, deflate(raw, 0, 15)))):
-        r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)}, timeout=60)
-        assert r.status_code == 200, (name, r.text)  # every reader loaded before the peak RSS is taken
-    peak, before, seen = peak_rss(server), disk_state(setup, server), {}
-    for i in range(150):
-        name, data = mutated()
-        r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)}, timeout=60)
-        seen[r.status_code] = seen.get(r.status_code, 0) + 1
-        assert r.status_code < 500, (i, name, data[:400], r.text[:300])
-        if r.status_code == 200:
-            stored = requests.get(f"{server.url}/datastore/label", params={"label": "ct1", "tag": "final"}, timeout=30)
-            back = tmp_path / stored.headers["content-disposition"].split("filename=")[1].strip('"')  # ct1.<format>
-            back.write_bytes(stored.content)
-            assert load_label(back, image).shape == SHAPE
-            before = disk_state(setup, server)
-        else:
-            assert r.json()["detail"] and disk_state(setup, server) == before, (i, name, data[:400], r.text[:300])
-    print(f"\nFUZZ 150 mutated label headers, status counts: {dict(sorted(seen.items()))}")
-    assert seen.get(422, 0) > 75 and seen.get(200, 0) >= 20  # (0 changes: a valid label, 1 in 5)
-    assert peak_rss(server) - peak < MEMORY_BOUND
-
-
-def test_restart_ignores_pending_saves_the_app_did_not_write(tmp_path):
-    """The journal entry of an interrupted label save is acted on only if it names a temporary file of ours and a
-    stale file of the same image: one naming another image's label would move it over this one."""
-    import sys
-
-    if str(APP) not in sys.path:
-        sys.path.insert(0, str(APP))
-    from lib.datastore import QUNetDatastore
-
-    studies = tmp_path / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    for i, name in enumerate(("ct1", "ct2")):
-        nifti(generate_stack("ct", i + 1, SHAPE).image.astype(np.int16), studies / f"{name}.nii.gz")
-        nifti(np.full(SHAPE, i + 1, np.uint8), studies / "labels" / "final" / f"{name}.nii.gz")
-    QUNetDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
-    labels = {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()}
-    for pending in ({"tmp": "ct2.nii.gz", "stale": None}, {"tmp": ".tmp-abcdefgh", "stale": "ct2.nii.gz"},
-                    {"tmp": "../../ct2.nii.gz"}, "x", {"tmp": ".tmp-abcdefgh", "stale": "../ct2.nii.gz"}):
-        store = json.loads((studies / "datastore_v2.json").read_text())
-        store["objects"]["ct1"]["labels"]["final"]["info"]["qunet_pending"] = pending
-        (studies / "datastore_v2.json").write_text(json.dumps(store))
-        reopened = QUNetDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)  # what a restart runs
-        assert {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()} == labels, pending
-        assert "qunet_pending" not in reopened.get_label_info("ct1", "final")
-        assert reopened.get_label_by_image_id("ct2", "final")
 
 
 def test_model_uploads_checked_and_published_whole(setup, server):

@@ -14,7 +14,7 @@ from typing import Any
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
@@ -45,7 +45,8 @@ class QUNetApp(MONAILabelApp):
         self.published = published_model(app_dir)
         # the server's studies and conf, for the torchrun commands it runs on every GPU of a multi-GPU machine
         self.ranks_args = ["--studies", studies, *[x for k, v in conf.items() for x in ("--conf", str(k), str(v))]]
-        self.labels_since_training = 0
+        self.labels_since_training = 0  # final labels saved since the last auto-training (under _count_lock)
+        self._count_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -85,7 +86,7 @@ class QUNetApp(MONAILabelApp):
 
     def init_trainers(self) -> dict:
         return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published,
-                                  [os.path.join(self.app_dir, "train_cohort.py"), *self.ranks_args])}
+                                  [os.path.join(self.app_dir, "train_cohort.py"), "--locked", *self.ranks_args])}
 
     def init_strategies(self) -> dict:
         qunet = QUNetStrategy(self.qconf, self.model_path, self.model_dir)
@@ -183,10 +184,14 @@ class QUNetApp(MONAILabelApp):
         with processes.training_lock(self.model_dir):  # never two trainings, whichever servers started them
             return super().train(request)
 
-    def on_save_label(self, image_id: str, label_id: str) -> dict:
-        """Answer with the annotated slices (recorded by the datastore); train every `auto_train_after` labels."""
-        self.labels_since_training += 1
-        if self.qconf.auto_train_after and self.labels_since_training >= self.qconf.auto_train_after:
-            self.labels_since_training = 0
+    def on_save_label(self, image_id: str, label_id: str, tag: str = DefaultLabelTag.FINAL.value) -> dict:
+        """Answer with the annotated slices (recorded by the datastore); train every `auto_train_after` final labels
+        (other tags are drafts: nothing to train on)."""
+        with self._count_lock:  # the label endpoint runs in a thread pool
+            self.labels_since_training += tag == DefaultLabelTag.FINAL.value
+            due = bool(self.qconf.auto_train_after) and self.labels_since_training >= self.qconf.auto_train_after
+            if due:
+                self.labels_since_training = 0
+        if due:
             self.async_training(MODEL, enqueue=True)
         return {"annotated_slices": self.datastore().get_image_info(image_id).get(records.ANNOTATED)}

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--methods", nargs="+", choices=("quality", "disagreement"), default=["quality", "disagreement"])
     p.add_argument("--progress", action="store_true", help="rank 0 writes its share's progress to the app's model folder")
     args = p.parse_args(argv)
+    if args.model and not os.path.isfile(args.model):  # never another model in its place
+        p.error(f"--model {args.model}: no such file")
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
 
     rank, ranks, device = join_ranks(args.threads)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             dist.all_reduce(summed)  # also a barrier: every shard is written when it returns
             counts.update(zip(COUNTS, summed.tolist()))
         totals[name] = {**counts, "seconds": round(time.perf_counter() - start, 2)}  # until the slowest rank is done
-    if rank == 0 and "disagreement" in methods:
+    if rank == 0 and "disagreement" in methods and not (ranks == 1 and state_dir):  # else the scoring recorded it
         os.makedirs(model_dir(APP_DIR), exist_ok=True)
         DisagreementScoring(conf, lambda: path, model_dir(APP_DIR)).record_agreement(datastore, file_signature(path))
     if rank == 0:

@@ -8,10 +8,12 @@ DistributedDataParallel: each rank trains its share of every batch (qunet.traini
 model into the app's model folder with its train stats and history, as a training through the server does (a
 running server picks the model up the same way). Same result as one process up to floating-point rounding; the
 batch size must split evenly over the ranks. Without torchrun it is one rank. POST /train/qunet with
-`"multi_gpu": true` runs this on every local GPU. Give the same `--conf` values as the server.
+`"multi_gpu": true` runs this on every local GPU. Give the same `--conf` values as the server. Rank 0 holds the
+app's training lock (a running server's training, or another run, makes it fail with "a training is running").
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ from qunet.io import set_read_config  # noqa: E402
 
 from lib.conf import AppConf, model_dir, published_model  # noqa: E402
 from lib.dicomweb_datastore import open_studies  # noqa: E402
-from lib.processes import die_with_parent  # noqa: E402
+from lib.processes import die_with_parent, training_lock  # noqa: E402
 from lib.ranks import join_ranks, leave_ranks  # noqa: E402
 from lib.trainers import QUNetTrain  # noqa: E402
 
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     p.add_argument("--request", default="{}", help="training settings as POST /train/qunet takes them (JSON)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (default: cores / local ranks)")
+    p.add_argument("--locked", action="store_true", help="the caller holds the app's training lock (the server does)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(message)s")
     if "WORLD_SIZE" in os.environ:
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     set_read_config(ReadConfig(max_voxels=conf.max_voxels))
     trainer = QUNetTrain(model_dir(APP_DIR), conf, published_model(APP_DIR))
     request = {**json.loads(args.request), "device": str(device), "multi_gpu": False}
-    entry = trainer(request, open_studies(args.studies, conf))
+    # never beside another training (a server's, or another run of this script): both would publish the model
+    with contextlib.nullcontext() if args.locked or rank != 0 else training_lock(model_dir(APP_DIR)):
+        entry = trainer(request, open_studies(args.studies, conf))
     if rank == 0:
         print(json.dumps({"ranks": ranks, **entry}))
     leave_ranks()

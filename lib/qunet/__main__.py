@@ -1,4 +1,4 @@
-"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,bench,rescore} ...` (see README and docs/)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,proxies,bench,rescore} ...` (see README and docs/)."""
 
 import argparse
 import json
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quality", help="per-slice quality metrics and the S0 pick of one stack, as JSON")
-    q.add_argument("stack", help="NIfTI, NRRD or DICOM series folder")
+    q.add_argument("stack", help="NIfTI, NRRD, MetaImage (.mha) or DICOM series folder")
     q.add_argument("--roi", help="mask on the stack's grid (voxels > 0 form the ROI); default: automatic foreground")
     q.add_argument("--median-window", type=int, default=d.median_window)
     q.add_argument("--epsilon0", type=float, default=d.epsilon0)
@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(run=cmd_generate)
     u = sub.add_parser("upload", help="send stacks to a DICOMweb server as DICOM series (STOW-RS)")
     u.add_argument("url", help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
-    u.add_argument("stacks", nargs="+", help="NIfTI or NRRD files")
+    u.add_argument("stacks", nargs="+", help="NIfTI, NRRD or MetaImage (.mha) files")
     u.add_argument("--modality", default="CT", help="DICOM modality (MONAI Label lists only CT unless told otherwise)")
     u.set_defaults(run=cmd_upload)
     from qunet.experiments.bench import add_arguments as bench_arguments

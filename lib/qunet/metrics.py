@@ -35,8 +35,3 @@ def stack_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Each metric over all voxels of the given slices pooled together."""
     cm = get_confusion_matrix(_as_batch(pred), _as_batch(truth)).sum(dim=0, keepdim=True)
     return {k: float(v[0]) for k, v in _from_confusion(cm).items()}
-
-
-def mean_slice_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Per-slice metrics averaged over slices, as the paper's evaluation code reports them."""
-    return {k: float(v.mean()) for k, v in slice_metrics(pred, truth).items()}

@@ -39,11 +39,6 @@ class SliceQuality:
         d = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SliceQuality":
-        arrays = {k: np.asarray(d[k]) for k in ("blurriness", "psnr_inv", "cov", "mean", "valid")}
-        return cls(**arrays, roi=d["roi"])
-
 
 def stack_range(volume: np.ndarray) -> tuple[float, float]:
     """Robust intensity range (0.5th, 99.5th percentile) from a sub-sample of the stack.

@@ -1,10 +1,10 @@
 """Moving between (X, Y, Z) stacks and the network: intensities, annotated slices, and training patches.
 
 The network sees every stack the same way in training, scoring and segmentation: intensities normalised per
-stack (`normalise_stack`), slices at their native resolution (no resizing: a 20 px nodule in a 512 px slice
+stack (`Intensity`), slices at their native resolution (no resizing: a 20 px nodule in a 512 px slice
 stays 20 px), in square patches of `patch_size` pixels. Training draws patches (a fixed share centred on
 lesion, as nnU-Net's foreground oversampling); inference slides a window of the same size over whole slices
-(qunet.inference), so instance normalisation sees the same kind of input in both.
+(qunet.disagreement), so instance normalisation sees the same kind of input in both.
 """
 
 from dataclasses import dataclass
@@ -48,10 +48,6 @@ class Intensity:
     def background(self) -> float:
         """The lowest normalised value: what pads a slice smaller than a patch, in training and inference."""
         return (self.lo - self.mean) / self.std
-
-
-def normalise_stack(volume: np.ndarray) -> np.ndarray:
-    return Intensity.of(volume).apply(volume)
 
 
 def label_channels(label: np.ndarray, num_labels: int) -> np.ndarray:

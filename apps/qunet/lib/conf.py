@@ -1,5 +1,6 @@
 """The app's `--conf KEY VALUE` settings (all strings on the command line), with the library's defaults."""
 
+import logging
 import os
 from dataclasses import dataclass, fields
 
@@ -8,6 +9,15 @@ from qunet.neighbours import MODES
 from qunet.policy import VARIANTS
 
 MODEL = "qunet"  # the app's model: the name of its tasks, and model/qunet.pt, the file training publishes
+MONAI_LABEL_KEYS = ("server_mode",)  # --conf keys MONAI Label itself reads
+# the numeric settings' allowed values, (lowest, highest) inclusive; None: no bound
+RANGES: dict[str, tuple[float, float | None]] = {
+    "median_window": (1, None), "blur_percentile": (0, 100), "psnr_percentile": (0, 100), "epsilon0": (0, None),
+    "max_initial": (0, None), "min_initial": (0, None), "q0": (0, None), "slices_per_sample": (1, None),
+    "auto_train_after": (0, None), "hold_seconds": (0, None), "max_voxels": (1, None), "budget": (0, None),
+    "stop_tolerance": (0, None), "max_epochs": (1, None), "steps_per_epoch": (1, None),
+}
+logger = logging.getLogger(__name__)
 
 
 def model_dir(app_dir: str | os.PathLike) -> str:
@@ -75,21 +85,22 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
                     values[f.name] = parse(str(conf[f.name]))
                 except ValueError as e:
                     raise ValueError(f"--conf {f.name} {conf[f.name]!r}: {e}") from e
+        for key in sorted(set(conf) - {f.name for f in fields(cls)} - set(MONAI_LABEL_KEYS)):
+            logger.warning(f"--conf {key}: not a setting of this app, ignored (a typo?)")
+        for name, (lo, hi) in RANGES.items():
+            value = values.get(name)
+            if value is not None and not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
+                bound = f"from {lo} to {hi}" if hi is not None else f"{lo} or more"
+                raise ValueError(f"--conf {name} must be {bound}, got {conf[name]!r}")
         result = cls(**values)
         if len(result.features) != 6:
             raise ValueError(f"--conf features needs six comma-separated integers, got {result.features}")
         if result.random_strategy not in ("qunet", "random"):
             raise ValueError(f"--conf random_strategy must be qunet or random, got {result.random_strategy!r}")
-        if result.max_voxels < 1:
-            raise ValueError(f"--conf max_voxels must be positive, got {result.max_voxels}")
         if result.pick not in VARIANTS:
             raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
         if result.neighbour_labels not in MODES:
             raise ValueError(f"--conf neighbour_labels must be one of {', '.join(MODES)}, got {result.neighbour_labels!r}")
-        if result.max_epochs < 1 or result.steps_per_epoch < 1:
-            raise ValueError("--conf max_epochs and steps_per_epoch must be 1 or more")
-        if result.budget < 0 or result.stop_tolerance < 0:
-            raise ValueError("--conf budget and stop_tolerance must be 0 (off) or more")
         if result.patch_size < 16 or result.patch_size % 16:
             raise ValueError(f"--conf patch_size must be a multiple of 16 (four poolings), got {result.patch_size}")
         return result

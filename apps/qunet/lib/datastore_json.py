@@ -10,7 +10,6 @@ atomically (temporary file, fsync, rename).
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from filelock import FileLock
 from monailabel.datastore.local import LocalDatastoreModel
 
-from lib.files import TMP_PREFIX, fsync_dir
+from lib.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +92,7 @@ class LockedJsonMixin:
         with self._lock() if lock else contextlib.nullcontext():
             # pydantic's encoder: json.dumps with indent falls back to pure Python, 10x slower on 1,000 volumes
             text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2, fallback=str)
-            fd, tmp = tempfile.mkstemp(dir=self._datastore_path, prefix=TMP_PREFIX, suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._datastore_config_path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            fsync_dir(self._datastore_path)
+            atomic_write(text, self._datastore_config_path)
             self._config_ts = self._signature()
 
     def _locked_update(self, change: Callable[[], None]) -> None:

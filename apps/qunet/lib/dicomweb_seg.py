@@ -10,6 +10,7 @@
 """
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,10 +29,12 @@ from pydicom.dataset import Dataset
 
 from qunet.io import load_stack
 
-from lib.dicomweb_series import qido_value
+from lib.dicomweb_series import UID, check_series, qido_value
+from lib.files import atomic_write
 
 SEG_INDEX_SECONDS = 5  # how long one QIDO listing of the server's SEG series is reused
 SEG_TOOL = "itkimage2segimage"
+logger = logging.getLogger(__name__)
 
 
 def _seg_time(meta: Dataset) -> float:
@@ -76,11 +79,7 @@ class DicomSegMixin:
 
     def _save_seg_meta(self) -> None:
         with FileLock(os.path.join(self._lock_dir, "qunet-segs.lock")):
-            merged = {**self._load_seg_meta(), **self._seg_meta}
-            fd, tmp = tempfile.mkstemp(dir=self._lock_dir, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(merged, f)
-            os.replace(tmp, self._seg_meta_file)
+            atomic_write(json.dumps({**self._load_seg_meta(), **self._seg_meta}), self._seg_meta_file)
 
     def _seg_info(self, study_uid: str, seg_uid: str) -> tuple[str, float] | None:
         """(referenced image series, creation time) of a SEG; None when it names no series."""
@@ -101,8 +100,11 @@ class DicomSegMixin:
                 self._seg_meta_dirty = False
                 for ds in self._client.search_for_series(search_filters={"Modality": "SEG"}):
                     study, seg = qido_value(ds, "0020000D"), qido_value(ds, "0020000E")
+                    if not (UID.match(study) and UID.match(seg)):  # they name cache files; the client refuses them
+                        logger.warning(f"SEG series {seg!r} of study {study!r}: not DICOM UIDs, ignored")
+                        continue
                     found = self._seg_info(study, seg)
-                    if found:
+                    if found and UID.match(found[0]):
                         index.setdefault(found[0], []).append((found[1], seg, study))
                 if self._seg_meta_dirty:
                     self._save_seg_meta()
@@ -126,8 +128,9 @@ class DicomSegMixin:
             seg_dir = os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL.value), seg_uid)
             if not (os.path.isdir(seg_dir) and os.listdir(seg_dir)):
                 self._download(study_uid, seg_uid, seg_dir)
-            [name] = os.listdir(seg_dir)
-            label = self._segments_on(pydicom.dcmread(os.path.join(seg_dir, name)), sitk.ReadImage(image_file))
+            check_series(seg_dir)
+            first = sorted(os.listdir(seg_dir))[0]  # dcmqi writes a SEG as one instance
+            label = self._segments_on(pydicom.dcmread(os.path.join(seg_dir, first)), sitk.ReadImage(image_file))
             fd, tmp = tempfile.mkstemp(dir=self._grid_dir, prefix=".tmp-", suffix=".nii.gz")
             os.close(fd)
             try:

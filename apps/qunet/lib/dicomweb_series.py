@@ -25,6 +25,9 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.exception import ImageNotFoundException
 from pydicom.dataset import Dataset
 
+from qunet.io import StackError, check_file
+
+from lib.errors import InvalidFile
 from lib.files import atomic_copy
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -35,6 +38,15 @@ def qido_value(ds: dict, tag: str) -> str:
     """The first value of an attribute (hex tag) of a QIDO-RS JSON answer, as text; "" when absent."""
     values = (ds.get(tag) or {}).get("Value") or [""]
     return str(values[0])
+
+
+def check_series(folder: str) -> None:
+    """The voxel cap (rows x columns x frames x files, from the first header) before a reader loads every instance:
+    a series or SEG the server holds is as untrusted as an upload (422)."""
+    try:
+        check_file(folder)
+    except StackError as e:
+        raise InvalidFile(str(e)) from None
 
 
 class SeriesCacheMixin:
@@ -79,6 +91,7 @@ class SeriesCacheMixin:
             series_dir = self._series_dir(image_id)
             if not (os.path.isdir(series_dir) and os.listdir(series_dir)):
                 self._download(None, image_id, series_dir)
+            check_series(series_dir)
             converted = dicom_to_nifti(series_dir)
             try:
                 self._cache_image(image_id, converted, self._series_info(image_id))

@@ -48,8 +48,9 @@ def atomic_copy(src: str, dest: str) -> None:
 
 
 def atomic_write(data: str | bytes, dest: str) -> None:
-    """Write `data` to `dest` so that `dest` is always either the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=TMP_PREFIX)
+    """Write `data` to `dest` so that `dest` is always either the old file or the complete new one, on disk."""
+    folder = os.path.dirname(dest) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
@@ -59,6 +60,7 @@ def atomic_write(data: str | bytes, dest: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    fsync_dir(folder)
 
 
 def file_suffix(path: str) -> str:

@@ -10,6 +10,7 @@ DISAGREEMENT = "qunet_disagreement"  # per-slice Q with the model and image sign
 ANNOTATED = "qunet_annotated"  # slice indices covered by submitted labels
 SERVED = "qunet_served"  # {client_id: {"slices": [...], "ts": seconds}}: slices handed out by Next sample
 ERROR = "qunet_error"  # why the image cannot be scored, if it cannot
+ERROR_SOURCE = "qunet_error_source"  # file signature the error in ERROR was found for
 
 # Keys the app (or MONAI Label for it) writes into image or label info, besides its own "qunet_" ones: the strategy's
 # record, file bookkeeping, and what the DICOMweb datastore copies from the series (its labels' SEG uid picks the

@@ -38,8 +38,6 @@ from lib.errors import Conflict
 from lib.progress import ScoringProgress, record_agreement
 from lib.ranks import run_ranks
 
-ERROR_SOURCE = "qunet_error_source"  # file signature the error in records.ERROR was found for
-
 logger = logging.getLogger(__name__)
 
 
@@ -81,7 +79,7 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
             info = datastore.get_image_info(image_id)
             path = datastore.get_image_uri(image_id)
             source = signature_or_none(path)
-            if info.get(records.ERROR) and source is not None and info.get(ERROR_SOURCE) == source:
+            if info.get(records.ERROR) and source is not None and info.get(records.ERROR_SOURCE) == source:
                 continue  # known bad, file unchanged: not read again
             if source is not None and done(info, path):
                 outcome = "skipped"
@@ -96,11 +94,11 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
                 logger.exception(f"cannot score {image_id}")
                 error, error_source = f"{path}: {type(e).__name__}: {e}", None
             else:
-                datastore.update_image_info(image_id, {key: result, records.ERROR: None, ERROR_SOURCE: None})
+                datastore.update_image_info(image_id, {key: result, records.ERROR: None, records.ERROR_SOURCE: None})
                 outcome, slices = "scored", cost({**info, key: result}) or 0
                 continue
             logger.error(f"cannot score {image_id}: {error}")
-            datastore.update_image_info(image_id, {records.ERROR: error, ERROR_SOURCE: error_source})
+            datastore.update_image_info(image_id, {records.ERROR: error, records.ERROR_SOURCE: error_source})
         except (ImageNotFoundException, FileNotFoundError):  # removed while scoring
             logger.info(f"{image_id} was removed while scoring")
             outcome = "skipped"
@@ -144,7 +142,7 @@ def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) 
             return True
         path = datastore.get_image_uri(image_id)
         source = signature_or_none(path)
-        if source is None or info.get(records.ERROR) and info.get(ERROR_SOURCE) == source:
+        if source is None or info.get(records.ERROR) and info.get(records.ERROR_SOURCE) == source:
             continue
         if not done(info, path):
             return True

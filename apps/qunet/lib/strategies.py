@@ -28,7 +28,7 @@ from qunet.policy import DISAGREEMENT, LoopState, Pick, Ranking, VolumeState
 from lib import records
 from lib.conf import AppConf
 from lib.progress import read_agreement, read_progress
-from lib.scoring import ERROR_SOURCE, infos_read_only, quality_record, signature_or_none, training_running, volume_state
+from lib.scoring import infos_read_only, quality_record, signature_or_none, training_running, volume_state
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +163,11 @@ class QUNetStrategy(Strategy):
                 "ts": int(time.time()), "client_id": request.get("client_id")}}
             datastore.update_image_info(pick.image_id, {records.SERVED: served, "strategy": used})
             # per slice: Q and the predicted lesion pixels of the model, or the quality metrics before one
+            # (a record removed since the snapshot, by a label deletion or a new file: no scores in the answer)
             if pick.phase == DISAGREEMENT:
-                rec, keys = info[records.DISAGREEMENT], ("q", "area")
+                rec, keys = info.get(records.DISAGREEMENT) or {}, ("q", "area")
             else:
-                rec, keys = info[records.QUALITY], ("blurriness", "psnr_inv")
+                rec, keys = info.get(records.QUALITY) or {}, ("blurriness", "psnr_inv")
             answer["scores"] = {k: [rec[k][i] for i in pick.slices] for k in keys if rec.get(k)}
             # stock 3D Slicer names the loaded volume node after PatientID: the annotator sees the slices there
             answer["PatientID"] = f"{pick.image_id} - annotate slices (K) {', '.join(map(str, pick.slices))}"
@@ -202,7 +203,7 @@ class QUNetStrategy(Strategy):
         try:
             rec = quality_record(path, self.conf)
         except StackError as e:  # a bad file: skipped until it changes (as the scoring run does)
-            datastore.update_image_info(image_id, {records.ERROR: str(e), ERROR_SOURCE: signature_or_none(path)})
+            datastore.update_image_info(image_id, {records.ERROR: str(e), records.ERROR_SOURCE: signature_or_none(path)})
         except Exception:  # anything else must not fail Next sample for every client: skip it this time
             logger.exception(f"cannot score {image_id} for Next sample")
         else:

@@ -36,6 +36,7 @@ from qunet.training import EpochStats, seed_everything, train
 from lib import records
 from lib.conf import AppConf
 from lib.files import atomic_write
+from lib.progress import read_json
 from lib.ranks import run_ranks
 from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
 
@@ -64,20 +65,12 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
     }
     checked = dict(request)
     for key, check in checks.items():
-        if key in checked and not isinstance(checked[key], list):  # a list is MONAI Label's "choose one" default
+        if key in checked:  # config() offers no list ("choose one") values: a list is a bad value
             checked[key] = check(checked[key])
     for key in ("train_ds", "val_ds", "tracking_uri"):  # server-side paths: not a client's to choose
         if checked.get(key):
             raise BadRequest(f"{key} is not supported by this app")
     return checked
-
-
-def _read_json(path: str, default: Any) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
 
 
 class QUNetTrain(TrainTask):
@@ -103,11 +96,10 @@ class QUNetTrain(TrainTask):
                 "multi_gpu": False}
 
     def stats(self) -> dict[str, Any]:
-        return _read_json(self.stats_path, {})
+        return read_json(self.stats_path, {})
 
     def history(self) -> list[dict[str, Any]]:
-        history = _read_json(self.history_path, [])
-        return history if isinstance(history, list) else []
+        return read_json(self.history_path, [])
 
     # ---- one training run --------------------------------------------------------------------------------------
 
@@ -119,9 +111,8 @@ class QUNetTrain(TrainTask):
             keep = {k: v for k, v in request.items() if k in REQUEST_KEYS or k in ("seed", "pretrained")}
             return run_ranks([*self.ranks_command, "--request", json.dumps(keep)], gpus)
         leader = not dist.is_initialized() or dist.get_rank() == 0  # the one rank that writes
-        settings = replace(self.defaults(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request
-                                             and not isinstance(request[k], list)})
-        device = torch.device(request["device"]) if isinstance(request.get("device"), str) else default_device()
+        settings = replace(self.defaults(), **{f: request[k] for k, f in REQUEST_KEYS.items() if k in request})
+        device = torch.device(request["device"]) if request.get("device") else default_device()
         annotated = self._annotated(datastore)
         slices = [s for image_slices in annotated.values() for s in image_slices[1]]
         if not slices:
@@ -209,9 +200,7 @@ class QUNetTrain(TrainTask):
 
     def _heldout(self, network: torch.nn.Module, annotated: dict, datastore: Datastore, device: torch.device) -> dict | None:
         """Dice of the published model on the slices annotated since it was trained: slices it never saw."""
-        seen = _read_json(self.trained_path, {})
-        if not isinstance(seen, dict):
-            return None
+        seen = read_json(self.trained_path, {})
         prepare(network, device)
         overlap = size = count = lesion = 0
         for image_id, (ks, _) in annotated.items():

@@ -79,8 +79,9 @@ def save_label(background_tasks, image: str, params: str = "{}", tag: str = Defa
         save_params["user"] = user
     instance = app_instance()
     with received(label, f"label for {image!r}", "label") as path:
-        label_id = instance.datastore().save_label(image, path, tag or DefaultLabelTag.FINAL.value, save_params)
-    return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
+        tag = tag or DefaultLabelTag.FINAL.value
+        label_id = instance.datastore().save_label(image, path, tag, save_params)
+    return {**(instance.on_save_label(image, label_id, tag) or {}), "image": image, "label": label_id}
 
 
 def add_image(background_tasks, image: str | None = None, params: str = "{}", file: UploadFile | None = None,

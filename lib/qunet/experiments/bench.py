@@ -20,11 +20,12 @@ import contextlib
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from qunet.experiments.cli import recorded_command
 
 REPO = Path(__file__).resolve().parents[3]
 APP = REPO / "apps" / "qunet"
@@ -33,10 +34,10 @@ APP = REPO / "apps" / "qunet"
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-
 def _sig(x: float) -> float:
     """Four significant figures: tiny --quick figures must not round to zero."""
     return float(f"{x:.4g}")
+
 
 def _best(fn, repeats: int) -> float:
     """Shortest wall time of `repeats` calls (after one warm-up): the least disturbed by other load."""
@@ -148,9 +149,6 @@ def quality_bench(shape=(512, 512, 48), repeats: int = 3) -> dict:
     seconds = _best(lambda: slice_quality(volume, median_window=window), repeats)
     return {"shape": list(shape), "median_window": window, "seconds": round(seconds, 3),
             "slices_per_s": round(shape[2] / seconds, 1)}
-
-
-# ----------------------------------------------------------------------------------------------- Next sample
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -294,7 +292,7 @@ def main(args) -> None:
 
         torch.set_num_threads(args.threads)
     result = run(tuple(args.only), args.quick, args.volumes, args.requests, args.auto_scoring)
-    result["command"] = "python -m qunet " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
+    result["command"] = recorded_command("bench")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(render(result))

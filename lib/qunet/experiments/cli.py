@@ -15,6 +15,14 @@ def widths(value: str) -> tuple[int, ...]:
     return tuple(int(x) for x in value.split(","))
 
 
+def positive(value: str) -> int:
+    """A count on the command line (seeds, rounds, slices, epochs, pixels): 1 or more."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
+    return number
+
+
 def add_machine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

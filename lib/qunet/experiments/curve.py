@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qunet.config import GPU_MODEL, GPU_TRAIN, ModelConfig, TrainConfig
-from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
+from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
 from qunet.experiments.data import Case, find_pairs, load_cases, stratified_draw, training_set
 from qunet.experiments.data import evaluate as evaluate_unseen
 from qunet.network import build_network, prepare
@@ -135,15 +135,15 @@ def report(points: list[Point], cases: list[Case], out: Path, title: str, comman
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
     p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
-    p.add_argument("--counts", type=int, nargs="+", default=[5, 10, 20, 40], help="annotated slices per cohort")
+    p.add_argument("--counts", type=positive, nargs="+", default=[5, 10, 20, 40], help="annotated slices per cohort")
     p.add_argument("--per-stack", action="store_true", help="counts are per stack (each leaving a slice unseen)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="recipe size: cpu (minutes) or gpu (paper-size)")
     p.add_argument("--features", type=widths, help="override the preset's widths")
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--max-epochs", type=int, help="override the preset's epochs (of steps-per-epoch updates)")
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patch-size", type=positive)
+    p.add_argument("--max-epochs", type=positive, help="override the preset's epochs (of steps-per-epoch updates)")
+    p.add_argument("--steps-per-epoch", type=positive)
+    p.add_argument("--batch-size", type=positive)
     p.add_argument("--foreground", type=float, help="share of patches centred on lesion")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")

@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 
 from qunet.disagreement import jaccard, levels_3_and_4
 from qunet.experiments.activelearning import Benchmark, LoopRun, RoundsConfig
-from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
+from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
 from qunet.experiments.data import find_pairs, load_cases
 
 # name -> per-slice score from (level-3 logits, level-4 logits), higher = asked for first
@@ -69,12 +69,12 @@ def summary(rows: list[dict], top: int) -> dict[str, dict[str, float]]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
     p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--per-round", type=int, default=4)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps-per-epoch", type=int, default=RoundsConfig().train.steps_per_epoch)
+    p.add_argument("--rounds", type=positive, default=2)
+    p.add_argument("--per-round", type=positive, default=4)
+    p.add_argument("--seeds", type=positive, default=2)
+    p.add_argument("--steps-per-epoch", type=positive, default=RoundsConfig().train.steps_per_epoch)
     p.add_argument("--features", type=widths, default=RoundsConfig().model.features)
-    p.add_argument("--patch-size", type=int, default=RoundsConfig().model.patch_size)
+    p.add_argument("--patch-size", type=positive, default=RoundsConfig().model.patch_size)
     p.add_argument("--out", required=True)
     add_machine_arguments(p)
 

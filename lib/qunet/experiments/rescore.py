@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qunet.experiments.bench import REPO
+from qunet.experiments.cli import positive
 from qunet.experiments.live_bench import Server
 from qunet.io import IMAGE_SUFFIXES, load_label, load_stack, stack_id
 
@@ -136,8 +137,8 @@ def _pairs(values: list[str]) -> dict[str, str]:
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, default=SAMPLES, help="stacks, with full labels in DATA/ground-truth/")
     p.add_argument("--out", default="rescore.json", help="JSON file for the figures")
-    p.add_argument("--rounds", type=int, default=2, help="Train rounds (the first has no earlier scores to order by)")
-    p.add_argument("--samples", type=int, default=2, help="Next sample answers annotated before each Train")
+    p.add_argument("--rounds", type=positive, default=2, help="Train rounds (the first has no earlier scores to order by)")
+    p.add_argument("--samples", type=positive, default=2, help="Next sample answers annotated before each Train")
     p.add_argument("--conf", nargs="*", default=[], metavar="KEY=VALUE", help="app settings (--conf of the server)")
     p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="train request settings, e.g. max_epochs=5")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between Next sample requests after Train")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qunet.experiments.activelearning import METHODS, Benchmark, RoundResult, RoundsConfig
 from qunet.experiments.al_report import report
-from qunet.experiments.cli import add_machine_arguments, machine, recorded_command, widths
+from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
 from qunet.experiments.data import find_pairs, load_cases
 
 
@@ -22,15 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RoundsConfig()
     p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
     p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--per-round", type=int, default=d.per_round, help="slices annotated each round by every method")
-    p.add_argument("--seeds", type=int, default=d.seeds)
+    p.add_argument("--rounds", type=positive, default=d.rounds)
+    p.add_argument("--per-round", type=positive, default=d.per_round, help="slices annotated each round by every method")
+    p.add_argument("--seeds", type=positive, default=d.seeds)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
-    p.add_argument("--max-epochs", type=int, default=d.train.max_epochs, help="training per round, in epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=d.train.steps_per_epoch)
-    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
+    p.add_argument("--max-epochs", type=positive, default=d.train.max_epochs, help="training per round, in epochs")
+    p.add_argument("--steps-per-epoch", type=positive, default=d.train.steps_per_epoch)
+    p.add_argument("--batch-size", type=positive, default=d.train.batch_size)
     p.add_argument("--features", type=widths, default=d.model.features)
-    p.add_argument("--patch-size", type=int, default=d.model.patch_size)
+    p.add_argument("--patch-size", type=positive, default=d.model.patch_size)
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="", help="of the table and plot (default: the title of the folder's earlier "
                                                 "runs, else the stacks' names)")

@@ -258,5 +258,5 @@ def run_experiment(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig,
         if bar is not None:
             bar.close()
     title = title or f"QU-net++ experiment on {', '.join(c.name for c in cases)}"
-    return report(results, cases, runner.s0, config, Path(out), title, command or " ".join(sys.argv),
+    return report(results, cases, runner.s0, config, Path(out), title, command,
                   time.perf_counter() - start)
