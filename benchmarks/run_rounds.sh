@@ -78,6 +78,9 @@ run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --
 run prevalence-10seeds 8 --data "$WORK/prevalence" --methods mcdropout "${@}"
 # MC dropout's seeds 3-4 on the hybrid cohort (about 6 min per round), beside the seeds 0-2 copied from hybrid-middles
 run hybrid-10seeds 8 --data "$WORK/hybrid" --methods mcdropout "${@}"
+# seeds 10-14 of lesion, random and fixed interval on the hybrid cohort, added to a copy of hybrid-10seeds
+[ -e "${prefix}hybrid-15seeds" ] || cp -r "${prefix}hybrid-10seeds" "${prefix}hybrid-15seeds"
+run hybrid-15seeds 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --seeds 15 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
