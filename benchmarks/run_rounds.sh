@@ -81,6 +81,8 @@ run hybrid-10seeds 8 --data "$WORK/hybrid" --methods mcdropout "${@}"
 # seeds 10-14 of lesion, random and fixed interval on the hybrid cohort, added to a copy of hybrid-10seeds
 [ -e "${prefix}hybrid-15seeds" ] || cp -r "${prefix}hybrid-10seeds" "${prefix}hybrid-15seeds"
 run hybrid-15seeds 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --seeds 15 "${@}"
+# lesion-aware random (reads the truth) on the CT-like stacks, 10 seeds: how much a truth-aware pick gains there
+run ct-10seeds 4 --data sample-data --include 'ct*' --methods lesion-random --seeds 10 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
