@@ -1,4 +1,5 @@
-"""Hostile files and the server the security tests aim them at (test_security.py, test_security_files.py)."""
+"""Hostile files and the server the security tests aim them at (test_security.py, test_security_files.py): each
+module that imports the `setup` and `server` fixtures gets its own studies folder and server."""
 
 import os
 import zlib
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from live_server import LiveServer, records_on_disk
@@ -110,3 +112,15 @@ def disk_state(setup, server) -> dict:
 def peak_rss(server) -> int:
     status = Path(f"/proc/{server.proc.pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_studies(tmp_path_factory.mktemp("security"))
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    srv = live_server(setup)
+    yield srv
+    srv.stop()

@@ -286,8 +286,8 @@ def test_datastore_in_process(data):
         # what the server holds is untrusted too: SEG UIDs name cache files, and headers decide memory
         client = DICOMwebClient(data["url"])
         image_id = labelled[0]
-        [seg] = client.retrieve_series(segs_of(data["url"], image_id)[0].StudyInstanceUID,
-                                       segs_of(data["url"], image_id)[0].SeriesInstanceUID)
+        stored = segs_of(data["url"], image_id)[0]
+        [seg] = client.retrieve_series(stored.StudyInstanceUID, stored.SeriesInstanceUID)
         seg.SeriesInstanceUID, seg.SOPInstanceUID = "1.2/../../../../escaped", pydicom.uid.generate_uid()
         client.store_instances([seg])
         fresh = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache3"),

@@ -21,22 +21,10 @@ import requests
 import torch
 from filelock import FileLock
 
-from hostile_files import (BOMB, CAP, MEMORY_BOUND, SHAPE, TINY, VOXELS, deflate, disk_state, live_server, make_studies,
-                           mha_bytes, nifti, nifti_bytes, nrrd_bytes, peak_rss)
+from hostile_files import (BOMB, CAP, MEMORY_BOUND, SHAPE, TINY, VOXELS, deflate, disk_state, live_server, mha_bytes,  # noqa: F401
+                           nifti, nifti_bytes, nrrd_bytes, peak_rss, server, setup)  # (fixtures)
 from live_server import records_on_disk, wait_for
 from qunet import build_network
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_studies(tmp_path_factory.mktemp("security"))
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    srv = live_server(setup)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,13 @@ import struct
 
 import nibabel as nib
 import numpy as np
-import pytest
 import requests
 
-from hostile_files import (AFFINE, MEMORY_BOUND, SHAPE, deflate, disk_state, live_server, make_studies, mha_bytes,
-                           nifti, nrrd_bytes, peak_rss)
+from hostile_files import (AFFINE, MEMORY_BOUND, SHAPE, deflate, disk_state, mha_bytes, nifti, nrrd_bytes, peak_rss,  # noqa: F401
+                           server, setup)  # (fixtures)
 from live_server import APP
 from qunet.io import load_label, load_stack
 from qunet.synthetic import generate_stack
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_studies(tmp_path_factory.mktemp("security-files"))
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    srv = live_server(setup)
-    yield srv
-    srv.stop()
 
 
 def test_fuzzed_upload_headers(setup, server, tmp_path):
