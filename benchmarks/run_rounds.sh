@@ -2,7 +2,7 @@
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
 # (MC dropout about 90-120 s, 420 s on the hybrid cohort and 320 s on the real stacks: five scoring passes), about
-# 17 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
+# 18 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
 # lacks: delete docs/rounds/NAME to rerun it from scratch.
 # FULL=1: 4 rounds of 12 slices with the app's full training per round (10 epochs of 50 updates), into
 # docs/rounds/full-NAME (hours per cohort on 2 cores: a GPU run is the practical one).
@@ -83,6 +83,10 @@ run hybrid-10seeds 8 --data "$WORK/hybrid" --methods mcdropout "${@}"
 run hybrid-15seeds 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --seeds 15 "${@}"
 # lesion-aware random (reads the truth) on the CT-like stacks, 10 seeds: how much a truth-aware pick gains there
 run ct-10seeds 4 --data sample-data --include 'ct*' --methods lesion-random --seeds 10 "${@}"
+# `interior` (lesion with each stack's end slices last) and `appearance` (k-centre over slice thumbnails): 10
+# seeds on the CT-like stacks, 5 on the hybrid cohort
+run ct-10seeds 4 --data sample-data --include 'ct*' --methods interior appearance --seeds 10 "${@}"
+run hybrid-15seeds 8 --data "$WORK/hybrid" --methods appearance --seeds 5 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"

@@ -71,6 +71,12 @@ class LiveServer:
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
+    def image_info(self, image_id: str) -> dict:
+        """The image's datastore record (`/datastore/image/info`), the app's records included."""
+        r = requests.get(f"{self.url}/datastore/image/info", params={"image": image_id}, timeout=30)
+        assert r.ok, r.text
+        return r.json()
+
 
 def records_on_disk(studies: Path) -> dict[str, dict]:
     """The app's per-image records as a restarted server would read them from the studies folder's SQLite file."""

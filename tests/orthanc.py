@@ -10,6 +10,7 @@ By hand (Orthanc comes from `.ci/services.sh`), run it in the foreground until C
 
 then point MONAI Label at it with `--studies http://127.0.0.1:8042/dicom-web`. Without --storage the
 images live in a temporary folder removed on exit. Orthanc only accepts connections from this machine.
+`segs_of` and `seg_slices` read back the DICOM SEGs a test stored there.
 """
 
 import argparse
@@ -25,7 +26,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 
 from live_server import free_port
 
@@ -97,6 +100,33 @@ def _wait_ready(process: subprocess.Popen, probe: str, timeout: float, log_path:
         time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"Orthanc did not answer {probe} within {timeout} s:\n{log_path.read_text()[-3000:]}")
+
+
+def segs_of(url: str, image_id: str) -> list[pydicom.Dataset]:
+    """The SEG instances on the server that reference the image series."""
+    client = DICOMwebClient(url)
+    found = []
+    for ds in client.search_for_series(search_filters={"Modality": "SEG"}):
+        study, series = ds["0020000D"]["Value"][0], ds["0020000E"]["Value"][0]
+        for meta in client.retrieve_series_metadata(study, series):
+            seg = pydicom.Dataset.from_json(meta)
+            if seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id:
+                found.append(seg)
+    return found
+
+
+def seg_slices(url: str, image_id: str, seg: pydicom.Dataset) -> set[int]:
+    """Slices k (InstanceNumber - 1) of the image series that the SEG's frames reference."""
+    client = DICOMwebClient(url)
+    study = seg.StudyInstanceUID
+    number = {
+        ds["00080018"]["Value"][0]: ds["00200013"]["Value"][0] - 1
+        for ds in client.search_for_instances(study, image_id, fields=["InstanceNumber"])
+    }
+    return {
+        number[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    }
 
 
 def make_orthanc_fixture(scope: str = "module"):

@@ -24,6 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from monailabel.client import MONAILabelClient
 
 from live_server import SAMPLES, TRUTH, LiveServer, draw_truth, wait_for
+from orthanc import seg_slices, segs_of
 from qunet.dicomweb import upload
 from qunet.config import ReadConfig
 from qunet.io import file_signature, load_label, load_stack, set_read_config
@@ -66,13 +67,6 @@ def server(data):
     print(srv.tail(40))
 
 
-def image_info(server: LiveServer, image_id: str) -> dict:
-    r = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=30)
-    assert r.ok, r.text
-    return r.json()
-
-
-
 def fetch_label(server: LiveServer, image_id: str, image, dest: Path) -> np.ndarray:
     """The image's final label as the server hands it out, checked to lie on the image's grid."""
     r = requests.get(f"{server.url}/datastore/label", params={"label": image_id, "tag": "final"}, timeout=60)
@@ -88,41 +82,14 @@ def download_image(server: LiveServer, image_id: str, dest: Path) -> Path:
     return dest
 
 
-def segs_of(url: str, image_id: str) -> list[pydicom.Dataset]:
-    """The SEG instances on the server that reference the image series."""
-    client = DICOMwebClient(url)
-    found = []
-    for ds in client.search_for_series(search_filters={"Modality": "SEG"}):
-        study, series = ds["0020000D"]["Value"][0], ds["0020000E"]["Value"][0]
-        for meta in client.retrieve_series_metadata(study, series):
-            seg = pydicom.Dataset.from_json(meta)
-            if seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id:
-                found.append(seg)
-    return found
-
-
-def seg_slices(url: str, image_id: str, seg: pydicom.Dataset) -> set[int]:
-    """Slices k (InstanceNumber - 1) of the image series that the SEG's frames reference."""
-    client = DICOMwebClient(url)
-    study = seg.StudyInstanceUID
-    number = {
-        ds["00080018"]["Value"][0]: ds["00200013"]["Value"][0] - 1
-        for ds in client.search_for_instances(study, image_id, fields=["InstanceNumber"])
-    }
-    return {
-        number[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
-        for frame in seg.PerFrameFunctionalGroupsSequence
-    }
-
-
 def test_images_are_the_uploaded_series(server, data):
     info = MONAILabelClient(server.url).info()
     assert "qunet" in info["models"] and "qunet" in info["strategies"]
     assert {"qunet_quality", "qunet_disagreement"} <= set(info["scoring"])
     for uid, stack in data["stacks"].items():
-        record = wait_for(lambda: image_info(server, uid).get("qunet_quality"), 120, f"quality scores of {uid}")
+        record = wait_for(lambda: server.image_info(uid).get("qunet_quality"), 120, f"quality scores of {uid}")
         assert record["slices"] == load_stack(stack["file"]).num_slices
-        meta = image_info(server, uid)
+        meta = server.image_info(uid)
         assert meta["Modality"] == stack["modality"] and meta["SeriesInstanceUID"] == uid
         assert meta["DicomPatientID"] == Path(stack["file"]).name.split(".")[0]
     # a series that is not on the server is a 404-like error, not a crash or a path outside the cache
@@ -145,9 +112,9 @@ def test_dicomweb_loop(server, data, tmp_path):
         assert not set(slices) & annotated.get(image_id, set()), "served an annotated slice again"
         # OHIF's Next sample dialog shows PatientID and opens StudyInstanceUID; Slicer names the volume after PatientID
         assert sample["PatientID"].startswith(image_id) and str(slices[0]) in sample["PatientID"]
-        assert sample["StudyInstanceUID"] == image_info(server, image_id)["StudyInstanceUID"]
+        assert sample["StudyInstanceUID"] == server.image_info(image_id)["StudyInstanceUID"]
         if round_ == 1:
-            assert slices == image_info(server, image_id)["qunet_quality"]["initial"][: len(slices)]
+            assert slices == server.image_info(image_id)["qunet_quality"]["initial"][: len(slices)]
         else:
             assert sample["scores"]["q"] == sorted(sample["scores"]["q"])
 
@@ -199,8 +166,8 @@ def test_dicomweb_loop(server, data, tmp_path):
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
         model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
-        record = wait_for(lambda: (image_info(server, image_id).get("qunet_disagreement") or {}).get("model") == model
-                          and image_info(server, image_id)["qunet_disagreement"], 300, "disagreement scores of the new model")
+        record = wait_for(lambda: (server.image_info(image_id).get("qunet_disagreement") or {}).get("model") == model
+                          and server.image_info(image_id)["qunet_disagreement"], 300, "disagreement scores of the new model")
         assert len(record["q"]) == original.num_slices
         assert all(record["q"][k] is None for k in annotated[image_id])  # annotated slices are not scored
 
@@ -233,7 +200,7 @@ def test_ohif_binary_label(server, data, tmp_path):
     truth = load_stack(stack["truth"]).array
     labelled = [int(k) for k in np.nonzero(truth.any(axis=(0, 1)))[0]][-2:]
     drawn = draw_truth(stack["truth"], image_file, labelled, tmp_path / "drawn.nii.gz")
-    earlier = set(image_info(server, image_id).get("qunet_annotated") or [])  # the loop test may have labelled it
+    earlier = set(server.image_info(image_id).get("qunet_annotated") or [])  # the loop test may have labelled it
     earlier_label = fetch_label(server, image_id, image, tmp_path / "earlier.nii.gz") if earlier else None
     before = len(segs_of(data["url"], image_id))
     r = requests.put(

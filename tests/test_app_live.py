@@ -64,9 +64,6 @@ def train(client: MONAILabelClient, server: LiveServer) -> dict:
     return status
 
 
-def image_info(server: LiveServer, image_id: str) -> dict:
-    return requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=10).json()
-
 
 def test_slicer_sequence_two_rounds(server, data, tmp_path):
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id=CLIENT)
@@ -86,12 +83,12 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
         assert not set(slices) & annotated.get(image_id, set()), "served an annotated slice again"
         assert sample["name"] and str(slices[0]) in sample["PatientID"]
         if round_ == 1:
-            quality = image_info(server, image_id)["qunet_quality"]
+            quality = server.image_info(image_id)["qunet_quality"]
             assert slices == quality["initial"][: len(slices)]  # S0, best quality first
         else:
             q = sample["scores"]["q"]
             assert q == sorted(q)  # most informative (lowest Q) first
-            record = image_info(server, image_id)["qunet_disagreement"]
+            record = server.image_info(image_id)["qunet_disagreement"]
             open_q = [v for k, v in enumerate(record["q"]) if v is not None and k not in annotated.get(image_id, set())]
             assert q[0] == min(open_q)
 
@@ -123,7 +120,7 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
         model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
-        wait_for(lambda: (image_info(server, image_id).get("qunet_disagreement") or {}).get("model") == model,
+        wait_for(lambda: (server.image_info(image_id).get("qunet_disagreement") or {}).get("model") == model,
                  300, "disagreement scores of the new model")
 
     sample = client.next_sample("qunet", {})
@@ -156,7 +153,7 @@ def test_stock_client_without_client_id_drives_the_loop_with_auto_train(data, tm
             client.train_status()  # nothing trained yet: 404
         sample = client.next_sample("qunet", {})
         assert sample["slices"] and sample["phase"] == "initial"
-        served = image_info(srv, sample["id"])["qunet_served"]
+        served = srv.image_info(sample["id"])["qunet_served"]
         assert list(served) == ["anonymous"] and served["anonymous"]["slices"] == sample["slices"]
         image_file = Path(sample["path"])
         label = tmp_path / "label.nii.gz"

@@ -87,7 +87,7 @@ def test_rescore_order_puts_volumes_never_scored_first_then_lowest_open_q():
 
 
 def test_variant_is_a_setting():
-    assert set(VARIANTS) == {"paper", "spread", "lesion", "middles"} and SelectionConfig().pick == "lesion"
+    assert set(VARIANTS) == {"paper", "spread", "lesion", "middles", "interior"} and SelectionConfig().pick == "lesion"
     with pytest.raises(KeyError):
         choose([], LoopState(), SelectionConfig(pick="no-such-variant"))
 
@@ -224,6 +224,14 @@ def test_covering_spreads_over_the_axis_and_prefers_quality_within_a_stratum():
     # lies in a stratum
     assert [k for k, _ in covering(32, {15}, {9: 0, 30: 1}, 2)] == [30, 0]
     assert covering(4, {0, 1, 2, 3}, {}, 3) == [] and [k for k, _ in covering(5, {0, 1, 2, 3}, {}, 3)] == [4]
+
+
+def test_covering_with_ends_last_spreads_over_the_interior():
+    assert [k for k, _ in covering(32, set(), {}, 7, ends_last=True)] == [15, 7, 23, 3, 11, 19, 27]  # middle, quarters
+    assert [k for k, _ in covering(32, {15}, {}, 2, ends_last=True)] == [7, 23]
+    # the end slices come once every interior gap is as narrow as their distance to the end; none is left out
+    picked = [k for k, _ in covering(9, set(), {}, 9, ends_last=True)]
+    assert picked[:3] == [4, 1, 6] and sorted(picked) == list(range(9))
 
 
 def test_lesion_covers_every_volume_preferring_predicted_lesion_within_a_stratum():

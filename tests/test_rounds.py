@@ -17,6 +17,7 @@ from qunet.config import ModelConfig, TrainConfig
 from qunet.experiments.activelearning import METHODS, NEIGHBOUR_METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
 from qunet.experiments.al_report import aubc, paired, rounds_table, table
 from qunet.experiments.data import Case, find_pairs, load_cases
+from qunet.experiments.diversity import appearance_picker
 from qunet.neighbours import MARGIN
 from qunet.network import build_network
 from qunet.synthetic import generate_stack
@@ -93,6 +94,21 @@ def test_fixed_interval_spreads_over_the_slice_axis():
     run.annotated["a"].update(ks)
     more, _ = pick_interval(run, 3, np.random.default_rng(0))
     assert not {k for _, k in more} & set(ks)
+
+
+def test_appearance_covers_each_look_of_a_stack_before_a_second_slice_of_one():
+    # slices 0-9 one texture, 10-11 another: fixed-interval slices would start with 6 and 0, both of the first
+    rng = np.random.default_rng(0)
+    volume = np.repeat(rng.normal(0, 1, (32, 32, 1)), 12, axis=2).astype(np.float32)
+    volume[:, :, 10:] = rng.normal(0, 1, (32, 32, 1)) * 3 + 5
+    volume += rng.normal(0, 0.05, volume.shape).astype(np.float32)
+    case = Case("a", volume, np.zeros(volume.shape, bool))
+    run = LoopRun([case], {"a": set()}, {})
+    picks, filled = appearance_picker([case])(run, 2, np.random.default_rng(0))
+    assert filled == 0 and picks[0][1] < 10 <= picks[1][1]  # the most typical slice, then the other look
+    run.annotated["a"].update(k for _, k in picks)
+    more, _ = appearance_picker([case])(run, 3, np.random.default_rng(0))
+    assert len({k for _, k in more}) == 3 and not {k for _, k in more} & run.annotated["a"]
 
 
 def test_aubc_and_paired_intervals():

@@ -243,7 +243,7 @@ class Ranking:
         taken = v.annotated | held
         if self._covers(v):
             size = self.variant.answer_size(v.depth, taken, limit)
-            open_ = covering(v.depth, taken, self.variant.prefer(v), size, v.constant)
+            open_ = covering(v.depth, taken, self.variant.prefer(v), size, v.constant, self.variant.ends_last)
         else:
             open_ = [(k, float(rank)) for rank, k in enumerate(v.initial or ()) if k not in taken]
         return Option(v, open_) if open_ else None

@@ -16,7 +16,9 @@ predicted lesion alone (the volume and slices with the most), the slices crowded
 core and did worse than random slices; covering with that preference did better than `paper`, level with random
 and fixed-interval slices on the CT-like stacks and ahead of them on average, not yet clearly, on the other cohorts
 (docs/README.md#the-multi-round-benchmark). `middles` is `lesion` whose first answer from a volume is one slice, so
-that every volume's middle comes first, as with fixed-interval slices.
+that every volume's middle comes first, as with fixed-interval slices. `interior` is `lesion` with the stack's ends
+counted as taken, so that its end slices come last: on the CT-like stacks it trained clearly worse models than
+`lesion` (docs/README.md), mostly through false lesion on lesion-free slices.
 """
 
 import math
@@ -46,6 +48,9 @@ class Variant:
     # covering: a volume's first answer is one slice (its middle stretch's best), so that, the least annotated volume
     # coming first, every volume's middle is asked for before a second slice of any
     first_alone: bool = False
+    # covering: the stack's ends count as taken, so the slices spread over its interior (the middle, the quarters,
+    # the eighths, ...) and the end slices, often outside the anatomy, come last
+    ends_last: bool = False
 
     def answer_size(self, depth: int, taken: Set[int], limit: int) -> int:
         """Slices a covering answer serves from a volume of `depth` slices, `taken` of them annotated or held."""
@@ -72,16 +77,18 @@ def spaced(slices: Slices, annotated: Set[int], limit: int) -> Slices:
     return chosen + rest
 
 
-def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit: int, excluded: Set[int] = frozenset()) -> Slices:
+def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit: int, excluded: Set[int] = frozenset(),
+             ends_last: bool = False) -> Slices:
     """Up to `limit` open slices spread over the slice axis: each the farthest from the taken ones and those chosen
     before it, so the first is the middle, then the ends, the quarters, and so on. Within a stratum (the slices at
     least three quarters as far as the farthest) the most `preferred` wins (the lowest value: the S0 rank, or minus
     the lesion the model predicts), else the farthest (ties: the lower index). `excluded` slices (constant ones) are
-    never chosen. (slice, distance) pairs."""
+    never chosen. With `ends_last`, the ends count as taken: the middle, the quarters, the eighths, ... (slice,
+    distance) pairs."""
     near = np.array(sorted(taken), dtype=np.int64)
     chosen: Slices = []
     while len(chosen) < limit:
-        anchors = near if near.size else np.array([-1, depth])  # nothing taken yet: the middle first
+        anchors = near if near.size and not ends_last else np.append(near, [-1, depth])  # nothing taken: the middle
         distance = np.abs(np.arange(depth)[:, None] - anchors[None, :]).min(axis=1)  # 0 where taken
         distance[[k for k in excluded if k < depth]] = 0
         far = int(distance.max(initial=0))
@@ -109,4 +116,5 @@ VARIANTS: dict[str, Variant] = {
     "spread": Variant(initial_key=lambda v: (len(v.annotated),), order=spaced),
     "lesion": LESION,
     "middles": replace(LESION, first_alone=True),
+    "interior": replace(LESION, ends_last=True),
 }

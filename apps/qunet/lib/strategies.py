@@ -52,6 +52,7 @@ DESCRIPTIONS = {  # what MONAI Label lists for the strategy, per `pick`
     "lesion": "Slices spread over each volume, by quality, then where the model predicts the most lesion",
     "paper": "QU-net++: S0 quality pick first, then slices where levels 3 and 4 disagree (Q < q0)",
     "middles": "As lesion, but every volume's middle slice first, one per volume",
+    "interior": "As lesion, but over each volume's interior first: its end slices come last",
     "spread": "QU-net++ with the least annotated volume first and no near-neighbour slices in one answer",
 }
 

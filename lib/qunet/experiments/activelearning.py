@@ -5,7 +5,7 @@ truth, train (round 1 from the seed's initial weights, later rounds continuing f
 app's trainer does), re-score, and measure voxel Dice on every slice not annotated yet. Every method annotates the
 same number of slices each round (equal cost) and starts from the same weights for a seed:
 
-- `lesion` (the app's default), `paper`, `spread`, `middles`: the app's Next sample policy (qunet.policy.choose, the very code
+- `lesion` (the app's default), `paper`, `spread`, `middles`, `interior`: the app's Next sample policy (qunet.policy.choose, the very code
   the app's strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators
   would, until the round's slices are reached (slices it served are held: not served again, and counted in the
   volume order as the app counts submitted ones, so it moves on as after a submit); when it has nothing more
@@ -13,6 +13,7 @@ same number of slices each round (equal cost) and starts from the same weights f
 - `random`: slices drawn at random from the whole cohort;
 - `interval`: fixed-interval slices: each stack's share in proportion to its depth, each new slice the one
   farthest along the slice axis from those annotated in its stack;
+- `appearance`: `interval`'s shares, each stack's slices by greedy k-centre over thumbnails (qunet.experiments.diversity);
 - `mcdropout`: MONAI Label-style epistemic active learning (a dropout network, 5 stochastic passes, mean entropy
   of the level-4 output), the most uncertain slices; its first round is random (MONAI Label's cold start);
 - `lesion-random` (reference only, it reads the ground truth): random, one pick in three forced onto a lesion slice;
@@ -30,6 +31,7 @@ import torch
 from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import score_and_segment
 from qunet.experiments.data import Case, proportional_shares, training_set
+from qunet.experiments.diversity import appearance_picker
 from qunet.experiments.uncertainty import mc_dropout_scores
 from qunet.neighbours import neighbour_slices
 from qunet.network import build_network, prepare
@@ -41,7 +43,7 @@ from qunet.slices import TrainingSlice
 from qunet.training import seed_everything, train
 
 METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion", "middles", "lesion+copy",
-           "lesion+model")
+           "lesion+model", "interior", "appearance")  # appended: a method's index seeds its random draws
 # `lesion`'s picks, trained also on pseudo-labels of the annotated lesion slices' neighbours (qunet.neighbours)
 NEIGHBOUR_METHODS = {"lesion+copy": "copy", "lesion+model": "model"}
 
@@ -167,7 +169,7 @@ class Benchmark:
         self.pickers: dict[str, Picker] = {
             **{variant: policy_picker(variant, self.initial, constant, config.selection) for variant in policy.VARIANTS},
             "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
-            "lesion-random": pick_lesion_random}
+            "lesion-random": pick_lesion_random, "appearance": appearance_picker(cases)}
         for method in NEIGHBOUR_METHODS:
             self.pickers[method] = self.pickers["lesion"]
 
