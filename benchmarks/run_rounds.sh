@@ -87,6 +87,10 @@ run ct-10seeds 4 --data sample-data --include 'ct*' --methods lesion-random --se
 # seeds on the CT-like stacks, 5 on the hybrid cohort
 run ct-10seeds 4 --data sample-data --include 'ct*' --methods interior appearance --seeds 10 "${@}"
 run hybrid-15seeds 8 --data "$WORK/hybrid" --methods appearance --seeds 5 "${@}"
+# `interior` on the OCT-like stacks, the hybrid cohort and the real stacks, 5 seeds
+run oct-10seeds 4 --data sample-data --include 'oct*' --methods interior --seeds 5 "${@}"
+run hybrid-15seeds 8 --data "$WORK/hybrid" --methods interior --seeds 5 "${@}"
+run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods interior --seeds 5 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
