@@ -161,13 +161,14 @@ def test_cli_writes_tables_and_plot_and_the_command_to_rerun_them(data, tmp_path
     out = tmp_path / "out"
     argv = ["rounds", "--data", str(data), "--include", "[ab]*", "--rounds", "2", "--per-round", "2", "--seeds", "2",
             "--methods", "paper", "random", "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
-            "--features", "4,4,8,8,16,4", "--patch-size", "32", "--device", "cpu", "--threads",
+            "--foreground", "0.5", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--device", "cpu", "--threads",
             str(torch.get_num_threads()), "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["qunet", *argv])  # as `python -m qunet rounds ...` sees it
     assert main(argv) == 0
     assert "AUBC - random" in capsys.readouterr().out
     saved = json.loads((out / "rounds.json").read_text())
     assert len(saved["results"]) == 2 * 2 * 2  # seeds x methods x rounds
+    assert saved["config"]["train"]["foreground"] == 0.5
     [command] = saved["commands"]
     assert "--include '[ab]*'" in command  # the glob quoted: a shell gives back the same arguments
     assert shlex.split(command) == ["python", "-m", "qunet", *argv]
@@ -189,6 +190,10 @@ def test_a_run_into_the_same_folder_adds_what_is_missing_and_refuses_other_setti
     assert "| lesion |" in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="other settings \\(train\\)"):
         main([*common, "--steps-per-epoch", "3", "--methods", "paper"])
+    with pytest.raises(SystemExit, match="other settings \\(train\\)"):
+        main([*common, "--steps-per-epoch", "2", "--foreground", "0.3", "--methods", "paper"])
+    with pytest.raises(SystemExit):  # argparse: a share lies between 0 and 1
+        main([*common, "--steps-per-epoch", "2", "--foreground", "1.5", "--methods", "paper"])
 
 
 def test_error_proxies_report_every_score(data, tmp_path):

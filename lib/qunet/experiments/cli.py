@@ -23,6 +23,14 @@ def positive(value: str) -> int:
     return number
 
 
+def share(value: str) -> float:
+    """A share on the command line (of training patches, ...): from 0 to 1."""
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {value}")
+    return number
+
+
 def add_machine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qunet.experiments.activelearning import METHODS, Benchmark, RoundResult, RoundsConfig
 from qunet.experiments.al_report import report
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
+from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
 from qunet.experiments.data import find_pairs, load_cases
 
 
@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=positive, default=d.train.max_epochs, help="training per round, in epochs")
     p.add_argument("--steps-per-epoch", type=positive, default=d.train.steps_per_epoch)
     p.add_argument("--batch-size", type=positive, default=d.train.batch_size)
+    p.add_argument("--foreground", type=share, default=d.train.foreground, help="share of training patches centred on "
+                   "an annotated lesion pixel")
     p.add_argument("--features", type=widths, default=d.model.features)
     p.add_argument("--patch-size", type=positive, default=d.model.patch_size)
     p.add_argument("--out", required=True)
@@ -68,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
     config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
                      model=replace(d.model, features=args.features, patch_size=args.patch_size),
                      train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
-                                   batch_size=args.batch_size))
+                                   batch_size=args.batch_size, foreground=args.foreground))
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)
     command = recorded_command("rounds")
