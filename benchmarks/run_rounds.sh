@@ -93,7 +93,7 @@ run hybrid-15seeds 8 --data "$WORK/hybrid" --methods interior --seeds 5 "${@}"
 run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods interior --seeds 5 "${@}"
 # half the recipe's share of lesion-centred training patches (--foreground 0.33) on the CT-like and real stacks
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods lesion random --seeds 10 --foreground 0.33 "${@}"
-run real-foreground33 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods lesion --foreground 0.33 "${@}"
+run real-foreground33 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods lesion --seeds 10 --foreground 0.33 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
         --methods random --out docs/rounds/oct-random-4rounds "${@}"
