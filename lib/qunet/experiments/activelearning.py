@@ -30,7 +30,7 @@ import torch
 
 from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import score_and_segment
-from qunet.experiments.data import Case, proportional_shares, training_set
+from qunet.experiments.data import Case, per_stack_picks, training_set
 from qunet.experiments.diversity import appearance_picker
 from qunet.experiments.uncertainty import mc_dropout_scores
 from qunet.neighbours import neighbour_slices
@@ -105,16 +105,12 @@ def pick_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tu
 
 def pick_interval(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
     """Fixed-interval slices: stacks in proportion to depth; in each, the slice farthest from its annotated ones."""
-    chosen = []
-    for case, share in zip(run.cases, proportional_shares(n, [c.depth for c in run.cases])):
-        taken = sorted(run.annotated[case.name])
-        for _ in range(min(share, case.depth - len(taken))):
-            # before any slice: the middle; then the slice farthest from every taken one (lowest index on ties)
-            best = max((k for k in range(case.depth) if k not in taken),
-                       key=lambda k: (min((abs(k - t) for t in taken), default=case.depth - abs(2 * k - case.depth)), -k))
-            taken.append(best)
-            chosen.append((case.name, best))
-    return chosen, 0
+    def farthest(case: Case, taken: list[int]) -> int:
+        # before any slice: the middle; then the slice farthest from every taken one (lowest index on ties)
+        return max((k for k in range(case.depth) if k not in taken),
+                   key=lambda k: (min((abs(k - t) for t in taken), default=case.depth - abs(2 * k - case.depth)), -k))
+
+    return per_stack_picks(run.cases, run.annotated, n, farthest), 0
 
 
 def pick_lesion_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:

@@ -5,7 +5,7 @@ evaluates with the app's inference (qunet.disagreement.segment) on the slices it
 """
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,19 @@ def proportional_shares(total: int, weights: Sequence[float]) -> list[int]:
     for i in np.argsort(-(share - counts), kind="stable")[: total - counts.sum()]:
         counts[i] += 1
     return counts.tolist()
+
+
+def per_stack_picks(cases: Sequence[Case], annotated: Mapping[str, Set[int]], n: int,
+                    next_slice: Callable[[Case, list[int]], int]) -> list[tuple[str, int]]:
+    """`n` new slices, each stack's share in proportion to its depth; within a stack `next_slice(case, taken)` names
+    each one, `taken` holding its annotated slices and those picked before it."""
+    chosen = []
+    for case, share in zip(cases, proportional_shares(n, [c.depth for c in cases])):
+        taken = sorted(annotated[case.name])
+        for _ in range(min(share, case.depth - len(taken))):
+            taken.append(next_slice(case, taken))
+            chosen.append((case.name, taken[-1]))
+    return chosen
 
 
 def stratified_draw(cases: Sequence[Case], total: int, rng: np.random.Generator, per_stack: bool = False) -> dict[str, list[int]]:

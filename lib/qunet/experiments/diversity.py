@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from qunet.experiments.data import Case, proportional_shares
+from qunet.experiments.data import Case, per_stack_picks
 from qunet.slices import Intensity
 
 if TYPE_CHECKING:
@@ -31,20 +31,16 @@ def thumbnails(volume: np.ndarray) -> np.ndarray:
 def appearance_picker(cases: list[Case]) -> Callable[["LoopRun", int, np.random.Generator], tuple[list[tuple[str, int]], int]]:
     features = {c.name: thumbnails(c.volume) for c in cases}
 
+    def farthest_look(case: Case, taken: list[int]) -> int:
+        f = features[case.name]
+        if taken:
+            distance = np.linalg.norm(f[:, None, :] - f[None, taken, :], axis=2).min(axis=1)
+        else:
+            distance = -np.linalg.norm(f - f.mean(axis=0), axis=1)
+        distance[taken] = -np.inf
+        return int(np.argmax(distance))
+
     def pick(run: "LoopRun", n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
-        chosen = []
-        for case, share in zip(run.cases, proportional_shares(n, [c.depth for c in run.cases])):
-            f = features[case.name]
-            taken = sorted(run.annotated[case.name])
-            for _ in range(min(share, case.depth - len(taken))):
-                if taken:
-                    distance = np.linalg.norm(f[:, None, :] - f[None, taken, :], axis=2).min(axis=1)
-                else:
-                    distance = -np.linalg.norm(f - f.mean(axis=0), axis=1)
-                distance[taken] = -np.inf
-                best = int(np.argmax(distance))
-                taken.append(best)
-                chosen.append((case.name, best))
-        return chosen, 0
+        return per_stack_picks(run.cases, run.annotated, n, farthest_look), 0
 
     return pick
