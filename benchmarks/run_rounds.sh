@@ -22,8 +22,10 @@ run() {
     if [ "${FULL:-0}" = 1 ]; then
         "$PY" -m qunet rounds --out "$prefix$name" --rounds 4 --per-round 12 --seeds 5 --max-epochs 10 "$@"
     else
+        # --foreground 0.66: the recipe's share of lesion-centred patches until 4 December, with which the folders
+        # were made; the runs at 0.33 (the recipe since) pass --foreground 0.33, which overrides it
         "$PY" -m qunet rounds --out "$prefix$name" --rounds 3 --per-round "$per_round" --seeds 5 \
-            --steps-per-epoch 25 "$@"
+            --steps-per-epoch 25 --foreground 0.66 "$@"
     fi
 }
 run ct-5seeds 4 --data sample-data --include 'ct*' --methods "${METHODS[@]}" paper mcdropout "${@}"
@@ -91,15 +93,23 @@ run hybrid-15seeds 8 --data "$WORK/hybrid" --methods appearance --seeds 5 "${@}"
 run oct-10seeds 4 --data sample-data --include 'oct*' --methods interior --seeds 5 "${@}"
 run hybrid-15seeds 8 --data "$WORK/hybrid" --methods interior --seeds 5 "${@}"
 run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods interior --seeds 5 "${@}"
-# half the recipe's share of lesion-centred training patches (--foreground 0.33) on the CT-like and real stacks
+# one training patch in three centred on lesion (--foreground 0.33, the recipe since 4 December) on every cohort
+REAL=(--data sample-data --include 'lung1*' 'brain1*' 'breast1*')
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods lesion random --seeds 10 --foreground 0.33 "${@}"
-run real-foreground33 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --methods lesion --seeds 10 --foreground 0.33 "${@}"
+run real-foreground33 4 "${REAL[@]}" --methods lesion --seeds 10 --foreground 0.33 "${@}"
+run oct-foreground33 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" --foreground 0.33 "${@}"
+run hybrid-foreground33 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --foreground 0.33 "${@}"
+run real-foreground33 4 "${REAL[@]}" --methods random interval --foreground 0.33 "${@}"
+run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --foreground 0.33 "${@}"
+run ct-foreground33 4 --data sample-data --include 'ct*' --methods interval --seeds 10 --foreground 0.33 "${@}"
+run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --foreground 0.33 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
-        --methods random --out docs/rounds/oct-random-4rounds "${@}"
+        --methods random --foreground 0.66 --out docs/rounds/oct-random-4rounds "${@}"
     "$PY" -m qunet rounds --data sample-data --include 'ct*' --rounds 4 --per-round 4 --seeds 10 --steps-per-epoch 25 \
-        --methods random --out docs/rounds/ct-random-4rounds "${@}"
+        --methods random --foreground 0.66 --out docs/rounds/ct-random-4rounds "${@}"
 fi
 for kind in ct oct; do  # which per-slice score follows the model's errors
-    "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --out "docs/rounds/proxies-$kind"
+    "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --foreground 0.66 \
+        --out "docs/rounds/proxies-$kind"
 done

@@ -12,7 +12,7 @@ by a score that follows the error; the paper's Q ranks the lowest first.
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 
 from qunet.disagreement import jaccard, levels_3_and_4
 from qunet.experiments.activelearning import Benchmark, LoopRun, RoundsConfig
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
+from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
 from qunet.experiments.data import find_pairs, load_cases
 
 # name -> per-slice score from (level-3 logits, level-4 logits), higher = asked for first
@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-round", type=positive, default=4)
     p.add_argument("--seeds", type=positive, default=2)
     p.add_argument("--steps-per-epoch", type=positive, default=RoundsConfig().train.steps_per_epoch)
+    p.add_argument("--foreground", type=share, default=RoundsConfig().train.foreground,
+                   help="share of training patches centred on an annotated lesion pixel")
     p.add_argument("--features", type=widths, default=RoundsConfig().model.features)
     p.add_argument("--patch-size", type=positive, default=RoundsConfig().model.patch_size)
     p.add_argument("--out", required=True)
@@ -82,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     d = RoundsConfig()
     config = replace(d, rounds=args.rounds, per_round=args.per_round,
-                     train=replace(d.train, steps_per_epoch=args.steps_per_epoch),
+                     train=replace(d.train, steps_per_epoch=args.steps_per_epoch, foreground=args.foreground),
                      model=replace(d.model, features=args.features, patch_size=args.patch_size))
     device = machine(args)
     cases = load_cases(find_pairs(args.data, include=args.include))
@@ -102,7 +104,8 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = recorded_command("proxies")
-    (out / "proxies.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    (out / "proxies.json").write_text(json.dumps({"command": command, "config": asdict(config), "results": results},
+                                                 indent=1, default=str))
     (out / "table.md").write_text(f"Command: `{command}`\n\nSpearman's rho of each score with the slice's error "
                                   f"(lesion slices among its top {args.per_round}):\n\n{table}\n")
     print(table)
