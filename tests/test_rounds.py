@@ -204,7 +204,7 @@ def test_error_proxies_report_every_score(data, tmp_path):
             "--foreground", "0.5", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
     assert main(argv) == 0
     saved = json.loads((out / "proxies.json").read_text())
-    assert saved["config"]["train"]["foreground"] == 0.5 and saved["config"]["train"]["steps_per_epoch"] == 2
+    assert saved["train"]["foreground"] == 0.5 and saved["train"]["steps_per_epoch"] == 2
     result = saved["results"][0]
     assert result["open"] == 18 - 2 and set(result["scores"]) == set(SCORES)
     assert all(0 <= s["lesion_in_top"] <= 2 and (s["spearman"] != s["spearman"] or -1 <= s["spearman"] <= 1)

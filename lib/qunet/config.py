@@ -47,7 +47,7 @@ class TrainConfig:
     weight_decay: float = 3e-5
     # share of patches centred on a lesion pixel (when any annotated slice holds lesion); the rest lie anywhere and
     # teach what is not lesion. nnU-Net's default; it trained better models than 0.66 (the recipe until 4 December)
-    # on the real and hybrid stacks in the multi-round benchmark, and level ones on the synthetic stacks (docs/README.md)
+    # on the real and hybrid stacks in the multi-round benchmark, level ones on the synthetic ones (docs/README.md)
     foreground: float = 0.33
     augment: bool = True  # rotation, scaling, flips, intensity noise and gamma
     # pseudo-labels for the unannotated neighbours of annotated lesion slices, added by whoever builds the training

@@ -104,8 +104,8 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = recorded_command("proxies")
-    (out / "proxies.json").write_text(json.dumps({"command": command, "config": asdict(config), "results": results},
-                                                 indent=1, default=str))
+    saved = {"command": command, "train": asdict(config.train), "model": asdict(config.model), "results": results}
+    (out / "proxies.json").write_text(json.dumps(saved, indent=1, default=str))
     (out / "table.md").write_text(f"Command: `{command}`\n\nSpearman's rho of each score with the slice's error "
                                   f"(lesion slices among its top {args.per_round}):\n\n{table}\n")
     print(table)
