@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +23,7 @@ from orthanc import free_port
 from scipy.spatial.transform import Rotation
 
 from qunet.dicomweb import stack_to_series, upload
-from qunet.io import StackError, load_stack
+from qunet.io import Stack, StackError, load_stack
 
 SHAPE = (40, 32, 6)
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -52,6 +53,16 @@ def _write_nrrd(volume: np.ndarray, affine: np.ndarray, path: str) -> None:
     image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
     image.SetOrigin(lps[:3, 3].tolist())
     sitk.WriteImage(image, path)
+
+
+def converted(folder: Path) -> Stack:
+    """MONAI Label's DICOM-to-NIfTI conversion of a folder, read back; the file it writes in the temporary folder
+    is removed."""
+    path = dicom_to_nifti(str(folder))
+    try:
+        return load_stack(path)
+    finally:
+        os.remove(path)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +136,7 @@ def test_float_stack_round_trips_within_rescale_step(tmp_path):
     series = stack_to_series(path)
     for ds in series:
         ds.save_as(str(tmp_path / "dcm" / f"{ds.SOPInstanceUID}.dcm"))
-    back = load_stack(dicom_to_nifti(str(tmp_path / "dcm")))
+    back = converted(tmp_path / "dcm")
     step = float(series[0].RescaleSlope)
     assert step < 0.1
     assert np.abs(back.array - volume).max() <= step / 2 + 1e-3
@@ -164,7 +175,7 @@ def test_left_handed_stack_keeps_its_slices_with_rows_reversed(orthanc_server, f
     (tmp_path / "dcm").mkdir()
     for ds in stack_to_series(files["left.nii.gz"]):
         ds.save_as(str(tmp_path / "dcm" / f"{ds.SOPInstanceUID}.dcm"))
-    back = load_stack(dicom_to_nifti(str(tmp_path / "dcm")))
+    back = converted(tmp_path / "dcm")
     assert back.array.shape == SHAPE
     for k in range(SHAPE[2]):
         assert np.array_equal(back.array[:, :, k], original.array[:, ::-1, k]), f"slice {k}"
