@@ -99,9 +99,9 @@ run ct-foreground33 4 --data sample-data --include 'ct*' --methods lesion random
 run real-foreground33 4 "${REAL[@]}" --methods lesion --seeds 10 --foreground 0.33 "${@}"
 run oct-foreground33 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" --foreground 0.33 "${@}"
 run hybrid-foreground33 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --foreground 0.33 "${@}"
-run real-foreground33 4 "${REAL[@]}" --methods random interval --foreground 0.33 "${@}"
 run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --foreground 0.33 "${@}"
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods interval --seeds 10 --foreground 0.33 "${@}"
+# random and fixed interval on the real stacks: seeds 0-4 first, 5-9 added after seeing them (docs/README.md)
 run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --foreground 0.33 "${@}"
 if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
     "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \

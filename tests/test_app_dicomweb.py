@@ -166,8 +166,8 @@ def test_dicomweb_loop(server, data, tmp_path):
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
         model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
-        record = wait_for(lambda: (r := server.image_info(image_id).get("qunet_disagreement") or {}).get("model") == model
-                          and r, 300, "disagreement scores of the new model")
+        record = wait_for(lambda: (scores := server.image_info(image_id).get("qunet_disagreement") or {}).get("model")
+                          == model and scores, 300, "disagreement scores of the new model")
         assert len(record["q"]) == original.num_slices
         assert all(record["q"][k] is None for k in annotated[image_id])  # annotated slices are not scored
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qunet.config import GPU_MODEL, GPU_TRAIN, ModelConfig, TrainConfig
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
+from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
 from qunet.experiments.data import Case, find_pairs, load_cases, stratified_draw, training_set
 from qunet.experiments.data import evaluate as evaluate_unseen
 from qunet.network import build_network, prepare
@@ -144,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=positive, help="override the preset's epochs (of steps-per-epoch updates)")
     p.add_argument("--steps-per-epoch", type=positive)
     p.add_argument("--batch-size", type=positive)
-    p.add_argument("--foreground", type=float, help="share of patches centred on lesion")
+    p.add_argument("--foreground", type=share, help="share of patches centred on lesion")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
     add_machine_arguments(p)
