@@ -4,9 +4,9 @@
 # (MC dropout about 90-120 s, 420 s on the hybrid cohort and 320 s on the real stacks: five scoring passes), about
 # 18 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
 # lacks: delete docs/rounds/NAME to rerun it from scratch.
-# FULL=1: 4 rounds of 12 slices with the app's full training per round (10 epochs of 50 updates), into
-# docs/rounds/full-NAME (hours per cohort on 2 cores: a GPU run is the practical one).
-# Usage: [FULL=1] bash benchmarks/run_rounds.sh [extra flags...]
+# The same rounds with the app's full training per round (10 epochs of 50 updates), docs/rounds/full-NAME: on a GPU,
+# benchmarks/run_rounds_gpu.sh.
+# Usage: bash benchmarks/run_rounds.sh [extra flags...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,18 +15,13 @@ WORK=${WORK:-$(mktemp -d)}
 "$PY" -m qunet generate "$WORK/hybrid" --cohort hybrid --from sample-data --stacks brain1 breast1 --count 5 --seed 1
 METHODS=(lesion random interval)
 prefix=docs/rounds/
-if [ "${FULL:-0}" = 1 ]; then prefix=docs/rounds/full-; fi
 run() {
     local name=$1 per_round=$2; shift 2
     echo "== $name" >&2
-    if [ "${FULL:-0}" = 1 ]; then
-        "$PY" -m qunet rounds --out "$prefix$name" --rounds 4 --per-round 12 --seeds 5 --max-epochs 10 "$@"
-    else
-        # --foreground 0.66: the recipe's share of lesion-centred patches until 4 December, with which the folders
-        # were made; the runs at 0.33 (the recipe since) pass --foreground 0.33, which overrides it
-        "$PY" -m qunet rounds --out "$prefix$name" --rounds 3 --per-round "$per_round" --seeds 5 \
-            --steps-per-epoch 25 --foreground 0.66 "$@"
-    fi
+    # --foreground 0.66: the recipe's share of lesion-centred patches until 4 December, with which the folders were
+    # made; the runs at 0.33 (the recipe since) pass --foreground 0.33, which overrides it
+    "$PY" -m qunet rounds --out "$prefix$name" --rounds 3 --per-round "$per_round" --seeds 5 \
+        --steps-per-epoch 25 --foreground 0.66 "$@"
 }
 run ct-5seeds 4 --data sample-data --include 'ct*' --methods "${METHODS[@]}" paper mcdropout "${@}"
 run oct 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" "${@}"
@@ -97,18 +92,18 @@ run real-10seeds 4 --data sample-data --include 'lung1*' 'brain1*' 'breast1*' --
 REAL=(--data sample-data --include 'lung1*' 'brain1*' 'breast1*')
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods lesion random --seeds 10 --foreground 0.33 "${@}"
 run real-foreground33 4 "${REAL[@]}" --methods lesion --seeds 10 --foreground 0.33 "${@}"
-run oct-foreground33 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" --foreground 0.33 "${@}"
-run hybrid-foreground33 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --foreground 0.33 "${@}"
-run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --foreground 0.33 "${@}"
+# (seeds 0-4, then seeds 5-9 added in a later run with --seeds 10)
+run oct-foreground33 4 --data sample-data --include 'oct*' --methods "${METHODS[@]}" --foreground 0.33 --seeds 10 "${@}"
+run hybrid-foreground33 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --foreground 0.33 --seeds 10 "${@}"
+run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --foreground 0.33 --seeds 10 "${@}"
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods interval --seeds 10 --foreground 0.33 "${@}"
 # random and fixed interval on the real stacks: seeds 0-4 first, 5-9 added after seeing them (docs/README.md)
 run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --foreground 0.33 "${@}"
-if [ "${FULL:-0}" != 1 ]; then  # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
-    "$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
-        --methods random --foreground 0.66 --out docs/rounds/oct-random-4rounds "${@}"
-    "$PY" -m qunet rounds --data sample-data --include 'ct*' --rounds 4 --per-round 4 --seeds 10 --steps-per-epoch 25 \
-        --methods random --foreground 0.66 --out docs/rounds/ct-random-4rounds "${@}"
-fi
+# random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
+"$PY" -m qunet rounds --data sample-data --include 'oct*' --rounds 4 --per-round 4 --seeds 5 --steps-per-epoch 25 \
+    --methods random --foreground 0.66 --out docs/rounds/oct-random-4rounds "${@}"
+"$PY" -m qunet rounds --data sample-data --include 'ct*' --rounds 4 --per-round 4 --seeds 10 --steps-per-epoch 25 \
+    --methods random --foreground 0.66 --out docs/rounds/ct-random-4rounds "${@}"
 for kind in ct oct; do  # which per-slice score follows the model's errors
     "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --foreground 0.66 \
         --out "docs/rounds/proxies-$kind"

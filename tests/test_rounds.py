@@ -196,6 +196,26 @@ def test_a_run_into_the_same_folder_adds_what_is_missing_and_refuses_other_setti
         main([*common, "--steps-per-epoch", "2", "--foreground", "1.5", "--methods", "paper"])
 
 
+def test_merge_reports_parts_run_apart_on_the_seeds_every_method_finished(data, tmp_path):
+    common = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--max-epochs", "1", "--batch-size",
+              "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--steps-per-epoch", "2"]
+    assert main([*common, "--seeds", "2", "--methods", "random", "--out", str(tmp_path / "random")]) == 0
+    assert main([*common, "--seeds", "1", "--methods", "lesion", "--out", str(tmp_path / "lesion")]) == 0
+    random_part = json.loads((tmp_path / "random" / "rounds.json").read_text())["results"]
+    out = tmp_path / "merged"
+    parts = [str(tmp_path / "random"), str(tmp_path / "lesion")]
+    assert main([*common, "--seeds", "2", "--merge", *parts, "--out", str(out)]) == 0
+    saved = json.loads((out / "rounds.json").read_text())
+    # seed 1 only random finished: left out, so both methods are compared on seed 0; nothing was trained again
+    assert {(r["method"], r["seed"]) for r in saved["results"]} == {("random", 0), ("lesion", 0)}
+    assert [r for r in saved["results"] if r["method"] == "random"] == [r for r in random_part if r["seed"] == 0]
+    assert "| lesion |" in (out / "table.md").read_text() and "| random |" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="other settings \\(train\\)"):
+        main([*common[:-1], "3", "--merge", *parts, "--out", str(out)])  # --steps-per-epoch 3
+    with pytest.raises(SystemExit, match="holds no rounds.json"):
+        main([*common, "--merge", str(tmp_path / "nowhere"), "--out", str(out)])
+
+
 def test_error_proxies_report_every_score(data, tmp_path):
     from qunet.experiments.proxies import SCORES
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy import integrate, stats
 
 from qunet.config import SelectionConfig
 from qunet.experiments.data import Case
@@ -21,7 +21,7 @@ def aubc(annotated: Sequence[int], dice: Sequence[float]) -> float:
     x, y = np.asarray(annotated, float), np.asarray(dice, float)
     if len(x) < 2 or x[-1] == x[0]:
         return float(y[-1]) if len(y) else float("nan")
-    return float(np.trapz(y, x) / (x[-1] - x[0]))
+    return float(integrate.trapezoid(y, x) / (x[-1] - x[0]))
 
 
 def _by(results: list, method: str, seed: int) -> list:

@@ -2,12 +2,14 @@
 
     python -m qunet rounds --data FOLDER [--include GLOB...] --rounds 4 --per-round 12 --seeds 5 --out DIR
 
-A run into a folder that holds results of the same settings adds only the (method, seed) pairs missing there; the
-benchmark itself is qunet.experiments.activelearning.
+A run into a folder that holds results of the same settings adds only the (method, seed) pairs missing there; with
+--merge it runs nothing and reports together the folders of runs split over processes or machines. The benchmark
+itself is qunet.experiments.activelearning.
 """
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="", help="of the table and plot (default: the title of the folder's earlier "
                                                 "runs, else the stacks' names)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR", help="run nothing: report into --out the results "
+                   "of these folders' runs of the same settings (e.g. one process per method), on the seeds every "
+                   "method finished")
     add_machine_arguments(p)
 
 
@@ -64,6 +69,35 @@ def earlier_results(path: Path, config: RoundsConfig) -> tuple[list[RoundResult]
     return results, commands, saved.get("title", "")
 
 
+def merged(folders: list[str], config: RoundsConfig) -> tuple[list[RoundResult], list[str], str]:
+    """The results of several folders' runs of the same settings, on the seeds every method finished there: a seed
+    that one process did not finish (a run stopped early) would compare methods on different seeds."""
+    results, commands, title = [], [], ""
+    for folder in folders:
+        theirs, their_commands, their_title = earlier_results(Path(folder) / "rounds.json", config)
+        if not theirs:
+            raise SystemExit(f"{folder} holds no rounds.json")
+        known = {(r.method, r.seed) for r in results}
+        results += [r for r in theirs if (r.method, r.seed) not in known]
+        commands += [c for c in their_commands if c not in commands]
+        title = title or their_title
+    by_method: dict[str, set[int]] = {}
+    for r in results:
+        by_method.setdefault(r.method, set()).add(r.seed)
+    common = set.intersection(*by_method.values())
+    return [r for r in results if r.seed in common], commands, title
+
+
+def save(out: Path, title: str, commands: list[str], config: RoundsConfig, results: list[RoundResult]) -> None:
+    """rounds.json, replaced whole (a run killed while writing leaves the previous file, not half of one)."""
+    held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
+            "seeds": len({r.seed for r in results})}
+    part = out / "rounds.json.part"
+    part.write_text(json.dumps({"title": title, "commands": commands, "config": held,
+                                "results": [asdict(r) for r in results]}, indent=1, default=str))
+    os.replace(part, out / "rounds.json")
+
+
 def main(args: argparse.Namespace) -> None:
     device = machine(args)
     d = RoundsConfig()
@@ -72,10 +106,17 @@ def main(args: argparse.Namespace) -> None:
                      train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
                                    batch_size=args.batch_size, foreground=args.foreground))
     cases = load_cases(find_pairs(args.data, include=args.include))
-    bench = Benchmark(cases, config, device)
     command = recorded_command("rounds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results, commands, title = merged(args.merge, config)
+        commands = [*commands, command] if command else commands
+        title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
+        save(out, title, commands, config, results)
+        print(report(results, cases, out, title, commands))
+        return
+    bench = Benchmark(cases, config, device)
     results, commands, title = earlier_results(out / "rounds.json", config)
     title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
     commands = [*commands, command] if command and command not in commands else commands
@@ -88,10 +129,6 @@ def main(args: argparse.Namespace) -> None:
                 f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
                 f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
                 file=sys.stderr, flush=True))
-        # written after every seed: hours of CPU are not lost to an interrupted run, and its seeds so far are reported
-        held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
-                "seeds": len({r.seed for r in results})}
-        (out / "rounds.json").write_text(json.dumps({"title": title, "commands": commands, "config": held,
-                                                     "results": [asdict(r) for r in results]}, indent=1, default=str))
+        save(out, title, commands, config, results)  # after every seed: an interrupted run keeps the seeds it finished
         table = report(results, cases, out, title, commands)
     print(table)
