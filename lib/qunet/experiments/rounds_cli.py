@@ -109,17 +109,14 @@ def main(args: argparse.Namespace) -> None:
     command = recorded_command("rounds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results, commands, title = merged(args.merge, config) if args.merge else earlier_results(out / "rounds.json", config)
+    title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
+    commands = [*commands, command] if command and command not in commands else commands
     if args.merge:
-        results, commands, title = merged(args.merge, config)
-        commands = [*commands, command] if command else commands
-        title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
         save(out, title, commands, config, results)
         print(report(results, cases, out, title, commands))
         return
     bench = Benchmark(cases, config, device)
-    results, commands, title = earlier_results(out / "rounds.json", config)
-    title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
-    commands = [*commands, command] if command and command not in commands else commands
     done = {(r.method, r.seed) for r in results}
     for seed in range(config.seeds):
         for method in config.methods:
