@@ -104,6 +104,11 @@ run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --fore
     --methods random --foreground 0.66 --out docs/rounds/oct-random-4rounds "${@}"
 "$PY" -m qunet rounds --data sample-data --include 'ct*' --rounds 4 --per-round 4 --seeds 10 --steps-per-epoch 25 \
     --methods random --foreground 0.66 --out docs/rounds/ct-random-4rounds "${@}"
+# the same at 0.33 (4 December; another machine than the 3-round 0.33 runs' seeds 0-4, which it does not repeat exactly)
+for kind in oct:5 ct:10; do
+    "$PY" -m qunet rounds --data sample-data --include "${kind%%:*}*" --rounds 4 --per-round 4 --seeds "${kind#*:}" \
+        --steps-per-epoch 25 --methods random --foreground 0.33 --out "docs/rounds/${kind%%:*}-random-4rounds-foreground33" "${@}"
+done
 for kind in ct oct; do  # which per-slice score follows the model's errors
     "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --foreground 0.66 \
         --out "docs/rounds/proxies-$kind"
