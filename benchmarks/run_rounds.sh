@@ -97,6 +97,8 @@ run oct-foreground33 4 --data sample-data --include 'oct*' --methods "${METHODS[
 run hybrid-foreground33 8 --data "$WORK/hybrid" --methods "${METHODS[@]}" --foreground 0.33 --seeds 10 "${@}"
 run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}" --foreground 0.33 --seeds 10 "${@}"
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods interval --seeds 10 --foreground 0.33 "${@}"
+# MC dropout at 0.33 on the OCT-like stacks, seeds 0-4
+run oct-foreground33 4 --data sample-data --include 'oct*' --methods mcdropout --foreground 0.33 "${@}"
 # random and fixed interval on the real stacks: seeds 0-4 first, 5-9 added after seeing them (docs/README.md)
 run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --foreground 0.33 "${@}"
 # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
