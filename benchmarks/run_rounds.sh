@@ -4,7 +4,7 @@
 # (MC dropout about 90-120 s, 420 s on the hybrid cohort and 320 s on the real stacks: five scoring passes), about
 # 18 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
 # lacks: delete docs/rounds/NAME to rerun it from scratch.
-# The same rounds with the app's full training per round (10 epochs of 50 updates), docs/rounds/full-NAME: on a GPU,
+# The same rounds with twice the training per round (200 updates) on a GPU, into docs/rounds/gpu-NAME:
 # benchmarks/run_rounds_gpu.sh.
 # Usage: bash benchmarks/run_rounds.sh [extra flags...]
 set -euo pipefail
