@@ -5,7 +5,8 @@
 # leaves a GPU mostly idle, so every (cohort, method) runs as a process of its own beside the others, into PARTS; each
 # cohort's parts are then merged into docs/rounds/gpu-NAME on the seeds every method finished (rerunning adds only
 # the missing seeds to each part). On an H200 with 16 cores the 15 processes took about 37 s per round each, the GPU
-# about 97 % busy: 4 seeds in 8.5 minutes (3 on the real stacks and the hybrid cohort).
+# about 97 % busy: 4 seeds in 8.5 minutes (3 on the real stacks and the hybrid cohort); a second session resuming
+# the parts reached 8 seeds (6) in another 8.4 minutes.
 # Usage: [PARTS=DIR] [COHORTS="oct ct ..."] [METHODS="lesion random"] [SEEDS=10] bash benchmarks/run_rounds_gpu.sh
 #        [extra flags...]; MERGE=0 runs the parts and leaves the merge (e.g. to merge on another machine).
 set -euo pipefail
