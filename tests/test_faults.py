@@ -3,7 +3,7 @@ leaves nothing half-written (a whole server SIGKILLed while it saves, scores and
 
 - `test_label_save_killed_at_every_step`: a child process saving a label is killed (os._exit) at each step of
   the journalled save; reopening the datastore (as a restart does) gives either the old label and records or
-  the new ones, never a mix, and no temporary files.
+  the new ones, never a mix, and no temporary files, in the studies folder or outside it.
 - `test_model_publish_killed_mid_copy_keeps_the_previous_model`: the same for the model training publishes.
 """
 
@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -64,8 +65,11 @@ def copy_then_die(keep: int):
     return copyfile
 
 
-def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool) -> None:
-    """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`)."""
+def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool,
+                  system_tmp: str) -> None:
+    """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`), with
+    `system_tmp` as the system's temporary folder."""
+    tempfile.tempdir = system_tmp
     store = open_store(Path(studies))
     real_replace = os.replace
     calls = []
@@ -96,17 +100,21 @@ def test_label_save_killed_at_every_step(tmp_path, first):
     before = stored(template, "img")
 
     after_commit = {"label": None}
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
     ctx = multiprocessing.get_context("fork")
     # renames in a save: 0 the JSON commit, 1 the label into place, 2 the JSON clearing the journal; 3 = no kill
     for kill_at, truncate in [(0, True), (0, False), (1, False), (2, False), (3, False)]:
         studies = tmp_path / f"studies-{kill_at}-{truncate}"
         shutil.copytree(template, studies)
-        child = ctx.Process(target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate))
+        child = ctx.Process(target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate,
+                                                          str(system_tmp)))
         child.start()
         child.join(60)
         assert child.exitcode == (0 if kill_at == 3 else 9)
         now = stored(studies, "img")  # reopening recovers: completes a committed save, drops the rest
         assert not [f for f in now["files"] if f.startswith(".tmp-")], now["files"]
+        assert not list(system_tmp.iterdir()), f"killed at rename {kill_at}: left outside the studies folder"
         json.loads((studies / "datastore_v2.json").read_text())
         if kill_at == 0:  # before the commit: exactly the old state
             assert now["annotated"] == before["annotated"] and now["files"] == before["files"]

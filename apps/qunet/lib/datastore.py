@@ -155,7 +155,10 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
             if image_id not in self._datastore.objects:
                 raise ImageNotFound(image_id)
             if label_tag == DefaultLabelTag.FINAL:
-                source, image_update = prepare_submission(self, image_id, label_filename, label_info)
+                # a merged label is written beside the labels, where the next start sweeps it if this process dies
+                scratch = self._datastore.label_path(label_tag)
+                os.makedirs(scratch, exist_ok=True)
+                source, image_update = prepare_submission(self, image_id, label_filename, label_info, scratch)
             else:
                 check_label(self, image_id, label_filename)
                 source, image_update = label_filename, {}

@@ -170,6 +170,8 @@ class QUNetDICOMWebDatastore(DicomSegMixin, SeriesCacheMixin, DICOMWebDatastore,
             converted = label_filename = binary_to_image(image_file, label_filename)
         try:
             if label_tag == FINAL:
+                # no datastore lock is held here, so a merged label goes to the system's temporary folder, not to
+                # one that another process's start would sweep
                 source, image_update = prepare_submission(self, image_id, label_filename, label_info)
             else:
                 load_label(label_filename, load_stack(image_file))

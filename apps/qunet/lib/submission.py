@@ -24,16 +24,18 @@ from qunet.io import Stack, StackError, load_label, load_stack
 
 from lib import records
 from lib.errors import BadRequest, ImageNotFound, InvalidFile
+from lib.files import TMP_PREFIX
 
 logger = logging.getLogger(__name__)
 
 
-def _write_like(array_xyz: np.ndarray, reference_file: str) -> str:
-    """Write a (X, Y, Z) label with the geometry and format of `reference_file`; returns the new file."""
+def _write_like(array_xyz: np.ndarray, reference_file: str, folder: str | None) -> str:
+    """Write a (X, Y, Z) label with the geometry and format of `reference_file` into `folder` (None: the system's
+    temporary folder) under a temporary name of ours; returns the new file."""
     reference = sitk.ReadImage(reference_file)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array_xyz, (2, 1, 0))))
     image.CopyInformation(reference)
-    fd, path = tempfile.mkstemp(suffix="".join(Path(reference_file).suffixes))
+    fd, path = tempfile.mkstemp(suffix="".join(Path(reference_file).suffixes), prefix=TMP_PREFIX, dir=folder)
     os.close(fd)
     sitk.WriteImage(image, path, useCompression=True)
     return path
@@ -77,8 +79,11 @@ def _declared(value: Any, depth: int) -> str | list[int] | None:
     return value
 
 
-def prepare_submission(datastore: Datastore, image_id: str, label_file: str, label_info: dict[str, Any]) -> tuple[str, dict]:
-    """Check a final label against its image; return (file to store, image-info update).
+def prepare_submission(datastore: Datastore, image_id: str, label_file: str, label_info: dict[str, Any],
+                       scratch: str | None = None) -> tuple[str, dict]:
+    """Check a final label against its image; return (file to store, image-info update). A label merged with
+    earlier slices is a new file in `scratch` (None: the system's temporary folder), which the caller removes; a
+    store that sweeps our temporary names from a folder after a crash passes that folder.
 
     Raises InvalidFile (a StackError; HTTP 422) for a label or image that cannot be used, BadRequest (HTTP 400)
     for bad params. Nothing is written before the checks pass."""
@@ -104,7 +109,7 @@ def prepare_submission(datastore: Datastore, image_id: str, label_file: str, lab
         else:
             merged = new.copy()
             merged[:, :, keep_old] = old[:, :, keep_old]
-            label_file = _write_like(merged, label_file)
+            label_file = _write_like(merged, label_file, scratch)
     if mine:
         served_all[client] = {**mine, "submitted": True}
     return label_file, {records.ANNOTATED: sorted(set(previous) | set(now)), records.SERVED: served_all}
