@@ -2,7 +2,7 @@
 # Reruns the multi-round benchmark (python -m qunet rounds) whose results are in docs/rounds/NAME: 3 rounds with a
 # fifth of the app's training per round (--steps-per-epoch 25), 5 seeds; about 45-85 s per round on 2 CPU cores
 # (MC dropout about 90-120 s, 420 s on the hybrid cohort and 320 s on the real stacks: five scoring passes), about
-# 18 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
+# 20 hours in all. A folder that already holds results of the same settings adds only the (method, seed) pairs it
 # lacks: delete docs/rounds/NAME to rerun it from scratch.
 # The same rounds with twice the training per round (200 updates) on a GPU, into docs/rounds/gpu-NAME:
 # benchmarks/run_rounds_gpu.sh.
@@ -99,6 +99,10 @@ run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods interval --seeds 10 --foreground 0.33 "${@}"
 # MC dropout at 0.33 on the OCT-like stacks, seeds 0-4
 run oct-foreground33 4 --data sample-data --include 'oct*' --methods mcdropout --foreground 0.33 "${@}"
+# and on the CT-like stacks and the prevalence cohort (a second 4 December session; the real and hybrid cohorts'
+# five scoring passes take about 5 minutes a round on 2 cores: not run)
+run ct-foreground33 4 --data sample-data --include 'ct*' --methods mcdropout --foreground 0.33 "${@}"
+run prevalence-foreground33 8 --data "$WORK/prevalence" --methods mcdropout --foreground 0.33 "${@}"
 # random and fixed interval on the real stacks: seeds 0-4 first, 5-9 added after seeing them (docs/README.md)
 run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --foreground 0.33 "${@}"
 # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
@@ -110,6 +114,13 @@ run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --fore
 for kind in oct:5 ct:10; do
     "$PY" -m qunet rounds --data sample-data --include "${kind%%:*}*" --rounds 4 --per-round 4 --seeds "${kind#*:}" \
         --steps-per-epoch 25 --methods random --foreground 0.33 --out "docs/rounds/${kind%%:*}-random-4rounds-foreground33" "${@}"
+done
+# random slices to about 25 % of the prevalence (48 of 192), real (24 of 94) and hybrid (56 of 230) cohorts' slices
+for cohort in "prevalence 6 8 --data $WORK/prevalence" "real 6 4 ${REAL[*]}" "hybrid 7 8 --data $WORK/hybrid"; do
+    read -r name rounds per_round data <<< "$cohort"
+    read -r -a data <<< "$data"
+    "$PY" -m qunet rounds "${data[@]}" --rounds "$rounds" --per-round "$per_round" --seeds 5 --steps-per-epoch 25 \
+        --methods random --foreground 0.33 --out "docs/rounds/$name-random-${rounds}rounds-foreground33" "${@}"
 done
 for kind in ct oct; do  # which per-slice score follows the model's errors
     "$PY" -m qunet proxies --data sample-data --include "$kind*" --steps-per-epoch 25 --foreground 0.66 \
