@@ -45,7 +45,10 @@ class LiveServer:
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}  # in-process tests set them
-        env = {**inherited, "MONAI_LABEL_TRACKING_ENABLED": "false", "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        tmp = self.app_dir.parent / "tmp"  # what the server leaves in its temporary folder stays with the test
+        tmp.mkdir(exist_ok=True)
+        env = {**inherited, "TMPDIR": str(tmp), "MONAI_LABEL_TRACKING_ENABLED": "false",
+               "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
                "OMP_NUM_THREADS": "1",  # the server and its scoring/training subprocesses share 2 cores
                "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions"), **self.env}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,

@@ -300,6 +300,7 @@ def test_seg_made_elsewhere_is_read_on_the_grid(server, data, tmp_path):
     finally:
         os.environ["PATH"] = old_path
     seg = pydicom.dcmread(seg_file)
+    os.remove(seg_file)  # MONAI Label writes it to the system's temporary folder
     assert int(seg.NumberOfFrames) == max(labelled) - min(labelled) + 1 < load_stack(image_file).num_slices
     DICOMwebClient(data["url"]).store_instances([seg])
 

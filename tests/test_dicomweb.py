@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -89,6 +90,12 @@ def datastore(orthanc_server, tmp_path_factory) -> DICOMWebDatastore:
     return DICOMWebDatastore(
         DICOMwebClientX(url=orthanc_server), {"Modality": "CT"}, cache_path=str(tmp_path_factory.mktemp("cache"))
     )
+
+
+@pytest.fixture(autouse=True)
+def monailabel_temporaries(tmp_path, monkeypatch):
+    # MONAI Label's DICOM conversions leave their files in the system's temporary folder: here, in the test's own
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture
