@@ -44,7 +44,8 @@ class Server:
         self.studies, self.conf, self.port = studies, conf, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "server.log"
-        self.env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false",
+        (workdir / "tmp").mkdir(exist_ok=True)  # the server's temporary files (e.g. its logging config) go with the run
+        self.env = {**os.environ, "TMPDIR": str(workdir / "tmp"), "MONAI_LABEL_TRACKING_ENABLED": "false",
                     "MONAI_LABEL_AUTO_UPDATE_SCORING": "true" if auto_scoring else "false",
                     "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions")}
         self.proc: subprocess.Popen | None = None
