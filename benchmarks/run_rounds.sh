@@ -110,16 +110,14 @@ run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --fore
     --methods random --foreground 0.66 --out docs/rounds/oct-random-4rounds "${@}"
 "$PY" -m qunet rounds --data sample-data --include 'ct*' --rounds 4 --per-round 4 --seeds 10 --steps-per-epoch 25 \
     --methods random --foreground 0.66 --out docs/rounds/ct-random-4rounds "${@}"
-# the same at 0.33 (4 December; another machine than the 3-round 0.33 runs' seeds 0-4, which it does not repeat exactly)
-for kind in oct:5 ct:10; do
-    "$PY" -m qunet rounds --data sample-data --include "${kind%%:*}*" --rounds 4 --per-round 4 --seeds "${kind#*:}" \
-        --steps-per-epoch 25 --methods random --foreground 0.33 --out "docs/rounds/${kind%%:*}-random-4rounds-foreground33" "${@}"
-done
-# random slices to about 25 % of the prevalence (48 of 192), real (24 of 94) and hybrid (56 of 230) cohorts' slices
-for cohort in "prevalence 6 8 --data $WORK/prevalence" "real 6 4 ${REAL[*]}" "hybrid 7 8 --data $WORK/hybrid"; do
-    read -r name rounds per_round data <<< "$cohort"
+# the same at 0.33, and to about 25 % of the prevalence (48 of 192), real (24 of 94) and hybrid (56 of 230) cohorts'
+# slices (4 December; other machines than the 3-round 0.33 runs' seeds 0-4, which they do not repeat exactly).
+# Each line: name, rounds, slices per round, seeds, data
+for cohort in "oct 4 4 5 --data sample-data --include oct*" "ct 4 4 10 --data sample-data --include ct*" \
+        "prevalence 6 8 5 --data $WORK/prevalence" "real 6 4 5 ${REAL[*]}" "hybrid 7 8 5 --data $WORK/hybrid"; do
+    read -r name rounds per_round seeds data <<< "$cohort"
     read -r -a data <<< "$data"
-    "$PY" -m qunet rounds "${data[@]}" --rounds "$rounds" --per-round "$per_round" --seeds 5 --steps-per-epoch 25 \
+    "$PY" -m qunet rounds "${data[@]}" --rounds "$rounds" --per-round "$per_round" --seeds "$seeds" --steps-per-epoch 25 \
         --methods random --foreground 0.33 --out "docs/rounds/$name-random-${rounds}rounds-foreground33" "${@}"
 done
 for kind in ct oct; do  # which per-slice score follows the model's errors

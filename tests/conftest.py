@@ -1,6 +1,7 @@
 """Fixtures shared by the test modules."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,14 @@ def checkout_state_untouched():
     after = _snapshot()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"the tests changed the checkout's own state: {changed[:10]}"
+
+
+@pytest.fixture
+def system_tmp(tmp_path, monkeypatch) -> Path:
+    """A folder of the test's own as the system's temporary folder (TMPDIR for subprocesses, `tempfile` for this
+    process and the children it forks), so that the test sees what the code leaves there."""
+    folder = tmp_path / "system-tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +27,8 @@ from qunet.io import Stack, StackError, load_stack
 
 SHAPE = (40, 32, 6)
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# MONAI Label's DICOM conversions leave their files in the system's temporary folder: here, in each test's own
+pytestmark = pytest.mark.usefixtures("system_tmp")
 
 
 def _affine(left_handed: bool = False) -> np.ndarray:
@@ -90,12 +91,6 @@ def datastore(orthanc_server, tmp_path_factory) -> DICOMWebDatastore:
     return DICOMWebDatastore(
         DICOMwebClientX(url=orthanc_server), {"Modality": "CT"}, cache_path=str(tmp_path_factory.mktemp("cache"))
     )
-
-
-@pytest.fixture(autouse=True)
-def monailabel_temporaries(tmp_path, monkeypatch):
-    # MONAI Label's DICOM conversions leave their files in the system's temporary folder: here, in the test's own
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture

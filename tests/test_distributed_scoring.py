@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -62,12 +61,8 @@ def torchrun(app: Path, studies: Path, conf: list[str], *more: str) -> dict:
             del sys.modules[name]
 
 
-def test_two_ranks_score_each_volume_once_as_one_process_would(tmp_path, monkeypatch):
+def test_two_ranks_score_each_volume_once_as_one_process_would(tmp_path, system_tmp):
     studies, app, conf = make_cohort(tmp_path)
-    system_tmp = tmp_path / "system-tmp"
-    system_tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(system_tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     totals = torchrun(app, studies, conf)
     assert totals["ranks"] == 2
     assert not list(system_tmp.iterdir()), "torchrun's folders are left in the temporary folder"

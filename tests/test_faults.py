@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -65,11 +64,8 @@ def copy_then_die(keep: int):
     return copyfile
 
 
-def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool,
-                  system_tmp: str) -> None:
-    """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`), with
-    `system_tmp` as the system's temporary folder."""
-    tempfile.tempdir = system_tmp
+def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool) -> None:
+    """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`)."""
     store = open_store(Path(studies))
     real_replace = os.replace
     calls = []
@@ -88,7 +84,7 @@ def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first-label", "second-label"])
-def test_label_save_killed_at_every_step(tmp_path, first):
+def test_label_save_killed_at_every_step(tmp_path, system_tmp, first):
     template = tmp_path / "template"
     template.mkdir()
     write_stack(template / "img.nii.gz")
@@ -100,15 +96,12 @@ def test_label_save_killed_at_every_step(tmp_path, first):
     before = stored(template, "img")
 
     after_commit = {"label": None}
-    system_tmp = tmp_path / "system-tmp"
-    system_tmp.mkdir()
     ctx = multiprocessing.get_context("fork")
     # renames in a save: 0 the JSON commit, 1 the label into place, 2 the JSON clearing the journal; 3 = no kill
     for kill_at, truncate in [(0, True), (0, False), (1, False), (2, False), (3, False)]:
         studies = tmp_path / f"studies-{kill_at}-{truncate}"
         shutil.copytree(template, studies)
-        child = ctx.Process(target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate,
-                                                          str(system_tmp)))
+        child = ctx.Process(target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate))
         child.start()
         child.join(60)
         assert child.exitcode == (0 if kill_at == 3 else 9)
