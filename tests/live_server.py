@@ -1,10 +1,5 @@
 """Start a real `monailabel start_server` for tests, on 127.0.0.1 and a free port, as a user would."""
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,67 +7,20 @@ import numpy as np
 import requests
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "qunet"
+from qunet.experiments.bench import APP, REPO as ROOT
+from qunet.experiments.server import Server
+
 SAMPLES = ROOT / "sample-data"  # read-only here: tests copy what they change
 TRUTH = SAMPLES / "ground-truth"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class LiveServer(Server):
+    """The project's live server (qunet.experiments.server) over its own copy of the app (so model files stay per
+    test), with one torch thread: the server and its scoring and training subprocesses share the machine's cores."""
 
-
-class LiveServer:
-    """A monailabel server process over its own copy of the app (so model files stay per test)."""
-
-    def __init__(self, studies: Path, workdir: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None):
-        self.studies = studies
-        self.app_dir = workdir / "app"
-        if not self.app_dir.exists():
-            shutil.copytree(APP, self.app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-        self.conf = conf or {}
-        self.env = env or {}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 300) -> "LiveServer":
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir),
-               "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in self.conf.items():
-            cmd += ["--conf", k, str(v)]
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}  # in-process tests set them
-        tmp = self.app_dir.parent / "tmp"  # what the server leaves in its temporary folder stays with the test
-        tmp.mkdir(exist_ok=True)
-        env = {**inherited, "TMPDIR": str(tmp), "MONAI_LABEL_TRACKING_ENABLED": "false",
-               "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-               "OMP_NUM_THREADS": "1",  # the server and its scoring/training subprocesses share 2 cores
-               "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions"), **self.env}
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.app_dir.parent, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=2).ok:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        self.stop()  # the fixture that called start() never gets to stop it
-        raise TimeoutError(f"server did not answer in {timeout} s:\n{self.tail()}")
-
-    def stop(self, sig: int = 15) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(30)
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+    def __init__(self, studies: Path | str, workdir: Path, conf: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None):
+        super().__init__(studies, workdir, conf, {"OMP_NUM_THREADS": "1", **(env or {})})
 
     def image_info(self, image_id: str) -> dict:
         """The image's datastore record (`/datastore/image/info`), the app's records included."""

@@ -4,6 +4,7 @@ disk with its records, the datastore JSON parses, the published model and the tr
 quality records computed before the kill are kept and not recomputed. (Kills of one save or publish: test_faults.py.)
 """
 
+import contextlib
 import json
 import shutil
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from filelock import FileLock
 
 from live_server import LiveServer, records_on_disk, wait_for
 from qunet import build_network
@@ -157,5 +159,40 @@ def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
         r = requests.post(f"{restarted.url}/train/qunet?run_sync=true", json={"max_epochs": 1, "train_batch_size": 4}, timeout=300)
         assert r.status_code == 200, r.text
         assert requests.get(f"{restarted.url}/info/", timeout=30).ok
+    finally:
+        restarted.stop()
+
+
+def test_upload_left_by_a_killed_server_is_removed_at_restart(tmp_path):
+    """A label upload waiting for the datastore lock when the server is killed: its private folder stays, in the
+    app's model folder (not the system's temporary folder), and the next start removes it."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    write_stack(studies / "lab0.nii.gz", SMALL_SHAPE, seed=10)
+    server = LiveServer(studies, tmp_path, conf=CONF).start()
+    uploads = Path(server.app_dir, "model", "uploads")
+    label = tmp_path / "label.nii.gz"
+    write_label(label, SMALL_SHAPE, [3], 5)
+
+    def submit() -> None:
+        with contextlib.suppress(requests.RequestException), open(label, "rb") as f:  # the server is killed
+            requests.put(f"{server.url}/datastore/label", params={"image": "lab0"}, files={"label": (label.name, f)},
+                         data={"params": json.dumps({"annotated_slices": [3]})}, timeout=120)
+
+    try:
+        with FileLock(studies / ".lock"):  # the datastore's lock: the save waits with its upload received
+            saving = threading.Thread(target=submit, daemon=True)
+            saving.start()
+            received = wait_for(lambda: list(uploads.glob("*/*")), 60, "the upload received", poll=0.1)
+            server.stop(signal.SIGKILL)
+    finally:
+        server.stop(signal.SIGKILL)
+    saving.join(60)
+    assert received[0].parent.name.startswith(f"{server.proc.pid}-") and received[0].exists()
+    restarted = LiveServer(studies, tmp_path, conf=CONF).start()
+    try:
+        assert not list(uploads.iterdir()), "the killed server's upload folder is still there"
+        objects = requests.get(f"{restarted.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+        assert "final" not in objects["lab0"]["labels"]  # the save never ran
     finally:
         restarted.stop()

@@ -63,6 +63,7 @@ class QUNetApp(MONAILabelApp):
         self._scoring_lock = threading.Lock()
         if not processes.in_task_subprocess():
             processes.clean_after_training(self.model_dir)
+            uploads.prepare_uploads(self.model_dir)
         guards.install(self)
         register_status_page()
         quiet_empty_sample_warning()

@@ -18,7 +18,8 @@ and fixed-interval slices on the CT-like stacks and ahead of them on average, no
 (docs/README.md#the-multi-round-benchmark). `middles` is `lesion` whose first answer from a volume is one slice, so
 that every volume's middle comes first, as with fixed-interval slices. `interior` is `lesion` with the stack's ends
 counted as taken, so that its end slices come last: on the CT-like stacks it trained clearly worse models than
-`lesion` (docs/README.md), mostly through false lesion on lesion-free slices; level with it on three other cohorts.
+`lesion` (docs/README.md; with either share of lesion-centred patches), mostly through false lesion on lesion-free
+slices; level with it on three other cohorts.
 """
 
 import math

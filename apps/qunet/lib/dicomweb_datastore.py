@@ -165,14 +165,14 @@ class QUNetDICOMWebDatastore(DicomSegMixin, SeriesCacheMixin, DICOMWebDatastore,
         """Check, do the bookkeeping, upload a final label as SEG, then record it; a bad label changes nothing."""
         label_info = dict(label_info or {})
         image_file = self.get_image_uri(image_id)
-        converted = ""
+        converted, scratch = "", os.path.dirname(os.path.abspath(label_filename))
         if label_filename.endswith(".bin"):  # OHIF sends the raw voxels of the image's grid
             converted = label_filename = binary_to_image(image_file, label_filename)
         try:
             if label_tag == FINAL:
-                # no datastore lock is held here, so a merged label goes to the system's temporary folder, not to
-                # one that another process's start would sweep
-                source, image_update = prepare_submission(self, image_id, label_filename, label_info)
+                # a merged label goes beside the submitted one: the request's upload folder (lib.uploads), removed
+                # with it and swept after a crash (no datastore lock is held here to protect a shared folder)
+                source, image_update = prepare_submission(self, image_id, label_filename, label_info, scratch)
             else:
                 load_label(label_filename, load_stack(image_file))
                 source, image_update = label_filename, {}

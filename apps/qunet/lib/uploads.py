@@ -4,7 +4,9 @@ MONAI Label's helpers save an upload to the temporary folder under a name ending
 suffix is a file-system error), and remove it only after a successful answer (a refused upload stayed, and infer
 then took it as an image by its path). Here an upload:
 
-- is saved in a private temporary folder that is removed when the request ends, however it ends;
+- is saved in a private folder that is removed when the request ends, however it ends: under the app's model
+  folder (`uploads/<server pid>-*`), where the next start removes the folders of servers no longer running
+  (`prepare_uploads`), so a killed server leaves nothing behind, not even in the system's temporary folder;
 - is named after the format its bytes hold, never after the client's name, once it passes the checks every read
   makes (`qunet.io.check_file`): a file that is not a single-file NIfTI, NRRD or MetaImage, names another data
   file, claims more voxels than the cap or inflates beyond its header is refused (422) before any reader opens it;
@@ -15,6 +17,7 @@ and is published atomically; DELETE moves the published model aside, as MONAI La
 """
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -35,7 +38,32 @@ from qunet.network import load_weights
 from lib.files import atomic_copy
 from lib.errors import InvalidFile, NotFound, Unprocessable, check_name, json_object
 
+logger = logging.getLogger(__name__)
+
 _uploaded: ContextVar[frozenset[str]] = ContextVar("qunet_uploaded", default=frozenset())
+UPLOADS = "uploads"  # in the app's model folder: one folder per request being received
+
+
+def prepare_uploads(model_dir: str) -> None:
+    """At start-up: make the uploads' folder; remove the request folders in it of servers no longer running, and
+    this process's own (a restarted server may get the pid of the one killed, as in a container)."""
+    root = os.path.join(model_dir, UPLOADS)
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        pid = name.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _running(int(pid)):
+            logger.warning(f"removing {os.path.join(root, name)}, left by a killed server")
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def is_uploaded(path: Any) -> bool:
@@ -46,8 +74,8 @@ def is_uploaded(path: Any) -> bool:
 @contextlib.contextmanager
 def received(upload: UploadFile, what: str, kind: str = "image") -> Iterator[str]:
     """The upload as a file named after its format (kind "image"), OHIF's raw voxels (".bin", kind "label"), or
-    as sent (kind "model"), in a private temporary folder removed afterwards."""
-    folder = tempfile.mkdtemp(prefix="qunet-upload-")
+    as sent (kind "model"), in a private folder removed afterwards."""
+    folder = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=os.path.join(app_instance().model_dir, UPLOADS))
     try:
         path = os.path.join(folder, "upload")
         with open(path, "wb") as out:

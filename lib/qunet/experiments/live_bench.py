@@ -1,12 +1,7 @@
-"""The live-server part of `python -m qunet bench`: a real `monailabel start_server` on loopback (also used by
-`python -m qunet rescore`), Next sample latency over N volumes, and the strategy's ranking and record write costs."""
+"""The live-server part of `python -m qunet bench`: Next sample latency over N volumes of a real server
+(qunet.experiments.server), and the strategy's ranking and record write costs."""
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,11 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qunet.experiments.bench import APP, _best
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qunet.experiments.server import Server
 
 
 def write_studies(folder: Path, count: int, shape=(16, 16, 8), seed: int = 0) -> None:
@@ -33,50 +24,6 @@ def write_studies(folder: Path, count: int, shape=(16, 16, 8), seed: int = 0) ->
         base = ndimage.gaussian_filter(rng.normal(size=shape), (1.5, 1.5, 0)) * 300 + 400
         base += rng.normal(scale=20, size=shape)
         nib.save(nib.Nifti1Image(base.astype(np.int16), np.diag([0.7, 0.7, 5.0, 1.0])), folder / f"vol{i:04d}.nii.gz")
-
-
-class Server:
-    """A `monailabel start_server` over a copy of the app, on 127.0.0.1 and a free port (loopback only)."""
-
-    def __init__(self, studies: Path, workdir: Path, conf: dict[str, str], auto_scoring: bool) -> None:
-        self.app_dir = workdir / "app"
-        shutil.copytree(APP, self.app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-        self.studies, self.conf, self.port = studies, conf, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "server.log"
-        (workdir / "tmp").mkdir(exist_ok=True)  # the server's temporary files (e.g. its logging config) go with the run
-        self.env = {**os.environ, "TMPDIR": str(workdir / "tmp"), "MONAI_LABEL_TRACKING_ENABLED": "false",
-                    "MONAI_LABEL_AUTO_UPDATE_SCORING": "true" if auto_scoring else "false",
-                    "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions")}
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Server":
-        import requests
-
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir), "--studies",
-               str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in self.conf.items():
-            cmd += ["--conf", k, str(v)]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=self.app_dir.parent, start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"monailabel server exited with {self.proc.returncode}: see {self.log}")
-            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
-                if requests.get(f"{self.url}/info/", timeout=2).ok:
-                    return self
-            time.sleep(0.5)
-        raise TimeoutError(f"monailabel server did not answer in 180 s: see {self.log}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
 
 
 def _latencies(session, url: str, requests_count: int, client: str) -> tuple[dict, dict]:
@@ -167,7 +114,7 @@ def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16,
         out["scoring"] = score_in_process(APP, root / "studies", conf, model)
         os.rename(model, parked)  # no model: the initial phase (rename keeps the file's signature)
         t = time.perf_counter()
-        with Server(root / "studies", root, conf, auto_scoring) as server, requests.Session() as session:
+        with Server(root / "studies", root, conf, {"MONAI_LABEL_AUTO_UPDATE_SCORING": str(auto_scoring).lower()}) as server, requests.Session() as session:
             url = f"{server.url}/activelearning/qunet"
             session.post(url, json={"client_id": "first"}, timeout=600).raise_for_status()
             out["startup_to_first_answer_seconds"] = round(time.perf_counter() - t, 1)

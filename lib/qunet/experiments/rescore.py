@@ -19,7 +19,7 @@ import numpy as np
 
 from qunet.experiments.bench import REPO
 from qunet.experiments.cli import positive
-from qunet.experiments.live_bench import Server
+from qunet.experiments.server import Server
 from qunet.io import IMAGE_SUFFIXES, load_label, load_stack, stack_id
 
 SAMPLES = REPO / "sample-data"
@@ -108,7 +108,7 @@ def run(data: Path = SAMPLES, rounds: int = 2, samples: int = 2, conf: dict | No
         if not truth:
             raise ValueError(f"{data}: no image with a label of the same name in {truth_dir}")
         out: dict = {"data": str(data), "volumes": len(truth), "conf": conf or {}, "train": train or {}, "rounds": []}
-        with Server(studies, root, conf or {}, auto_scoring=True) as server:
+        with Server(studies, root, conf, {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}) as server:
             annotated = 0
             for r in range(rounds):
                 annotated += _annotate(session, server, truth, studies, root, samples)
