@@ -99,10 +99,13 @@ run prevalence-foreground33 8 --data "$WORK/prevalence" --methods "${METHODS[@]}
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods interval --seeds 10 --foreground 0.33 "${@}"
 # MC dropout at 0.33 on the OCT-like stacks, seeds 0-4
 run oct-foreground33 4 --data sample-data --include 'oct*' --methods mcdropout --foreground 0.33 "${@}"
-# and on the CT-like stacks and the prevalence cohort (a second 4 December session; the real and hybrid cohorts'
-# five scoring passes take about 5 minutes a round on 2 cores: not run)
+# and on the CT-like stacks and the prevalence cohort (a second 4 December session), the real stacks (a third; about
+# 4 minutes a round on 2 cores: five scoring passes over 512 px slices); the hybrid cohort's: not run
 run ct-foreground33 4 --data sample-data --include 'ct*' --methods mcdropout --foreground 0.33 "${@}"
 run prevalence-foreground33 8 --data "$WORK/prevalence" --methods mcdropout --foreground 0.33 "${@}"
+run real-foreground33 4 "${REAL[@]}" --methods mcdropout --foreground 0.33 "${@}"
+# `interior` at 0.33 on the CT-like stacks (third session)
+run ct-foreground33 4 --data sample-data --include 'ct*' --methods interior --seeds 10 --foreground 0.33 "${@}"
 # random and fixed interval on the real stacks: seeds 0-4 first, 5-9 added after seeing them (docs/README.md)
 run real-foreground33 4 "${REAL[@]}" --methods random interval --seeds 10 --foreground 0.33 "${@}"
 # random slices up to 25 % of the OCT-like and CT-like slices (16 of 64): the 12 % target
