@@ -60,3 +60,12 @@ def test_next_sample_latency_against_a_live_server(tmp_path):
 def test_windows_per_slice_as_monai_places_them():
     assert bench.windows_per_slice(96, 96) == 1 and bench.windows_per_slice(40, 96) == 1
     assert bench.windows_per_slice(512, 96) == 7**2  # stride 72: ceil((512 - 96) / 72) + 1 = 7 per axis
+
+
+def test_quick_ranks_bench_leaves_nothing_in_the_temporary_folder(tmp_path, system_tmp):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--only", "ranks", "--out", str(out)]) == 0
+    ranks = json.loads(out.read_text())["ranks"]
+    assert ranks["ranks"] == 2 and ranks["speedup"] > 0
+    left = [p.name for p in system_tmp.iterdir() if not p.name.startswith("torchinductor_")]  # torch's shared cache
+    assert not left, f"left in the temporary folder: {left}"

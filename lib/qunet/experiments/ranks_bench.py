@@ -10,19 +10,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qunet.experiments.bench import APP
+from qunet.experiments.server import copy_app
 from qunet.experiments.live_bench import write_studies
 
 MILLION = 1_000_000
 
 
-def _score(studies: Path, model: Path, ranks: int, features: str, patch: int) -> dict:
-    script = str(APP / "score_cohort.py")
+def _score(app: Path, studies: Path, model: Path, ranks: int, features: str, patch: int) -> dict:
+    script = str(app / "score_cohort.py")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), script]
     command = (launcher if ranks > 1 else [sys.executable, script]) + [
         "--studies", str(studies), "--model", str(model), "--threads", "1",
         "--conf", "features", features, "--conf", "patch_size", str(patch)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=7200)
+    # TMPDIR: torchrun leaves its rendezvous folders there; the bench's work folder is removed after it
+    done = subprocess.run(command, capture_output=True, text=True, timeout=7200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(app.parent)})
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -39,11 +41,12 @@ def ranks_bench(ranks: int = 2, volumes: int = 8, shape=(256, 256, 12), features
         torch.manual_seed(0)
         model = root / "model.pt"
         torch.save({"model": build_network(tuple(int(f) for f in features.split(","))).state_dict()}, model)
+        app = copy_app(root / "app")  # its script records the model's agreement in its app folder: not the checkout's
         runs = {}
         for n in (1, ranks):
             studies = root / f"studies-{n}"
             write_studies(studies, volumes, shape)
-            runs[n] = _score(studies, model, n, features, patch)["disagreement"]
+            runs[n] = _score(app, studies, model, n, features, patch)["disagreement"]
     slices = volumes * shape[2]
     one, many = runs[1]["seconds"], runs[ranks]["seconds"]
     per_slice = one / slices  # seconds per slice on one CPU thread

@@ -14,6 +14,12 @@ from pathlib import Path
 from qunet.experiments.bench import APP
 
 
+def copy_app(dest: Path) -> Path:
+    """A copy of the repository's app without its state (model, logs), so that what a run writes stays with it."""
+    shutil.copytree(APP, dest, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,7 +36,7 @@ class Server:
         self.studies, self.conf, self.env = studies, conf or {}, env or {}
         self.app_dir = workdir / "app"
         if not self.app_dir.exists():
-            shutil.copytree(APP, self.app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+            copy_app(self.app_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"server-{self.port}.log"
