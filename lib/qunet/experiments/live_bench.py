@@ -114,7 +114,8 @@ def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16,
         out["scoring"] = score_in_process(APP, root / "studies", conf, model)
         os.rename(model, parked)  # no model: the initial phase (rename keeps the file's signature)
         t = time.perf_counter()
-        with Server(root / "studies", root, conf, {"MONAI_LABEL_AUTO_UPDATE_SCORING": str(auto_scoring).lower()}) as server, requests.Session() as session:
+        env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": str(auto_scoring).lower()}
+        with Server(root / "studies", root, conf, env) as server, requests.Session() as session:
             url = f"{server.url}/activelearning/qunet"
             session.post(url, json={"client_id": "first"}, timeout=600).raise_for_status()
             out["startup_to_first_answer_seconds"] = round(time.perf_counter() - t, 1)
