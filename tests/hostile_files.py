@@ -1,6 +1,7 @@
 """Hostile files and the server the security tests aim them at (test_security.py, test_security_files.py): each
 module that imports the `setup` and `server` fixtures gets its own studies folder and server."""
 
+import gzip
 import os
 import zlib
 from pathlib import Path
@@ -67,6 +68,23 @@ def mha_bytes(fields: dict[str, str], data: bytes = b"") -> bytes:
 
 
 VOXELS = bytes(int(np.prod(SHAPE)))
+
+
+def _stored_block(data: bytes) -> bytes:
+    """A raw deflate block that holds `data` uncompressed (not the last block)."""
+    return b"\x00" + len(data).to_bytes(2, "little") + (len(data) ^ 0xFFFF).to_bytes(2, "little") + data
+
+
+def differential_nrrd(header: bytes, body: bytes, extra_zeros: int) -> bytes:
+    """Issue 39's upload: an NRRD `header` (gzip encoding, without its end) ended by a line holding one space, then
+    one gzip stream whose first (stored) block holds "\n\n" and the gzip of a valid `body`, then `extra_zeros`
+    deflated zeros. A checker that ends the header at the first "\n\n" checks the small embedded stream; pynrrd
+    ends it at the space-only line and inflates the whole stream."""
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    zeros = b"".join(c.compress(bytes(1 << 20)) for _ in range(extra_zeros >> 20)) + c.flush()
+    trailer = bytes(8)  # CRC and size: never reached, the inflated size is refused first
+    gzip_head = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    return header + b" \n" + gzip_head + _stored_block(b"\n\n" + gzip.compress(body)) + zeros + trailer
 
 
 def make_studies(root: Path) -> dict:

@@ -21,8 +21,9 @@ import requests
 import torch
 from filelock import FileLock
 
-from hostile_files import (BOMB, CAP, MEMORY_BOUND, SHAPE, TINY, VOXELS, deflate, disk_state, live_server, mha_bytes,  # noqa: F401
-                           nifti, nifti_bytes, nrrd_bytes, peak_rss, server, setup)  # (fixtures)
+from hostile_files import (BOMB, CAP, MEMORY_BOUND, SHAPE, TINY, VOXELS, deflate, differential_nrrd,  # noqa: F401
+                           disk_state, live_server, mha_bytes, nifti, nifti_bytes, nrrd_bytes, peak_rss, server,
+                           setup)  # (fixtures)
 from live_server import records_on_disk, wait_for
 from qunet import build_network
 
@@ -41,6 +42,13 @@ def hostile_uploads(setup) -> dict[str, tuple[str, bytes, str]]:
         "NIfTI claiming 2048^3 voxels": ("l.nii.gz", nifti_bytes(claim=(2048, 2048, 2048)), "more than the limit"),
         "NIfTI decompression bomb": ("l.nii.gz", nifti_bytes(extra_zeros=BOMB), "inflates beyond"),
         "NRRD decompression bomb": ("l.nrrd", nrrd_bytes({"encoding": "gzip"}, deflate(VOXELS, BOMB)), "inflates beyond"),
+        "NRRD header ended by a space-only line, a bomb behind it": (
+            "l.nrrd", differential_nrrd(nrrd_bytes({"encoding": "gzip"})[:-1], VOXELS, BOMB), "inflates beyond"),
+        "NRRD with fewer kinds than axes": ("l.nrrd", nrrd_bytes({"kinds": "domain domain"}, VOXELS), "kinds"),
+        "NRRD with NaN directions": ("l.nrrd", nrrd_bytes({"space directions": "(nan,nan,nan) (0,-0.8,0) (0,0,4)"},
+                                                          VOXELS), "geometry"),
+        "NRRD with a zero direction": ("l.nrrd", nrrd_bytes({"space directions": "(0,0,0) (0,-0.8,0) (0,0,4)"},
+                                                            VOXELS), "geometry"),
         "MetaImage decompression bomb": ("l.mha", mha_bytes({"CompressedData": "True"}, deflate(VOXELS, BOMB, 15)),
                                          "inflates beyond"),
         "text": ("l.txt", b"1 2 3", "not a single-file NIfTI"),
@@ -64,6 +72,28 @@ def test_hostile_uploads_refused_with_nothing_changed_and_memory_bounded(setup, 
     print(f"\nserver peak RSS grew by {grown / 2**20:.1f} MiB through {3 * len(hostile_uploads)} hostile uploads")
     assert grown < MEMORY_BOUND
     assert "SECRET" not in server.log.read_text(errors="replace")
+
+
+def test_bodies_ids_and_fields_the_readme_bounds_answer_4xx(setup, server):
+    """Issue 39: a body that is not UTF-8 (FastAPI's own 422 failed on it: 500), ids that cannot name a file (400
+    wherever an id is taken), a params field over 64 KiB inside an upload's multipart body (413)."""
+    before = disk_state(setup, server)
+    for route in ("/activelearning/qunet", "/infer/qunet", "/datastore/label?image=ct1", "/train/qunet"):
+        r = requests.post(server.url + route, data=b"\xff\xfe\x00garbage", timeout=30,
+                          headers={"content-type": "multipart/form-data; boundary=zz"})
+        assert 400 <= r.status_code < 500, (route, r.status_code, r.text[:200])
+    for image_id in ("..", "../ct1", "ct1\x00", "x" * 201, ""):
+        for method, route, kwargs in (("get", "/datastore/image", {}), ("get", "/datastore/image/info", {}),
+                                      ("put", "/datastore/label", {"files": {"label": ("l.nii.gz", b"x")}}),
+                                      ("get", "/datastore/label", {}), ("post", "/infer/qunet", {})):
+            key = "label" if route == "/datastore/label" and method == "get" else "image"
+            r = getattr(requests, method)(server.url + route, params={key: image_id}, timeout=30, **kwargs)
+            assert r.status_code == 400 and "is not allowed" in r.json()["detail"], (image_id, route, r.text[:200])
+    label = nifti_bytes()
+    r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, timeout=30,
+                     data={"params": json.dumps({"note": "x" * (70 << 10)})}, files={"label": ("l.nii.gz", label)})
+    assert r.status_code == 413 and "more than" in r.json()["detail"], r.text[:200]
+    assert disk_state(setup, server) == before
 
 
 def test_names_checked_in_bytes_and_any_upload_name_is_harmless(setup, server, tmp_path):
@@ -95,9 +125,11 @@ def test_nothing_outside_the_studies_folder_is_listed_served_or_read(setup, serv
     stray = setup["tmp"] / "stray.nii.gz"  # a file in the server's temporary folder that no request uploaded
     stray.write_bytes((setup["outside"] / "secret.nii.gz").read_bytes())
     try:
-        for image in ("link", str(setup["outside"] / "secret.nii.gz"), str(stray), "../outside/secret"):
+        r = requests.post(f"{url}/infer/qunet", params={"image": "link", "output": "json"}, timeout=60)
+        assert r.status_code == 404 and "unknown image id" in r.json()["detail"], r.text
+        for image in (str(setup["outside"] / "secret.nii.gz"), str(stray), "../outside/secret"):  # not an id: 400
             r = requests.post(f"{url}/infer/qunet", params={"image": image, "output": "json"}, timeout=60)
-            assert r.status_code == 404 and "unknown image id" in r.json()["detail"], (image, r.text)
+            assert r.status_code == 400 and "is not allowed" in r.json()["detail"], (image, r.text)
         # the uploaded file is the one image a request may name by path ...
         r = requests.post(f"{url}/infer/qunet", params={"output": "json"}, timeout=120,
                           files={"file": ("scan", (setup["studies"] / "ct2.nii.gz").read_bytes())})
@@ -227,3 +259,4 @@ def pickled(network: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({"model": network.state_dict()}, buffer)
     return buffer.getvalue()
+

@@ -20,6 +20,7 @@ from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
 from qunet.config import ReadConfig
 from qunet.io import set_read_config
+from qunet.threads import CORES_ENV
 
 from lib import guards, processes, records, uploads
 from lib.conf import MODEL, AppConf, model_dir, published_model
@@ -41,6 +42,8 @@ class QUNetApp(MONAILabelApp):
         processes.die_with_server()
         self.qconf = AppConf.from_conf(conf)
         set_read_config(ReadConfig(max_voxels=self.qconf.max_voxels))  # every image and label this process reads
+        if self.qconf.cores:  # read by qunet.threads here and in the subprocesses, which inherit it
+            os.environ[CORES_ENV] = str(self.qconf.cores)
         self.model_dir = model_dir(app_dir)
         self.published = published_model(app_dir)
         # the server's studies and conf, for the torchrun commands it runs on every GPU of a multi-GPU machine

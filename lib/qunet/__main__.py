@@ -73,6 +73,12 @@ def cmd_rescore(args: argparse.Namespace) -> None:
     rescore.main(args)
 
 
+def cmd_contention(args: argparse.Namespace) -> None:
+    from qunet.experiments import contention
+
+    contention.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     d = QualityConfig()
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
@@ -137,6 +143,11 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rescore", help="seconds from Train done to the first disagreement-phase Next sample (docs/)")
     rescore_arguments(r)
     r.set_defaults(run=cmd_rescore)
+    from qunet.experiments.contention import add_arguments as contention_arguments
+
+    t = sub.add_parser("contention", help="Train and scoring times quiet and beside a busy process (docs/)")
+    contention_arguments(t)
+    t.set_defaults(run=cmd_contention)
     return p
 
 

@@ -13,6 +13,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 from qunet.slices import CHUNK, Intensity
+from qunet.threads import share_cores
 
 OVERLAP = 0.25  # window overlap: the seams of neighbouring windows are blended
 # On CPU, forward calls of about one 256x256 slice's worth of pixels were fastest (measured on 2 AVX-512 cores;
@@ -35,6 +36,7 @@ def heads(network: torch.nn.Module, x: torch.Tensor, patch_size: int, background
     inferer = SlidingWindowInferer((patch_size, patch_size), per_call, OVERLAP, mode="gaussian", cval=background)
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        share_cores()  # as many threads as cores other processes leave free (qunet.threads)
         out = network(window.contiguous(memory_format=torch.channels_last))
         out = out if isinstance(out, (list, tuple)) else [out]  # a one-output network (U-net): every head is it
         return tuple(out[i] if len(out) > 1 else out[0] for i in which)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from monai.transforms import LoadImage
 
@@ -61,19 +62,34 @@ def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise StackError(f"{path}: no such file or folder")
-    found = check_file(path)
-    if found and not path.name.lower().endswith(found):  # the readers choose by name
-        raise StackError(f"{path}: holds {safe_read.FORMATS[found]} data, but its name does not end in {found}")
-    try:
-        image = LoadImage(image_only=True)(str(path))
-    except Exception as e:  # readers raise many kinds of errors for truncated or foreign files
-        raise StackError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    array = np.asarray(image)
+    if not path.is_dir():  # files: decoded by the same parse that checked them (qunet.safe_read)
+        try:
+            array, affine = safe_read.read(path, _read_config.max_voxels)
+        except (ValueError, OSError) as e:
+            raise StackError(f"{path}: {e}") from None
+    else:
+        check_file(path)
+        try:
+            image = LoadImage(image_only=True)(str(path))  # a DICOM series (the command line)
+        except Exception as e:  # readers raise many kinds of errors for foreign files
+            raise StackError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        array, affine = np.asarray(image), np.asarray(image.affine, dtype=np.float64)
     while array.ndim > 3 and array.shape[-1] == 1:  # NIfTI often stores 3D as (X, Y, Z, 1)
         array = array[..., 0]
     if array.ndim != 3:
         raise StackError(f"{path}: need a single-channel 3D stack, got an array of shape {array.shape}")
-    return array, np.asarray(image.affine, dtype=np.float64)
+    return array, np.asarray(affine, dtype=np.float64)
+
+
+def write_canonical(path: str | Path, out: str | Path) -> None:
+    """Rewrite an image or label file as a NIfTI file (`out`, ending in .nii.gz) holding what `_read` decodes from it:
+    uploads are stored in this one form, which every reader (MONAI Label's, SimpleITK, nibabel) reads alike.
+    StackError if the file is refused."""
+    array, affine = _read(path)
+    if array.dtype.kind == "f" and array.dtype.itemsize < 4 or not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("=") if array.dtype.itemsize >= 4 else np.float32)
+    nib.Nifti1Image(np.ascontiguousarray(array) if array.dtype.kind != "b" else array.astype(np.uint8),
+                    affine).to_filename(str(out))
 
 
 def load_stack(path: str | Path) -> Stack:

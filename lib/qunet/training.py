@@ -34,6 +34,7 @@ from monai.transforms import (
 from qunet.config import TrainConfig
 from qunet.network import DeepSupervisionDiceCE, channels_last
 from qunet.slices import PatchSampler, TrainingSlice
+from qunet.threads import share_cores
 
 
 def augmentation() -> Compose:
@@ -139,6 +140,7 @@ def train(
     for epoch in range(config.max_epochs):
         total, overlap, size, done = 0.0, 0.0, 0.0, 0
         for _ in range(config.steps_per_epoch):
+            share_cores()  # as many threads as cores other processes leave free (qunet.threads)
             x, y = _batch(sampler, config.batch_size, transform)  # the whole batch, alike on every rank
             x, y = x[rank * share:(rank + 1) * share].to(device=device, memory_format=torch.channels_last), y.to(device)
             optimiser.zero_grad(set_to_none=True)

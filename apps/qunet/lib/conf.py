@@ -15,7 +15,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "median_window": (1, None), "blur_percentile": (0, 100), "psnr_percentile": (0, 100), "epsilon0": (0, None),
     "max_initial": (0, None), "min_initial": (0, None), "q0": (0, None), "slices_per_sample": (1, None),
     "auto_train_after": (0, None), "hold_seconds": (0, None), "max_voxels": (1, None), "budget": (0, None),
-    "stop_tolerance": (0, None), "max_epochs": (1, None), "steps_per_epoch": (1, None),
+    "stop_tolerance": (0, None), "max_epochs": (1, None), "steps_per_epoch": (1, None), "cores": (0, None),
 }
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     max_epochs: int = TrainConfig.max_epochs
     steps_per_epoch: int = TrainConfig.steps_per_epoch
     neighbour_labels: str = TrainConfig.neighbours  # pseudo-labels for annotated lesion slices' neighbours (MODES)
+    cores: int = 0  # most CPU cores each of the app's processes computes on (0: all it may run on; qunet.threads)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":

@@ -20,6 +20,7 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 NAME = re.compile(r"\w[\w.+() -]*")  # one path component: no separators, no leading dot
 MAX_NAME_BYTES = 200  # a file name is the name plus a suffix of at most 7 bytes: within the usual 255-byte limit
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+SMALL_BODY = 64 * 1024  # bytes: JSON and form requests (Next sample, train, info updates), and a params field
 
 
 class ClientError(HTTPException):
@@ -101,6 +102,8 @@ def json_object(text: Any, what: str) -> dict:
         return {}
     if isinstance(text, dict):
         return text
+    if isinstance(text, (str, bytes)) and len(text) > SMALL_BODY:  # also inside an upload's multipart body
+        raise ClientError(f"{what} holds {len(text):,} bytes, more than {SMALL_BODY:,}", 413)
     try:
         value = json.loads(text)
     except (TypeError, ValueError) as e:

@@ -11,7 +11,7 @@ idempotently across app reloads:
   anything else SMALL_BODY), and some checks made before the body is read: the endpoints the app does not use
   (batch and WSI infer, sessions, the dataset archive, the app reload) answer 404; model uploads and deletions 403
   unless --conf allow_model_upload true (404 for an unknown model); the DICOMweb proxy only with a DICOMweb
-  studies URL, and no '..' in proxy or OHIF paths.
+  studies URL, and no '..' in proxy or OHIF paths; image ids in the query that could not name a file answer 400.
 """
 
 import functools
@@ -22,7 +22,9 @@ import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from monailabel.config import settings
 from monailabel.interfaces.datastore import Datastore
@@ -31,10 +33,9 @@ from monailabel.interfaces.utils.app import app_instance
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from lib import records, uploads
-from lib.errors import BadRequest, ClientError, ImageNotFound, LabelNotFound, check_tag, json_object
+from lib.errors import SMALL_BODY, BadRequest, ClientError, ImageNotFound, LabelNotFound, check_name, check_tag, json_object
 from lib.trainers import check_train_request
 
-SMALL_BODY = 64 * 1024  # bytes: JSON and form requests (Next sample, train, info updates)
 UPLOAD_OVERHEAD = 4 << 20  # bytes an upload may hold beyond max_voxels 8-byte voxels: headers, multipart fields
 CHECKSUMS = ("SHA256", "SHA512", "MD5")  # what MONAI Label's file_checksum computes
 
@@ -196,6 +197,7 @@ def _guard_helpers() -> None:
 Refusal = tuple[int, str] | None
 SWITCHED_OFF = re.compile(r"/batch/infer(/[^/]*)?|/infer/wsi(_v2)?/[^/]*|/session/.*|/datastore/dataset|/reload")
 UPLOADS = re.compile(r"/datastore/(image|label)?|/infer/[^/]+|/model/[^/]+|/proxy/.*")  # with PUT or POST
+ID_QUERIES = ("image", "label", "id")  # query parameters that name an image (labels and deletions name it too)
 
 
 def _model_change(model: str) -> Refusal:
@@ -226,11 +228,26 @@ def _refusal(method: str, path: str) -> Refusal:
     return None
 
 
+def _bad_id(query: bytes) -> Refusal:
+    """400 for an image id in the query that could not name a file in the studies folder, wherever one is taken."""
+    for key, value in parse_qsl(query.decode("utf-8", "surrogateescape"), keep_blank_values=True, errors="surrogateescape"):
+        if key in ID_QUERIES:
+            try:
+                check_name(value, "image id")
+            except ClientError as e:
+                return e.status_code, e.detail
+    return None
+
+
+async def _validation_error(request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own answer puts the request's bytes into JSON, and fails (500) on a body that is not UTF-8."""
+    return JSONResponse({"detail": [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                                     "type": str(e.get("type", ""))} for e in error.errors()]}, status_code=422)
+
+
 class Gate:
     """Outermost ASGI layer: answers a refusal without reading the request body, else passes the request on with its
     body bounded (Starlette's limit: 413 above it)."""
-
-    qunet_gate = True  # (recognised across reloads of the app's modules)
 
     def __init__(self, app: Callable, upload_bytes: int) -> None:
         self.app, self.upload_bytes = app, upload_bytes
@@ -240,7 +257,7 @@ class Gate:
             return await self.app(scope, receive, send)
         prefix = settings.MONAI_LABEL_API_STR
         path = scope["path"][len(prefix):] if prefix and scope["path"].startswith(prefix) else scope["path"]
-        found = _refusal(scope["method"], path)
+        found = _refusal(scope["method"], path) or _bad_id(scope.get("query_string", b""))
         if found is not None:
             return await JSONResponse({"detail": found[1]}, status_code=found[0])(scope, receive, send)
         upload = scope["method"] in ("PUT", "POST") and UPLOADS.fullmatch(path)
@@ -252,8 +269,9 @@ def _gate_requests(upload_bytes: int) -> None:
     server = sys.modules.get("monailabel.app")
     if server is None:  # a scoring or training subprocess: no endpoints
         return
-    stack = server.app.middleware_stack or server.app.build_middleware_stack()
-    server.app.middleware_stack = Gate(stack.app if getattr(stack, "qunet_gate", False) else stack, upload_bytes)
+    server.app.exception_handlers[RequestValidationError] = _validation_error
+    # built afresh: the stack copies the exception handlers when it is built (it may exist already: a reload)
+    server.app.middleware_stack = Gate(server.app.build_middleware_stack(), upload_bytes)
 
 
 def install(app) -> None:

@@ -11,19 +11,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from qunet.threads import allowed_cores
+
 from lib.processes import die_with_parent
 
 
 def join_ranks(threads: int = 0) -> tuple[int, int, torch.device]:
     """(rank, ranks, device): the torch.distributed group torchrun describes (gloo on CPU, NCCL with one GPU per
-    local rank), or one rank without torchrun; torch CPU threads: `threads`, else the cores over the local ranks."""
+    local rank), or one rank without torchrun; torch CPU threads: `threads`, else the allowed cores (qunet.threads)
+    over the local ranks: the most that qunet.threads.share_cores gives this rank."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if "WORLD_SIZE" in os.environ:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    torch.set_num_threads(threads or max(1, len(allowed_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
 
 

@@ -7,9 +7,11 @@ then took it as an image by its path). Here an upload:
 - is saved in a private folder that is removed when the request ends, however it ends: under the app's model
   folder (`uploads/<server pid>-*`), where the next start removes the folders of servers no longer running
   (`prepare_uploads`), so a killed server leaves nothing behind, not even in the system's temporary folder;
-- is named after the format its bytes hold, never after the client's name, once it passes the checks every read
-  makes (`qunet.io.check_file`): a file that is not a single-file NIfTI, NRRD or MetaImage, names another data
-  file, claims more voxels than the cap or inflates beyond its header is refused (422) before any reader opens it;
+- is decoded by the one parser that checks it (`qunet.safe_read`) and rewritten as a NIfTI file of the app's
+  (`qunet.io.write_canonical`), never kept in the client's bytes or under the client's name: a file that is not a
+  single-file NIfTI, NRRD or MetaImage, names another data file, claims more voxels than the cap, inflates beyond
+  its header or has no finite geometry is refused (422), and no other reader (pynrrd, ITK, nibabel) ever parses
+  the client's bytes, so no parser can read them differently from the checks;
 - as infer's input, is the only server path that request may name (`is_uploaded`).
 
 A model upload (PUT /model/qunet, only with --conf allow_model_upload true) must load into the configured network
@@ -32,7 +34,7 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import file_checksum
 
 from qunet import build_network
-from qunet.io import IMAGE_SUFFIXES, StackError, check_file
+from qunet.io import IMAGE_SUFFIXES, StackError, write_canonical
 from qunet.network import load_weights
 
 from lib.files import atomic_copy
@@ -73,23 +75,25 @@ def is_uploaded(path: Any) -> bool:
 
 @contextlib.contextmanager
 def received(upload: UploadFile, what: str, kind: str = "image") -> Iterator[str]:
-    """The upload as a file named after its format (kind "image"), OHIF's raw voxels (".bin", kind "label"), or
-    as sent (kind "model"), in a private folder removed afterwards."""
+    """The upload rewritten as a NIfTI file (kinds "image" and "label"), OHIF's raw voxels (".bin", kind "label"),
+    or as sent (kind "model"), in a private folder removed afterwards."""
     folder = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=os.path.join(app_instance().model_dir, UPLOADS))
     try:
         path = os.path.join(folder, "upload")
         with open(path, "wb") as out:
             shutil.copyfileobj(upload.file, out)
-        suffix = ""
-        if kind == "label" and (upload.filename or "").lower().endswith(".bin"):
-            suffix = ".bin"  # OHIF sends a label as the raw voxels of the image's grid (DICOMweb datastore)
-        elif kind != "model":
+        if kind == "model":
+            yield path
+        elif kind == "label" and (upload.filename or "").lower().endswith(".bin"):
+            os.rename(path, path + ".bin")  # OHIF sends a label as the raw voxels of the image's grid (DICOMweb)
+            yield path + ".bin"
+        else:
             try:
-                suffix = check_file(path)
+                write_canonical(path, os.path.join(folder, "canonical.nii.gz"))
             except StackError as e:
                 raise InvalidFile(f"{what} rejected: {str(e).replace(path, 'the uploaded file')}") from None
-        os.rename(path, path + suffix)
-        yield path + suffix
+            os.remove(path)
+            yield os.path.join(folder, "canonical.nii.gz")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

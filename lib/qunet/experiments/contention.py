@@ -1,0 +1,115 @@
+"""Train and scoring beside another busy process: `python -m qunet contention [--out contention.json]`.
+
+A real `monailabel start_server` with the app's defaults over a copy of the repository's sample-data; the ground
+truth of `--stack` (lesion slices and a few empty ones) is submitted as a label. Then, quiet and again beside
+`--busy` processes each spinning on one core (a user's other work, a second server, a compile): *Train* from
+scratch for `--steps` updates (the default recipe, one epoch of it by default), timed by the trainer's own clock,
+and the disagreement re-score of every volume the server then starts by itself, timed from Train's end to its end.
+Prints the seconds and the ratio busy / quiet of each; the app shares the cores with other processes
+(qunet.threads).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from qunet.experiments.cli import positive
+from qunet.experiments.rescore import SAMPLES, _draw, _images
+from qunet.experiments.server import Server
+from qunet.io import load_label, load_stack, stack_id
+
+BUSY_LOOP = "while True: pass"
+
+
+def _submit_truth(server: Server, studies: Path, stack: str, workdir: Path) -> int:
+    """The ground truth of `stack` on its lesion slices and three empty ones; the number of slices submitted."""
+    image = next(p for p in _images(studies) if stack_id(p) == stack)
+    truth = next(p for p in _images(SAMPLES / "ground-truth") if stack_id(p) == stack)
+    lesion = load_label(truth, load_stack(image)).any(axis=(0, 1))
+    slices = [int(k) for k in lesion.nonzero()[0]] + [int(k) for k in (~lesion).nonzero()[0][::8][:3]]
+    label = _draw(image, truth, slices, workdir / "truth.nii.gz")
+    with open(label, "rb") as f:
+        r = requests.put(f"{server.url}/datastore/label", params={"image": stack}, timeout=600,
+                         data={"params": json.dumps({"annotated_slices": slices})}, files={"label": (label.name, f)})
+    r.raise_for_status()
+    return len(slices)
+
+
+def _wait_for_start_up_scoring(server: Server) -> None:
+    while _last_scoring(server).get("status") in ("SUBMITTED", "RUNNING"):
+        time.sleep(0.5)
+
+
+def _last_scoring(server: Server) -> dict:
+    r = requests.get(f"{server.url}/scoring/", timeout=60)
+    return r.json() if r.ok and r.content else {}
+
+
+def _measure(server: Server, steps: int) -> dict:
+    """Train (timed by the trainer), then the re-score of every volume the server starts by itself for the new model
+    (timed from Train's end to the end of that disagreement run, as an annotator waits for it)."""
+    before = _last_scoring(server).get("id")
+    r = requests.post(f"{server.url}/train/qunet?run_sync=true", timeout=7200,
+                      json={"max_epochs": 1, "steps_per_epoch": steps, "pretrained": False, "seed": 0})
+    r.raise_for_status()
+    trained = time.perf_counter()
+    history = json.loads((Path(server.app_dir) / "model" / "history.json").read_text())
+    while True:
+        task = _last_scoring(server)
+        if (task.get("id") != before and task.get("request", {}).get("method") == "qunet_disagreement"
+                and task.get("status") not in ("SUBMITTED", "RUNNING")):
+            break
+        time.sleep(0.5)
+    if task["status"] != "DONE":
+        raise RuntimeError(f"the re-score ended {task['status']}: {task.get('details', [])[-3:]}")
+    return {"train_seconds": history[-1]["seconds"], "rescore_seconds": round(time.perf_counter() - trained, 1)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="qunet-contention-", dir=args.workdir))
+    studies = root / "studies"
+    studies.mkdir()
+    for image in _images(SAMPLES):
+        shutil.copy(image, studies / image.name)
+    try:
+        with Server(studies, root) as server:  # the app's defaults
+            _wait_for_start_up_scoring(server)
+            slices = _submit_truth(server, studies, args.stack, root)
+            quiet = _measure(server, args.steps)
+            hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
+            try:
+                busy = _measure(server, args.steps)
+            finally:
+                for hog in hogs:
+                    hog.kill()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result = {"quiet": quiet, "busy": busy, "busy_processes": args.busy, "steps": args.steps, "stack": args.stack,
+              "annotated_slices": slices, "cores": len(os.sched_getaffinity(0)),
+              "ratio": {k: round(busy[k] / quiet[k], 2) for k in ("train_seconds", "rescore_seconds")}}
+    print(f"Train ({args.steps} updates): quiet {quiet['train_seconds']} s, beside {args.busy} busy process(es) "
+          f"{busy['train_seconds']} s (x{result['ratio']['train_seconds']}); the re-score of sample-data after it: "
+          f"quiet {quiet['rescore_seconds']} s, busy {busy['rescore_seconds']} s (x{result['ratio']['rescore_seconds']})")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack", default="lung1", help="sample-data stack whose ground truth is submitted")
+    p.add_argument("--steps", type=positive, default=50, help="training updates per Train (the default epoch: 50)")
+    p.add_argument("--busy", type=positive, default=1, help="competing processes, each spinning on one core")
+    p.add_argument("--workdir", default=None, help="where the server's folder goes (default: the system's)")
+    p.add_argument("--out", default=None, help="also write the figures to this JSON file")
+
+
+def main(args: argparse.Namespace) -> None:
+    result = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
