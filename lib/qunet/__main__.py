@@ -79,6 +79,12 @@ def cmd_contention(args: argparse.Namespace) -> None:
     contention.main(args)
 
 
+def cmd_loop(args: argparse.Namespace) -> None:
+    from qunet.experiments import loop_bench
+
+    loop_bench.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     d = QualityConfig()
     p = argparse.ArgumentParser(prog="python -m qunet", description=__doc__)
@@ -148,6 +154,12 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("contention", help="Train and scoring times quiet and beside a busy process (docs/)")
     contention_arguments(t)
     t.set_defaults(run=cmd_contention)
+    from qunet.experiments.loop_bench import add_arguments as loop_arguments
+
+    lo = sub.add_parser("loop", help="the live loop at the app's defaults: the app's pick against random and evenly "
+                        "spaced slices, Dice after each Train (docs/)")
+    loop_arguments(lo)
+    lo.set_defaults(run=cmd_loop)
     return p
 
 

@@ -42,17 +42,18 @@ def _busy_seconds(cpus: list[int]) -> float | None:
 
 
 class CoreShare:
-    """Call it often (every training update, every chunk of slices): at most every INTERVAL seconds it sets torch's
+    """Call it often (every training update, every chunk of slices): at most every `interval` seconds it sets torch's
     thread count to `cores` less the cores other processes kept busy on the allowed CPUs since the last look."""
 
-    def __init__(self, cores: int) -> None:
+    def __init__(self, cores: int, interval: float = INTERVAL) -> None:
         self.cpus = allowed_cores()
         self.cores = max(1, min(cores, len(self.cpus)))
+        self.interval = interval
         self._last: tuple[float, float, float | None] | None = None
 
     def __call__(self) -> int:
         now = time.monotonic()
-        if self._last is None or now - self._last[0] >= INTERVAL:
+        if self._last is None or now - self._last[0] >= self.interval:
             sample = (now, time.process_time(), _busy_seconds(self.cpus))
             if self._last is None:
                 torch.set_num_threads(self.cores)

@@ -43,33 +43,16 @@ def _submit_truth(server: Server, studies: Path, stack: str, workdir: Path) -> i
     return len(slices)
 
 
-def _wait_for_start_up_scoring(server: Server) -> None:
-    while _last_scoring(server).get("status") in ("SUBMITTED", "RUNNING"):
-        time.sleep(0.5)
-
-
-def _last_scoring(server: Server) -> dict:
-    r = requests.get(f"{server.url}/scoring/", timeout=60)
-    return r.json() if r.ok and r.content else {}
-
-
 def _measure(server: Server, steps: int) -> dict:
     """Train (timed by the trainer), then the re-score of every volume the server starts by itself for the new model
     (timed from Train's end to the end of that disagreement run, as an annotator waits for it)."""
-    before = _last_scoring(server).get("id")
+    before = server.last_scoring().get("id")
     r = requests.post(f"{server.url}/train/qunet?run_sync=true", timeout=7200,
                       json={"max_epochs": 1, "steps_per_epoch": steps, "pretrained": False, "seed": 0})
     r.raise_for_status()
     trained = time.perf_counter()
     history = json.loads((Path(server.app_dir) / "model" / "history.json").read_text())
-    while True:
-        task = _last_scoring(server)
-        if (task.get("id") != before and task.get("request", {}).get("method") == "qunet_disagreement"
-                and task.get("status") not in ("SUBMITTED", "RUNNING")):
-            break
-        time.sleep(0.5)
-    if task["status"] != "DONE":
-        raise RuntimeError(f"the re-score ended {task['status']}: {task.get('details', [])[-3:]}")
+    server.wait_for_scoring(after=before, method="qunet_disagreement")
     return {"train_seconds": history[-1]["seconds"], "rescore_seconds": round(time.perf_counter() - trained, 1)}
 
 
@@ -81,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.copy(image, studies / image.name)
     try:
         with Server(studies, root) as server:  # the app's defaults
-            _wait_for_start_up_scoring(server)
+            server.wait_for_scoring(method="qunet_quality")  # the start-up scoring
             slices = _submit_truth(server, studies, args.stack, root)
             quiet = _measure(server, args.steps)
             hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]

@@ -138,12 +138,21 @@ def evaluate(network: torch.nn.Module, cases: Sequence[Case], trained: dict[str,
         test = [k for k in range(case.depth) if k not in set(trained.get(case.name, []))]
         if not test:
             continue
-        found, truth = segment(network, case.volume, patch_size, test, device) > 0, case.truth[:, :, test]
-        lesion = truth.any(axis=(0, 1))
-        counts = np.array([[(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
-                           for f, t in ((found, truth), (found[:, :, lesion], truth[:, :, lesion]))], np.int64)
+        counts, per_stack[case.name] = test_counts(segment(network, case.volume, patch_size, test, device) > 0,
+                                                   case.truth[:, :, test])
         totals += counts
-        per_stack[case.name] = {"dice": _dice(*counts[0]), "dice_lesion_slices": _dice(*counts[1]) if lesion.any()
-                                else float("nan"), "test_slices": len(test), "test_lesion_slices": int(lesion.sum())}
-    pooled = {"dice": _dice(*totals[0]), "dice_lesion_slices": _dice(*totals[1])}
-    return Evaluation(per_stack, pooled)
+    return Evaluation(per_stack, pooled_dice(totals))
+
+
+def test_counts(found: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, dict]:
+    """True positives, false positives and false negatives (rows: all test slices, the test slices with lesion) of
+    a segmentation of a stack's test slices (X, Y, n), and the stack's figures."""
+    lesion = truth.any(axis=(0, 1))
+    counts = np.array([[(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
+                       for f, t in ((found, truth), (found[:, :, lesion], truth[:, :, lesion]))], np.int64)
+    return counts, {"dice": _dice(*counts[0]), "dice_lesion_slices": _dice(*counts[1]) if lesion.any() else float("nan"),
+                    "test_slices": int(truth.shape[2]), "test_lesion_slices": int(lesion.sum())}
+
+
+def pooled_dice(totals: np.ndarray) -> dict[str, float]:
+    return {"dice": _dice(*totals[0]), "dice_lesion_slices": _dice(*totals[1])}
