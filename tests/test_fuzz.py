@@ -40,6 +40,15 @@ TRAIN_KEYS = ["max_epochs", "train_batch_size", "val_batch_size", "learning_rate
               "gpus", "train_ds", "val_ds", "tracking_uri", "model", "run_id", "local_rank"]
 LABEL_KEYS = ["annotated_slices", "client_id", "label_info", "ts", "name", "qunet_pending"]
 RUN_SYNC = ["true", "1", "yes", "TRUE", "on", "maybe", "2", "[]"]  # never false: no background subprocesses here
+ROUTES = [("post", "/activelearning/qunet"), ("post", "/activelearning/random"), ("post", "/infer/qunet?image=ct1"),
+          ("post", "/infer/qunet"), ("put", "/datastore/label?image=ct1"), ("put", "/datastore/image?image=new"),
+          ("put", "/datastore/image/info?image=ct1"), ("put", "/datastore/label/info?label=ct1&tag=final"),
+          ("post", "/train/qunet?run_sync=true"), ("post", "/train/?run_sync=true"),
+          ("post", "/scoring/qunet_quality?run_sync=true"), ("post", "/scoring/?run_sync=true"),
+          ("put", "/model/qunet"), ("post", "/datastore/")]
+CONTENT_TYPES = ["multipart/form-data; boundary=zz", "multipart/form-data", "multipart/form-data; boundary=",
+                 "application/json", "application/x-www-form-urlencoded", "text/plain; charset=utf-16",
+                 "application/octet-stream", "image/x-nifti", "garbage/;;;"]
 
 
 def write(array: np.ndarray, path: Path, affine=AFFINE) -> bytes:
@@ -92,9 +101,23 @@ def body(value) -> dict:
     return {"content": json.dumps(value).encode(), "headers": {"content-type": "application/json"}}
 
 
+def raw_body(rng: random.Random) -> bytes:
+    """Bytes no route can parse as sent: random, not UTF-8, UTF-16 JSON, or a multipart body cut short."""
+    part = b'--zz\r\nContent-Disposition: form-data; name="params"\r\n\r\n{"client_id": "a"}\r\n--zz--\r\n'
+    upload = b'--zz\r\nContent-Disposition: form-data; name="label"; filename="l.nii.gz"\r\n\r\n\x1f\x8b\x08\x00'
+    return rng.choice([
+        bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 600))), b"\xff\xfe\x00garbage", "{}".encode("utf-16"),
+        part[:rng.randint(1, len(part) - 1)], upload + bytes(rng.getrandbits(8) for _ in range(64)), b'{"a": "\xc3"}',
+    ])
+
+
 def make_request(rng: random.Random, files: dict) -> tuple[str, str, dict]:
     """One malformed request to an endpoint the app adds or changes."""
-    kind = rng.choice(["label", "label", "infer", "infer", "sample", "scoring", "train", "image", "info", "delete"])
+    kind = rng.choice(["label", "label", "infer", "infer", "sample", "scoring", "train", "image", "info", "delete",
+                       "raw", "raw"])
+    if kind == "raw":
+        method, url = rng.choice(ROUTES)
+        return method, url, {"content": raw_body(rng), "headers": {"content-type": rng.choice(CONTENT_TYPES)}}
     name = rng.choice(["l.nii.gz", "l.nrrd", "../../l.nii.gz", "l.txt", "l", "l.nii.gz.exe", "a\\..\\l.nii.gz"])
     upload = (name, rng.choice(list(files.values())))
     if kind == "label":
@@ -142,6 +165,8 @@ def snapshot(studies: Path) -> dict:
 
 
 def test_fuzz_endpoints(setup):
+    """Every route the app leaves on, with malformed values and with bodies no route can parse: a 4xx with a message,
+    never a 5xx, and nothing stored changes."""
     client, studies = setup["client"], setup["studies"]
     assert client.post("/scoring/qunet_quality?run_sync=true").json()["scored"] == 2
     before = snapshot(studies)

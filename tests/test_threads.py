@@ -3,6 +3,7 @@ cores other processes leave free, within the cap that QUNET_CORES (--conf cores)
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,18 +21,20 @@ def torch_threads():
 
 def test_a_busy_process_gets_a_core_and_gives_it_back(torch_threads):
     cores = len(allowed_cores())
-    if cores < 2:
-        pytest.skip("a single core: nothing to share")
     share = CoreShare(cores, interval=0.5)
-    assert share() == cores == torch.get_num_threads()
+    assert share() == cores == torch.get_num_threads()  # the first call: every core, before any look
+    time.sleep(1.2)
+    start = share()  # what the machine's other work leaves now (a test machine may be busy)
+    if start < 2:
+        pytest.skip(f"{cores} core(s), {start} left by the machine's other work: no core to give")
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        wait_for(lambda: share() == cores - 1, 20, "one thread fewer beside a process spinning on a core", poll=0.2)
-        assert torch.get_num_threads() == cores - 1
+        wait_for(lambda: share() == start - 1, 20, "one thread fewer beside a process spinning on a core", poll=0.2)
+        assert torch.get_num_threads() == start - 1
     finally:
         busy.kill()
         busy.wait()
-    wait_for(lambda: share() == cores, 20, "every core again once the busy process ended", poll=0.2)
+    wait_for(lambda: share() == start, 20, "the core back once the busy process ended", poll=0.2)
 
 
 def test_the_cores_setting_caps_every_process(torch_threads, monkeypatch):

@@ -64,6 +64,7 @@ class QUNetApp(MONAILabelApp):
                 self._datastore.max_label = len(self.qconf.labels)  # value i = i-th label; one label: any non-zero
         self._sample_lock = threading.Lock()
         self._scoring_lock = threading.Lock()
+        self._training_here = threading.Event()  # a training run in this process (a request with run_sync)
         if not processes.in_task_subprocess():
             processes.clean_after_training(self.model_dir)
             uploads.prepare_uploads(self.model_dir)
@@ -145,7 +146,8 @@ class QUNetApp(MONAILabelApp):
         super().on_init_complete()
         # re-score a new model once a training leaves it in place (the training subprocess no longer asks: see
         # async_scoring), whatever MONAI_LABEL_AUTO_UPDATE_SCORING says, as the app always did after training
-        watch_model(self.model_signature, training_running, lambda: self.async_scoring("qunet_disagreement"))
+        watch_model(self.model_signature, lambda: training_running() or self._training_here.is_set(),
+                    lambda: self.async_scoring("qunet_disagreement"))
 
     def model_signature(self) -> str | None:
         path = self.model_path()
@@ -186,7 +188,11 @@ class QUNetApp(MONAILabelApp):
     def train(self, request: dict) -> dict:
         self._known("trainer", request.get("model"), self._trainers)
         with processes.training_lock(self.model_dir):  # never two trainings, whichever servers started them
-            return super().train(request)
+            self._training_here.set()  # (run_sync: in this process; the model watch waits for its end too)
+            try:
+                return super().train(request)
+            finally:
+                self._training_here.clear()
 
     def on_save_label(self, image_id: str, label_id: str, tag: str = DefaultLabelTag.FINAL.value) -> dict:
         """Answer with the annotated slices (recorded by the datastore); train every `auto_train_after` final labels

@@ -235,7 +235,9 @@ def _meta(head: bytes, file_size: int) -> Layout:
     if compressed and fields.get("CompressedDataSize", "").strip() != str(file_size - pos):
         # ITK allocates what this field says, and reads zeros without an error when it is short or missing
         raise ValueError(f"MetaImage CompressedDataSize must be the size of the compressed data ({file_size - pos} bytes)")
-    return Layout(".mha", shape, dtype, 0, pos, affine) if compressed else Layout(".mha", shape, dtype, pos, None, affine)
+    if compressed:
+        return Layout(".mha", shape, dtype, 0, pos, affine)
+    return Layout(".mha", shape, dtype, pos, None, affine)
 
 
 def _why(e: Exception) -> str:

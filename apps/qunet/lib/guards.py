@@ -33,7 +33,8 @@ from monailabel.interfaces.utils.app import app_instance
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from lib import records, uploads
-from lib.errors import SMALL_BODY, BadRequest, ClientError, ImageNotFound, LabelNotFound, check_name, check_tag, json_object
+from lib.errors import (SMALL_BODY, BadRequest, ClientError, ImageNotFound, LabelNotFound, check_name, check_tag,
+                        json_object)
 from lib.trainers import check_train_request
 
 UPLOAD_OVERHEAD = 4 << 20  # bytes an upload may hold beyond max_voxels 8-byte voxels: headers, multipart fields
@@ -230,7 +231,8 @@ def _refusal(method: str, path: str) -> Refusal:
 
 def _bad_id(query: bytes) -> Refusal:
     """400 for an image id in the query that could not name a file in the studies folder, wherever one is taken."""
-    for key, value in parse_qsl(query.decode("utf-8", "surrogateescape"), keep_blank_values=True, errors="surrogateescape"):
+    text = query.decode("utf-8", "surrogateescape")
+    for key, value in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
         if key in ID_QUERIES:
             try:
                 check_name(value, "image id")

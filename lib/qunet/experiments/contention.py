@@ -46,13 +46,13 @@ def _submit_truth(server: Server, studies: Path, stack: str, workdir: Path) -> i
 def _measure(server: Server, steps: int) -> dict:
     """Train (timed by the trainer), then the re-score of every volume the server starts by itself for the new model
     (timed from Train's end to the end of that disagreement run, as an annotator waits for it)."""
-    before = server.last_scoring().get("id")
+    before = server.last_task("scoring").get("id")
     r = requests.post(f"{server.url}/train/qunet?run_sync=true", timeout=7200,
                       json={"max_epochs": 1, "steps_per_epoch": steps, "pretrained": False, "seed": 0})
     r.raise_for_status()
     trained = time.perf_counter()
     history = json.loads((Path(server.app_dir) / "model" / "history.json").read_text())
-    server.wait_for_scoring(after=before, method="qunet_disagreement")
+    server.wait_for_task("scoring", after=before, method="qunet_disagreement")
     return {"train_seconds": history[-1]["seconds"], "rescore_seconds": round(time.perf_counter() - trained, 1)}
 
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.copy(image, studies / image.name)
     try:
         with Server(studies, root) as server:  # the app's defaults
-            server.wait_for_scoring(method="qunet_quality")  # the start-up scoring
+            server.wait_for_task("scoring", method="qunet_quality")  # the start-up scoring
             slices = _submit_truth(server, studies, args.stack, root)
             quiet = _measure(server, args.steps)
             hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(args.busy)]
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> dict:
               "ratio": {k: round(busy[k] / quiet[k], 2) for k in ("train_seconds", "rescore_seconds")}}
     print(f"Train ({args.steps} updates): quiet {quiet['train_seconds']} s, beside {args.busy} busy process(es) "
           f"{busy['train_seconds']} s (x{result['ratio']['train_seconds']}); the re-score of sample-data after it: "
-          f"quiet {quiet['rescore_seconds']} s, busy {busy['rescore_seconds']} s (x{result['ratio']['rescore_seconds']})")
+          f"quiet {quiet['rescore_seconds']} s, busy {busy['rescore_seconds']} s "
+          f"(x{result['ratio']['rescore_seconds']})")
     return result
 
 

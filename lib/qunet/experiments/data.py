@@ -150,8 +150,9 @@ def test_counts(found: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, dict]
     lesion = truth.any(axis=(0, 1))
     counts = np.array([[(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
                        for f, t in ((found, truth), (found[:, :, lesion], truth[:, :, lesion]))], np.int64)
-    return counts, {"dice": _dice(*counts[0]), "dice_lesion_slices": _dice(*counts[1]) if lesion.any() else float("nan"),
-                    "test_slices": int(truth.shape[2]), "test_lesion_slices": int(lesion.sum())}
+    on_lesion = _dice(*counts[1]) if lesion.any() else float("nan")
+    return counts, {"dice": _dice(*counts[0]), "dice_lesion_slices": on_lesion, "test_slices": int(truth.shape[2]),
+                    "test_lesion_slices": int(lesion.sum())}
 
 
 def pooled_dice(totals: np.ndarray) -> dict[str, float]:

@@ -86,7 +86,7 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
     rng, results = np.random.default_rng(seed), []
     try:
         with Server(root / "studies", root) as server:  # the app's defaults
-            server.wait_for_scoring(method="qunet_quality")  # the start-up scoring
+            server.wait_for_task("scoring", method="qunet_quality")  # the start-up scoring
             for r in range(1, args.rounds + 1):
                 start, unserved = time.perf_counter(), 0
                 if method == "app":
@@ -97,10 +97,10 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
                         run.annotated[name] |= {k for n, k in picks if n == name}
                         _submit(server, images[name], next(c for c in cases if c.name == name),
                                 sorted(run.annotated[name]), root)
-                before = server.last_scoring().get("id")
-                train = requests.post(f"{server.url}/train/qunet?run_sync=true", json={"seed": seed}, timeout=7200)
-                train.raise_for_status()
-                server.wait_for_scoring(after=before, method="qunet_disagreement")  # the server's re-score
+                before = server.last_task("scoring").get("id"), server.last_task("train").get("id")
+                requests.post(f"{server.url}/train/qunet", json={"seed": seed}, timeout=600).raise_for_status()
+                server.wait_for_task("train", after=before[1])  # as Slicer's Train: in the background
+                server.wait_for_task("scoring", after=before[0], method="qunet_disagreement")  # the server's re-score
                 found = _evaluate(server, run, images, root)
                 annotated = {name: sorted(ks) for name, ks in run.annotated.items()}
                 results.append({"method": method, "seed": seed, "round": r, "unserved": unserved,
@@ -123,7 +123,8 @@ def summary(results: list[dict]) -> dict:
     aubc: dict[str, dict[int, float]] = {}
     for m in {r["method"] for r in results}:
         for s in {r["seed"] for r in results if r["method"] == m}:
-            aubc.setdefault(m, {})[s] = float(np.mean([r["dice"] for r in results if r["method"] == m and r["seed"] == s]))
+            dice = [r["dice"] for r in results if r["method"] == m and r["seed"] == s]
+            aubc.setdefault(m, {})[s] = float(np.mean(dice))
     out = {"aubc": {m: {"mean": float(np.mean(list(v.values()))), "seeds": v} for m, v in aubc.items()}}
     for base in ("random", "interval"):
         seeds = sorted(set(aubc.get("app", {})) & set(aubc.get(base, {})))

@@ -77,26 +77,28 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
 
-    def last_scoring(self) -> dict:
-        """The newest scoring run MONAI Label knows of (GET /scoring/): id, request, status; {} before any."""
+    def last_task(self, kind: str) -> dict:
+        """The newest `kind` ("scoring" or "train") run MONAI Label knows of (GET /<kind>/): id, request, status;
+        {} before any."""
         import requests
 
-        r = requests.get(f"{self.url}/scoring/", timeout=60)
+        r = requests.get(f"{self.url}/{kind}/", timeout=60)
         return r.json() if r.ok and r.content else {}
 
-    def wait_for_scoring(self, after: str | None = None, method: str | None = None, timeout: float = 7200) -> dict:
-        """Until the newest scoring run (another than the run `after`, of `method` if given) has ended; that run.
-        RuntimeError if it did not end DONE."""
+    def wait_for_task(self, kind: str, after: str | None = None, method: str | None = None,
+                      timeout: float = 7200) -> dict:
+        """Until the newest `kind` run (another than the run `after`; of scoring `method` if given) has ended; that
+        run. RuntimeError if it did not end DONE."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            task = self.last_scoring()
+            task = self.last_task(kind)
             if ((after is None or task.get("id") != after) and task.get("status") not in (None, "SUBMITTED", "RUNNING")
                     and (method is None or task.get("request", {}).get("method") == method)):
                 if task["status"] != "DONE":
-                    raise RuntimeError(f"scoring run ended {task['status']}: {task.get('details', [])[-3:]}")
+                    raise RuntimeError(f"{kind} run ended {task['status']}: {task.get('details', [])[-3:]}")
                 return task
             time.sleep(0.5)
-        raise TimeoutError(f"no scoring run ended in {timeout} s")
+        raise TimeoutError(f"no {kind} run ended in {timeout} s")
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
