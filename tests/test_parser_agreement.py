@@ -34,6 +34,12 @@ def nrrd_file(path: Path, header_end: bytes = b"\n", encoding: str = "raw", spac
     return path
 
 
+def nrrd_big_endian(path: Path) -> Path:
+    nrrd.write(str(path), VALUES.astype(">i2"), {"endian": "big", "encoding": "gzip", "space": "left-posterior-superior",
+                                                 "space directions": np.diag([0.7, 0.9, 2.5]), "space origin": np.ones(3)})
+    return path
+
+
 def sitk_file(path: Path, compress: bool) -> Path:
     image = sitk.GetImageFromArray(np.ascontiguousarray(VALUES.transpose(2, 1, 0)))
     image.SetSpacing((0.7, 0.9, 2.5))
@@ -62,6 +68,7 @@ VARIANTS = {
         nrrd_file(d / "a.nrrd").read_bytes().replace(b"\n", b"\r\n", 10)) and d / "a.nrrd",
     "NRRD RAS space": lambda d: nrrd_file(d / "a.nrrd", space="right-anterior-superior"),
     "NRRD comment line": lambda d: nrrd_file(d / "a.nrrd", extra="# a comment\n"),
+    "NRRD big-endian gzip": lambda d: nrrd_big_endian(d / "a.nrrd"),
     "MetaImage raw": lambda d: sitk_file(d / "a.mha", False),
     "MetaImage compressed": lambda d: sitk_file(d / "a.mha", True),
     "NIfTI-1": lambda d: sitk_file(d / "a.nii", False),
@@ -74,7 +81,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decoder_agrees_with_every_reader_and_canonical_copy_reads_alike(variant, tmp_path):
     path = VARIANTS[variant](tmp_path)
-    array, affine = safe_read.read(path, CAP)
+    array, affine, _ = safe_read.read(path, CAP)
     loaded = LoadImage(image_only=True)(str(path))
     assert np.array_equal(array, np.asarray(loaded)) and np.allclose(affine, np.asarray(loaded.affine), atol=1e-5)
     if path.suffix == ".nrrd":
@@ -82,6 +89,7 @@ def test_decoder_agrees_with_every_reader_and_canonical_copy_reads_alike(variant
     canonical = tmp_path / "canonical.nii.gz"
     write_canonical(path, canonical)
     by_nibabel = nib.load(canonical)
+    assert by_nibabel.get_data_dtype() == array.dtype.newbyteorder("=")  # the file's type, in native byte order
     by_sitk = sitk.ReadImage(str(canonical))
     stack = load_stack(canonical)
     assert np.array_equal(np.asarray(by_nibabel.dataobj), array)

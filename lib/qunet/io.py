@@ -56,7 +56,9 @@ def check_file(path: str | Path) -> str:
         raise StackError(f"{path}: {e}") from None
 
 
-def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def _read(path: str | Path, named: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (X, Y, Z) and affine; with `named`, a file's name must end in its format's suffix, as the viewers the
+    server hands it to (3D Slicer, OHIF) choose their reader by name."""
     if not os.fspath(path):  # Path("") is the working folder
         raise StackError("no file given")
     path = Path(path)
@@ -64,9 +66,11 @@ def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise StackError(f"{path}: no such file or folder")
     if not path.is_dir():  # files: decoded by the same parse that checked them (qunet.safe_read)
         try:
-            array, affine = safe_read.read(path, _read_config.max_voxels)
+            array, affine, found = safe_read.read(path, _read_config.max_voxels)
         except (ValueError, OSError) as e:
             raise StackError(f"{path}: {e}") from None
+        if named and not path.name.lower().endswith(found):
+            raise StackError(f"{path}: holds {safe_read.FORMATS[found]} data, but its name does not end in {found}")
     else:
         check_file(path)
         try:
@@ -84,12 +88,10 @@ def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def write_canonical(path: str | Path, out: str | Path) -> None:
     """Rewrite an image or label file as a NIfTI file (`out`, ending in .nii.gz) holding what `_read` decodes from it:
     uploads are stored in this one form, which every reader (MONAI Label's, SimpleITK, nibabel) reads alike.
-    StackError if the file is refused."""
-    array, affine = _read(path)
-    if array.dtype.kind == "f" and array.dtype.itemsize < 4 or not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("=") if array.dtype.itemsize >= 4 else np.float32)
-    nib.Nifti1Image(np.ascontiguousarray(array) if array.dtype.kind != "b" else array.astype(np.uint8),
-                    affine).to_filename(str(out))
+    StackError if the file is refused; its name does not matter (an upload's is the client's)."""
+    array, affine = _read(path, named=False)
+    native = np.float32 if array.dtype == np.float16 else array.dtype.newbyteorder("=")  # NIfTI-1 has no float16
+    nib.Nifti1Image(array.astype(native, copy=False), affine).to_filename(str(out))
 
 
 def load_stack(path: str | Path) -> Stack:

@@ -87,9 +87,9 @@ def _check_size(have: int, need: int) -> None:
         raise ValueError(f"not a readable image: truncated ({have:,} of {need:,} bytes)")
 
 
-def read(path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(voxels, affine): the voxels in file order (fastest axis first; channels first for NRRD, last for MetaImage),
-    scaled, and the 4x4 voxel-to-RAS affine. What `check` accepts, decoded from the same header parse; ValueError
+def read(path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(voxels, affine, format): the voxels in file order (fastest axis first, so a channel axis comes first),
+    scaled, in a writable array; the 4x4 voxel-to-RAS affine; the format (a key of FORMATS). What `check` accepts, decoded from the same header parse; ValueError
     for anything else. Compressed data is inflated into a buffer of the header's size, never beyond it."""
     layout = _checked_layout(path, max_voxels)
     nbytes = layout.voxels * layout.itemsize
@@ -98,16 +98,17 @@ def read(path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
         if layout.stream_start is None:
             _check_size(os.fstat(f.fileno()).st_size, need)
             f.seek(layout.data_start)
-            data = f.read(nbytes)
+            data = bytearray(nbytes)
+            f.readinto(data)
         else:
             kept, total = _inflate(f, layout.stream_start, need + TRAILING, keep=need)
             _check_size(total, need)
-            data = kept[layout.data_start:]
+            data = memoryview(kept)[layout.data_start:]
     array = np.frombuffer(data, layout.dtype, layout.voxels).reshape(layout.shape, order="F")
     slope, intercept = layout.scale
     if (slope, intercept) != (1.0, 0.0):
         array = array * np.float32(slope) + np.float32(intercept)
-    return array, layout.affine
+    return array, layout.affine, layout.format
 
 
 def _checked_layout(path: str | Path, max_voxels: int) -> Layout:
@@ -247,10 +248,10 @@ def _why(e: Exception) -> str:
 def _inflated_head(path: str | Path, size: int) -> bytes:
     """The first `size` bytes of a compressed file's content (fewer if it is shorter)."""
     with open(path, "rb") as f:
-        return _inflate(f, 0, size, keep=size)[0]
+        return bytes(_inflate(f, 0, size, keep=size)[0])
 
 
-def _inflate(f: BinaryIO, start: int, limit: int, keep: int) -> tuple[bytes, int]:
+def _inflate(f: BinaryIO, start: int, limit: int, keep: int) -> tuple[bytearray, int]:
     """The compressed stream from `start` (gzip members one after another, or zlib), inflated a chunk at a time:
     its first `keep` bytes, and how many bytes it inflates to, counted up to just past `limit` (then it stops)."""
     f.seek(start)
@@ -272,7 +273,7 @@ def _inflate(f: BinaryIO, start: int, limit: int, keep: int) -> tuple[bytes, int
             d, pending = zlib.decompressobj(47), rest
         elif not chunk and not piece:
             break  # the file ended before the stream did: truncated
-    return bytes(out), total
+    return out, total
 
 
 def _check_folder(path: str, max_voxels: int) -> None:
