@@ -6,7 +6,8 @@ others wait for it at every region (spinning on their own cores). On 2 cores, be
 training ran 3 times slower with 2 threads than quiet (18 times in a user's Train), and 1.5 times slower with 1.
 So every process that computes (the server's infer, scoring and training subprocesses, torchrun ranks) measures,
 every few seconds, how much CPU time the other processes took on its cores, and runs as many threads as there are
-cores left (at least one); two of the app's processes that compute at once each see the other and share the cores.
+cores left (at least one), up to its cap (a torchrun rank's cap is its share of the cores, so ranks do not shrink
+each other); two of the app's processes that compute at once each see the other and share the cores.
 
 `QUNET_CORES` (set by the app from `--conf cores`; 0 or unset: all) caps the cores every process of the app uses.
 """
@@ -43,7 +44,7 @@ def _busy_seconds(cpus: list[int]) -> float | None:
 
 class CoreShare:
     """Call it often (every training update, every chunk of slices): at most every `interval` seconds it sets torch's
-    thread count to `cores` less the cores other processes kept busy on the allowed CPUs since the last look."""
+    thread count to the allowed CPUs that other processes left free since the last look, at most `cores`."""
 
     def __init__(self, cores: int, interval: float = INTERVAL) -> None:
         self.cpus = allowed_cores()
@@ -59,7 +60,8 @@ class CoreShare:
                 torch.set_num_threads(self.cores)
             elif sample[2] is not None and self._last[2] is not None:
                 others = (sample[2] - self._last[2] - (sample[1] - self._last[1])) / (now - self._last[0])
-                threads = max(1, min(self.cores, round(self.cores - others)))
+                # the allowed cores others leave free, up to this process's cap (torchrun ranks: their share each)
+                threads = max(1, min(self.cores, round(len(self.cpus) - others)))
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
             self._last = sample
