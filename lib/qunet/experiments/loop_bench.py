@@ -154,6 +154,7 @@ def main(args: argparse.Namespace) -> None:
         for method in args.methods:
             results += run_loop(method, seed, args, cases, images)
             if args.out:  # written as it goes: a long run keeps what it finished
+                settings = {k: v for k, v in vars(args).items() if k != "run"}  # (run: the sub-command)
                 Path(args.out).write_text(json.dumps({"rounds": results, "summary": summary(results),
-                                                      "settings": vars(args)}, indent=1))
+                                                      "settings": settings}, indent=1))
     print(json.dumps(summary(results), indent=1))
