@@ -29,7 +29,7 @@ from qunet.experiments.activelearning import LoopRun, pick_interval, pick_random
 from qunet.experiments.cli import positive
 from qunet.experiments.data import Case, find_pairs, load_cases, pooled_dice, test_counts
 from qunet.experiments.server import Server
-from qunet.io import load_label, load_stack, stack_id
+from qunet.io import check_file, load_label, load_stack, stack_id
 
 METHODS = ("app", "random", "interval")
 
@@ -70,8 +70,10 @@ def _evaluate(server: Server, run: LoopRun, images: dict[str, Path], work: Path)
         r = requests.post(f"{server.url}/infer/qunet", params={"image": case.name, "output": "image"},
                           data={"params": "{}"}, timeout=3600)
         r.raise_for_status()
-        (work / "infer.nii.gz").write_bytes(r.content)
-        found = load_label(work / "infer.nii.gz", load_stack(images[case.name])) > 0
+        answer = work / "infer"
+        answer.write_bytes(r.content)
+        named = answer.rename(work / f"infer{check_file(answer)}")  # in the image's format: NIfTI or NRRD
+        found = load_label(named, load_stack(images[case.name])) > 0
         counts, per_stack[case.name] = test_counts(found[:, :, test], case.truth[:, :, test])
         totals += counts
     return {**pooled_dice(totals), "stacks": per_stack}
