@@ -22,24 +22,20 @@ from pathlib import Path
 import requests
 
 from qunet.experiments.cli import positive
-from qunet.experiments.rescore import SAMPLES, _draw, _images
+from qunet.experiments.data import find_pairs, load_cases
+from qunet.experiments.loop_bench import submit_truth
+from qunet.experiments.rescore import SAMPLES, _images
 from qunet.experiments.server import Server
-from qunet.io import load_label, load_stack, stack_id
 
 BUSY_LOOP = "while True: pass"
 
 
 def _submit_truth(server: Server, studies: Path, stack: str, workdir: Path) -> int:
     """The ground truth of `stack` on its lesion slices and three empty ones; the number of slices submitted."""
-    image = next(p for p in _images(studies) if stack_id(p) == stack)
-    truth = next(p for p in _images(SAMPLES / "ground-truth") if stack_id(p) == stack)
-    lesion = load_label(truth, load_stack(image)).any(axis=(0, 1))
+    case = load_cases(find_pairs(studies, SAMPLES / "ground-truth", include=[f"{stack}.*"]))[0]
+    lesion = case.truth.any(axis=(0, 1))
     slices = [int(k) for k in lesion.nonzero()[0]] + [int(k) for k in (~lesion).nonzero()[0][::8][:3]]
-    label = _draw(image, truth, slices, workdir / "truth.nii.gz")
-    with open(label, "rb") as f:
-        r = requests.put(f"{server.url}/datastore/label", params={"image": stack}, timeout=600,
-                         data={"params": json.dumps({"annotated_slices": slices})}, files={"label": (label.name, f)})
-    r.raise_for_status()
+    submit_truth(server, case, slices, workdir)
     return len(slices)
 
 

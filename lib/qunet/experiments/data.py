@@ -6,7 +6,7 @@ evaluates with the app's inference (qunet.disagreement.segment) on the slices it
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ class Case:
     name: str
     volume: np.ndarray  # (X, Y, Z) float32, as loaded
     truth: np.ndarray  # (X, Y, Z) bool foreground
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))  # voxel-to-RAS, as loaded (generated: identity)
 
     @property
     def depth(self) -> int:
@@ -68,7 +69,7 @@ def load_cases(pairs: Sequence[tuple[Path, Path]]) -> list[Case]:
     cases = []
     for image_path, label_path in pairs:
         stack = load_stack(image_path)
-        cases.append(Case(stack_id(image_path), stack.array, load_label(label_path, stack) > 0))
+        cases.append(Case(stack_id(image_path), stack.array, load_label(label_path, stack) > 0, stack.affine))
     return cases
 
 

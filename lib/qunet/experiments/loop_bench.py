@@ -29,18 +29,17 @@ from qunet.experiments.activelearning import LoopRun, pick_interval, pick_random
 from qunet.experiments.cli import positive
 from qunet.experiments.data import Case, find_pairs, load_cases, pooled_dice, test_counts
 from qunet.experiments.server import Server
-from qunet.io import check_file, load_label, load_stack, stack_id
+from qunet.io import Stack, check_file, load_label, stack_id
 
 METHODS = ("app", "random", "interval")
 
 
-def _submit(server: Server, image: Path, case: Case, slices: list[int], work: Path) -> None:
+def submit_truth(server: Server, case: Case, slices: list[int], work: Path) -> None:
     """The ground truth of `case` on `slices` (every slice annotated so far in this stack), as a label."""
-    stack = load_stack(image)
     label = np.zeros(case.truth.shape, np.uint8)
     label[:, :, slices] = case.truth[:, :, slices]
     path = work / f"label-{case.name}.nii.gz"
-    nib.save(nib.Nifti1Image(label, stack.affine), path)
+    nib.save(nib.Nifti1Image(label, case.affine), path)
     with open(path, "rb") as f:
         r = requests.put(f"{server.url}/datastore/label", params={"image": case.name}, timeout=600,
                          data={"params": json.dumps({"annotated_slices": slices, "client_id": "annotator"})},
@@ -48,7 +47,7 @@ def _submit(server: Server, image: Path, case: Case, slices: list[int], work: Pa
     r.raise_for_status()
 
 
-def _app_round(server: Server, run: LoopRun, images: dict[str, Path], n: int, work: Path) -> int:
+def _app_round(server: Server, run: LoopRun, n: int, work: Path) -> int:
     """Next sample's slices until `n` are annotated this round; the number the app could not serve."""
     cases = {c.name: c for c in run.cases}
     done = 0
@@ -58,12 +57,12 @@ def _app_round(server: Server, run: LoopRun, images: dict[str, Path], n: int, wo
         if not new:
             return n - done
         run.annotated[sample["id"]] |= set(new)
-        _submit(server, images[sample["id"]], cases[sample["id"]], sorted(run.annotated[sample["id"]]), work)
+        submit_truth(server, cases[sample["id"]], sorted(run.annotated[sample["id"]]), work)
         done += len(new)
     return 0
 
 
-def _evaluate(server: Server, run: LoopRun, images: dict[str, Path], work: Path) -> dict:
+def _evaluate(server: Server, run: LoopRun, work: Path) -> dict:
     totals, per_stack = np.zeros((2, 3), np.int64), {}
     for case in run.cases:
         test = [k for k in range(case.depth) if k not in run.annotated[case.name]]
@@ -73,7 +72,7 @@ def _evaluate(server: Server, run: LoopRun, images: dict[str, Path], work: Path)
         answer = work / "infer"
         answer.write_bytes(r.content)
         named = answer.rename(work / f"infer{check_file(answer)}")  # in the image's format: NIfTI or NRRD
-        found = load_label(named, load_stack(images[case.name])) > 0
+        found = load_label(named, Stack(case.volume, case.affine, case.name)) > 0  # (on the image's grid)
         counts, per_stack[case.name] = test_counts(found[:, :, test], case.truth[:, :, test])
         totals += counts
     return {**pooled_dice(totals), "stacks": per_stack}
@@ -92,18 +91,18 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
             for r in range(1, args.rounds + 1):
                 start, unserved = time.perf_counter(), 0
                 if method == "app":
-                    unserved = _app_round(server, run, images, args.per_round, root)
+                    unserved = _app_round(server, run, args.per_round, root)
                 else:
                     picks = (pick_random if method == "random" else pick_interval)(run, args.per_round, rng)[0]
                     for name in sorted({name for name, _ in picks}):
                         run.annotated[name] |= {k for n, k in picks if n == name}
-                        _submit(server, images[name], next(c for c in cases if c.name == name),
-                                sorted(run.annotated[name]), root)
+                        submit_truth(server, next(c for c in cases if c.name == name), sorted(run.annotated[name]),
+                                     root)
                 before = server.last_task("scoring").get("id"), server.last_task("train").get("id")
                 requests.post(f"{server.url}/train/qunet", json={"seed": seed}, timeout=600).raise_for_status()
                 server.wait_for_task("train", after=before[1])  # as Slicer's Train: in the background
                 server.wait_for_task("scoring", after=before[0], method="qunet_disagreement")  # the server's re-score
-                found = _evaluate(server, run, images, root)
+                found = _evaluate(server, run, root)
                 annotated = {name: sorted(ks) for name, ks in run.annotated.items()}
                 results.append({"method": method, "seed": seed, "round": r, "unserved": unserved,
                                 "annotated": sum(map(len, annotated.values())),
