@@ -225,6 +225,8 @@ def test_ohif_binary_label(server, data, tmp_path):
     newest = max(segs, key=lambda s: (s.SeriesDate, s.SeriesTime))
     foreground = np.nonzero(back.any(axis=(0, 1)))[0]
     assert seg_slices(data["url"], image_id, newest) == set(range(foreground.min(), foreground.max() + 1))
+    # the conversions (raw voxels to NIfTI, NIfTI to SEG) stay in the server's own folder (lib.tempfolder)
+    assert os.listdir(Path(server.app_dir).parent / "tmp") == []
 
 
 def test_datastore_in_process(data):

@@ -32,6 +32,7 @@ from lib.progress import watch_model
 from lib.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
 from lib.status import LoopStatus, register_status_page
 from lib.strategies import QUNetStrategy, quiet_empty_sample_warning
+from lib.tempfolder import use_own_temp_folder
 from lib.trainers import QUNetTrain
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class QUNetApp(MONAILabelApp):
         self._sample_lock = threading.Lock()
         self._scoring_lock = threading.Lock()
         self._training_here = threading.Event()  # a training run in this process (a request with run_sync)
-        if not processes.in_task_subprocess():
+        if not processes.in_task_subprocess():  # (task subprocesses inherit the server's temporary folder)
+            use_own_temp_folder(self.model_dir, app_dir)
             processes.clean_after_training(self.model_dir)
             uploads.prepare_uploads(self.model_dir)
         guards.install(self)

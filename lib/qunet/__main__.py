@@ -79,6 +79,12 @@ def cmd_contention(args: argparse.Namespace) -> None:
     contention.main(args)
 
 
+def cmd_learner(args: argparse.Namespace) -> None:
+    from qunet.experiments import learner
+
+    learner.main(args)
+
+
 def cmd_loop(args: argparse.Namespace) -> None:
     from qunet.experiments import loop_bench
 
@@ -160,6 +166,12 @@ def parser() -> argparse.ArgumentParser:
                         "spaced slices, Dice after each Train (docs/)")
     loop_arguments(lo)
     lo.set_defaults(run=cmd_loop)
+    from qunet.experiments.learner import add_arguments as learner_arguments
+
+    le = sub.add_parser("learner", help="Dice of a model trained on a few annotated slices of one stack, stack by "
+                        "stack (docs/)")
+    learner_arguments(le)
+    le.set_defaults(run=cmd_learner)
     return p
 
 

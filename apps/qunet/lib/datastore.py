@@ -105,6 +105,11 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
         self._fresh()
         return super().get_label_info(label_id, label_tag)
 
+    def final_labelled(self) -> set[str]:
+        """The images with a final label, from the JSON: one pass, no file read."""
+        self._fresh()
+        return {i for i, obj in self._datastore.objects.items() if DefaultLabelTag.FINAL in obj.labels}
+
     # ---- writes ----------------------------------------------------------------------------------------------
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:

@@ -40,6 +40,19 @@ PARTIAL = re.compile(r"\.tmp-.*|tmp[a-z0-9_]{8}")  # lib.datastore's temporary c
 CACHE = re.compile(r"cache_\d{8}_\d{6}")  # MONAI Label's per-run dataset cache (removed when a run ends normally)
 
 
+def alive(pid: object) -> bool:
+    """Whether a process with this pid runs (another user's counts as running)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def in_task_subprocess() -> bool:
     return getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) == TASK_MODULE
 

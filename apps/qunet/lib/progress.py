@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lib.processes import alive
+
 logger = logging.getLogger(__name__)
 
 AGREEMENT = "agreement.json"
@@ -51,22 +53,10 @@ def progress_path(state_dir: str, method: str) -> str:
     return os.path.join(state_dir, f"scoring_{method}.json")
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_progress(state_dir: str, method: str) -> dict:
     """The latest run's progress; a run marked running whose process is gone is `interrupted`."""
     progress = read_json(progress_path(state_dir, method), {})
-    if progress.get("state") == "running" and not _alive(progress.get("pid")):
+    if progress.get("state") == "running" and not alive(progress.get("pid")):
         progress["state"] = "interrupted"
     return progress
 

@@ -13,6 +13,7 @@ Each run logs its progress (volumes done / total, slices per second, time left) 
 """
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Set
 from dataclasses import fields
@@ -134,19 +135,50 @@ def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
     yield from ((i, infos.get(i, {})) for i in image_ids)
 
 
-def _pending(datastore: Datastore, done: Callable[[dict, str], bool], key: str) -> bool:
-    """Whether a run would score anything: an image without an up-to-date record that is not known to be bad.
-    Cheap: no image is read (or, from DICOMweb, fetched)."""
-    for image_id, info in infos_read_only(datastore):
-        if not info.get(key) and not info.get(records.ERROR):
-            return True
-        path = datastore.get_image_uri(image_id)
-        source = signature_or_none(path)
-        if source is None or info.get(records.ERROR) and info.get(records.ERROR_SOURCE) == source:
-            continue
-        if not done(info, path):
-            return True
-    return False
+def _has_work(datastore: Datastore, image_id: str, info: dict, done: Callable[[dict, str], bool], key: str) -> bool:
+    """Whether a run would score this image: no up-to-date record, and not known to be bad. No image is read."""
+    if not info.get(key) and not info.get(records.ERROR):
+        return True
+    path = datastore.get_image_uri(image_id)
+    source = signature_or_none(path)
+    if source is None or info.get(records.ERROR) and info.get(records.ERROR_SOURCE) == source:
+        return False
+    return not done(info, path)
+
+
+class PendingImages:
+    """The images a scoring method has work on, kept from the records: MONAI Label asks after every Next sample.
+
+    Every image is looked at (a file signature each) when the model or the image list changes, and once every
+    FULL_LOOK_SECONDS (an image file replaced in place changes no record); between those, only the images whose
+    records changed since the last look, so an answer's question costs the same at 100 or 100,000 volumes."""
+
+    FULL_LOOK_SECONDS = 600.0
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._lock = threading.Lock()
+        self._look: tuple | None = None  # (model, image ids, time) of the last full look
+        self._version = 0
+        self._todo: set[str] = set()
+
+    def any(self, datastore: Datastore, done: Callable[[dict, str], bool], model: str | None = None) -> bool:
+        store = getattr(datastore, "records", None)
+        with self._lock:
+            ids = set(datastore.list_images())
+            if store is None or self._look is None or self._look[:2] != (model, ids) \
+                    or time.monotonic() - self._look[2] > self.FULL_LOOK_SECONDS:
+                self._version = store.version() if store is not None else 0  # first: later changes are seen next time
+                self._todo = {i for i, info in infos_read_only(datastore) if _has_work(datastore, i, info, done, self.key)}
+                self._look = (model, ids, time.monotonic())
+                return bool(self._todo)
+            self._version, changed = store.changed_since(self._version)
+            for image_id in changed & ids:
+                if _has_work(datastore, image_id, datastore.get_image_info(image_id), done, self.key):
+                    self._todo.add(image_id)
+                else:
+                    self._todo.discard(image_id)
+            return bool(self._todo)
 
 
 def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | None, q0: float,
@@ -170,13 +202,14 @@ class QualityScoring(ScoringMethod):
         self.conf = conf
         self.state_dir = state_dir  # where the run's progress goes (the app's model folder)
         self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
+        self._pending = PendingImages(records.QUALITY)
 
     def _done(self, info: dict, path: str) -> bool:
         rec = info.get(records.QUALITY) or {}
         return rec.get("source") == file_signature(path) and rec.get("params") == _quality_params(self.conf)
 
     def pending(self, datastore: Datastore) -> bool:
-        return _pending(datastore, self._done, records.QUALITY)
+        return self._pending.any(datastore, self._done)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         progress = ScoringProgress(self.state_dir, records.QUALITY, None)
@@ -198,6 +231,7 @@ class DisagreementScoring(ScoringMethod):
         self.state_dir = state_dir  # where the run's progress and the agreement history go (the app's model folder)
         self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
         self.ranks_command = ranks_command  # score_cohort.py with the server's studies and conf
+        self._pending = PendingImages(records.DISAGREEMENT)
 
     @staticmethod
     def _done_for(model: str) -> Callable[[dict, str], bool]:
@@ -214,7 +248,8 @@ class DisagreementScoring(ScoringMethod):
         path = self.model_path()
         if not path or training_running():
             return False
-        return _pending(datastore, self._done_for(file_signature(path)), records.DISAGREEMENT)
+        model = file_signature(path)
+        return self._pending.any(datastore, self._done_for(model), model)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         path = self.model_path()

@@ -2,8 +2,8 @@
 phases, stop signal, budget, the `pick` variant), record the served slices (the hold) and format the answer.
 
 The ranking is kept between answers: only the volumes whose SQLite records changed since the last answer are read
-again, so an answer costs the same at 100 or 100,000 volumes. It is built afresh (every volume read) when the
-model whose Q counts changes, or when the datastore's JSON or image list changes (a label saved, images added).
+again, and those added, removed or given a final label in the datastore's JSON, so an answer costs about the same
+at 100 or 100,000 volumes. It is built afresh (every volume read) when the model whose Q counts changes.
 
 Slices served to another client within `hold_seconds` are held back, then offered again if no label came. The
 model whose Q counts is the one in place, except while a training runs (it publishes a model at every improving
@@ -68,7 +68,8 @@ class QUNetStrategy(Strategy):
         self._ranking: Ranking | None = None
         self._built_for: tuple | None = None  # (model whose Q counts, datastore generation) the ranking was built for
         self._version = 0  # the records' version the ranking reflects
-        self._ids: set[str] = set()  # the images it was built with
+        self._ids: set[str] = set()  # the images it holds
+        self._labelled: set[str] = set()  # those with a final label (an imported one annotates every slice)
         self._served: dict[str, dict] = {}  # image id -> served-slice records that may still hold slices
 
     def _held(self, served: dict, client_id: str | None, now: float) -> frozenset[int]:
@@ -101,15 +102,25 @@ class QUNetStrategy(Strategy):
         """The ranking for `model`'s Q, up to date (caller holds self._lock)."""
         generation = datastore.generation() if callable(getattr(datastore, "generation", None)) else None
         store = getattr(datastore, "records", None)
-        if self._ranking is None or store is None or generation is None or (model, generation) != self._built_for:
+        labelled = getattr(datastore, "final_labelled", None)
+        if self._ranking is None or store is None or generation is None or model != self._built_for[0] \
+                or not callable(labelled):
             self._version = store.version() if store is not None else 0  # before reading: later changes are read again
             infos = list(infos_read_only(datastore))
             self._ranking = Ranking(self.settings, (volume_state(datastore, i, info, model, self.conf.q0) for i, info in infos))
             self._ids, self._served, self._built_for = {i for i, _ in infos}, {}, (model, generation)
+            self._labelled = labelled() if callable(labelled) else set()
             for image_id, info in infos:
                 self._note_served(image_id, info)
             return self._ranking
         self._version, changed = store.changed_since(self._version)
+        if generation != self._built_for[1]:  # the JSON changed: images added or removed, labels saved or imported
+            ids, now_labelled = set(datastore.list_images()), labelled()
+            for image_id in self._ids - ids:
+                self._ranking.discard(image_id)
+                self._served.pop(image_id, None)
+            changed |= (ids - self._ids) | (now_labelled ^ self._labelled)
+            self._ids, self._labelled, self._built_for = ids, now_labelled, (model, generation)
         for image_id in changed & self._ids:
             info = datastore.get_image_info(image_id)
             self._ranking.put(volume_state(datastore, image_id, info, model, self.conf.q0))

@@ -38,6 +38,7 @@ from qunet.io import IMAGE_SUFFIXES, StackError, write_canonical
 from qunet.network import load_weights
 
 from lib.files import atomic_copy
+from lib.processes import alive
 from lib.errors import InvalidFile, NotFound, Unprocessable, check_name, json_object
 
 logger = logging.getLogger(__name__)
@@ -53,19 +54,9 @@ def prepare_uploads(model_dir: str) -> None:
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):
         pid = name.split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or not _running(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or not alive(int(pid)):
             logger.warning(f"removing {os.path.join(root, name)}, left by a killed server")
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: running
-        pass
-    return True
 
 
 def is_uploaded(path: Any) -> bool:

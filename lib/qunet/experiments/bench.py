@@ -246,7 +246,7 @@ SECTIONS = ("matmul", "scoring", "quality", "next_sample", "memory", "scale", "r
 
 
 def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_count: int = 30,
-        auto_scoring: bool = False) -> dict:
+        auto_scoring: bool = True) -> dict:
     """All sections; `quick` shrinks every size (for tests: the figures then mean nothing)."""
     result: dict = {"machine": machine(), "quick": quick}
     if "matmul" in sections:
@@ -280,8 +280,9 @@ def add_arguments(p) -> None:
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these parts")
     p.add_argument("--volumes", type=int, default=1000, help="scored volumes in the Next sample datastore")
     p.add_argument("--requests", type=int, default=30, help="Next sample requests timed per phase")
-    p.add_argument("--auto-scoring", action="store_true",
-                   help="keep MONAI Label's auto-update scoring on (each Next sample then queues a scoring run)")
+    p.add_argument("--no-auto-scoring", dest="auto_scoring", action="store_false",
+                   help="turn MONAI Label's auto-update scoring off (on by default, as for users: after every Next "
+                   "sample the app asks whether a scoring run has work)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that everything runs")
 

@@ -1,6 +1,7 @@
 """The live-server part of `python -m qunet bench`: Next sample latency over N volumes of a real server
 (qunet.experiments.server), and the strategy's ranking and record write costs."""
 
+import json
 import os
 import sys
 import tempfile
@@ -26,16 +27,35 @@ def write_studies(folder: Path, count: int, shape=(16, 16, 8), seed: int = 0) ->
         nib.save(nib.Nifti1Image(base.astype(np.int16), np.diag([0.7, 0.7, 5.0, 1.0])), folder / f"vol{i:04d}.nii.gz")
 
 
-def _latencies(session, url: str, requests_count: int, client: str) -> tuple[dict, dict]:
+def _save_label(session, url: str, image_id: str, slices: list[int], shape, work: Path) -> None:
+    """A final label of the answer's slices (a small square on each), as an annotator submits it."""
+    import nibabel as nib
+
+    label = np.zeros(shape, np.uint8)
+    label[4:8, 4:8, slices] = 1
+    path = work / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, np.diag([0.7, 0.7, 5.0, 1.0])), path)
+    with open(path, "rb") as f:
+        session.put(f"{url}/datastore/label", params={"image": image_id}, timeout=60, files={"label": (path.name, f)},
+                    data={"params": json.dumps({"annotated_slices": slices})}).raise_for_status()
+
+
+def _latencies(session, url: str, requests_count: int, client: str, label_every: int = 0, shape=None,
+               work: Path | None = None) -> tuple[dict, dict]:
+    """Next sample timed `requests_count` times; every `label_every`-th answer is then submitted as a label (not
+    timed: the next answer pays for the ranking's update)."""
     times, last = [], {}
     for i in range(requests_count):
         t = time.perf_counter()  # a new client each time: slices held for the others, so every answer is stored
-        r = session.post(url, json={"client_id": f"{client}-{i}"}, timeout=60)
+        r = session.post(f"{url}/activelearning/qunet", json={"client_id": f"{client}-{i}"}, timeout=60)
         times.append(time.perf_counter() - t)
         r.raise_for_status()
         last = r.json()
+        if label_every and i % label_every == label_every - 1 and last.get("id"):
+            _save_label(session, url, last["id"], last["slices"], shape, work)
     ms = np.array(times) * 1000
-    return ({"requests": requests_count, "p50_ms": round(float(np.percentile(ms, 50)), 1),
+    return ({"requests": requests_count, "labels_saved": requests_count // label_every if label_every else 0,
+             "p50_ms": round(float(np.percentile(ms, 50)), 1),
              "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)},
             {"phase": last.get("phase"), "id": last.get("id"), "slices": last.get("slices")})
 
@@ -89,9 +109,11 @@ def score_in_process(app_dir: Path, studies: Path, conf: dict[str, str], model: 
     return out
 
 
-def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16, 16, 8), auto_scoring: bool = False,
-                      workdir: str | None = None) -> dict:
-    """Latency of POST /activelearning/qunet with `volumes` scored volumes, in both phases of the strategy.
+def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16, 16, 8), auto_scoring: bool = True,
+                      workdir: str | None = None, label_every: int = 5) -> dict:
+    """Latency of POST /activelearning/qunet with `volumes` scored volumes, in both phases of the strategy, the
+    server started as README starts it (MONAI Label's auto-update scoring on unless `auto_scoring` is False), with a
+    label saved after every `label_every`-th answer.
 
     The volumes are scored by the app's own scoring classes in this process first (one datastore write at the
     end); the server, started on them, then confirms both scorings are up to date (every image skipped)."""
@@ -114,22 +136,23 @@ def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16,
         out["scoring"] = score_in_process(APP, root / "studies", conf, model)
         os.rename(model, parked)  # no model: the initial phase (rename keeps the file's signature)
         t = time.perf_counter()
-        env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": str(auto_scoring).lower()}
+        env = {} if auto_scoring else {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
         with Server(root / "studies", root, conf, env) as server, requests.Session() as session:
-            url = f"{server.url}/activelearning/qunet"
-            session.post(url, json={"client_id": "first"}, timeout=600).raise_for_status()
+            session.post(f"{server.url}/activelearning/qunet", json={"client_id": "first"}, timeout=600).raise_for_status()
             out["startup_to_first_answer_seconds"] = round(time.perf_counter() - t, 1)
             t = time.perf_counter()
             r = session.post(f"{server.url}/scoring/qunet_quality", params={"run_sync": "true"}, timeout=3600)
             r.raise_for_status()
             out["quality_rescoring"] = {**r.json(), "seconds": round(time.perf_counter() - t, 2)}  # all skipped
-            out["initial"], out["initial_answer"] = _latencies(session, url, requests_count, "bench")
+            timed = dict(label_every=label_every, shape=shape, work=root)
+            out["initial"], out["initial_answer"] = _latencies(session, server.url, requests_count, "bench", **timed)
             os.rename(parked, model)
             t = time.perf_counter()
             r = session.post(f"{server.url}/scoring/qunet_disagreement", params={"run_sync": "true"}, timeout=3600)
             r.raise_for_status()
             out["disagreement_rescoring"] = {**r.json(), "seconds": round(time.perf_counter() - t, 2)}
-            out["disagreement"], out["disagreement_answer"] = _latencies(session, url, requests_count, "bench")
+            out["disagreement"], out["disagreement_answer"] = _latencies(session, server.url, requests_count, "bench-2",
+                                                                         **timed)
     return out
 
 
