@@ -4,6 +4,7 @@ Two rounds of Next sample / download / Submit label / Train / score / Next sampl
 (pyradiomics breast1, NRRD) and a synthetic CT-like stack (NIfTI), with a small network so it runs on CPU.
 """
 
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
 from live_server import SAMPLES, TRUTH, LiveServer, draw_truth, wait_for
+from qunet import __version__
 from qunet.config import TrainConfig
 from qunet.io import file_signature, load_label, load_stack
 from qunet.synthetic import generate_stack
@@ -72,6 +74,7 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
     assert {"qunet", "random"} <= set(info["strategies"])
     assert {"qunet_quality", "qunet_disagreement"} <= set(info["scoring"])
     assert info["trainers"]["qunet"]["config"]["max_epochs"] == TrainConfig().max_epochs  # the library's recipe
+    assert info["qunet"]["version"] == __version__ == importlib.metadata.version("qunet")  # pyproject reads it
 
     annotated: dict[str, set[int]] = {}
     for round_ in (1, 2):

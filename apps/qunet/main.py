@@ -18,6 +18,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 
+from qunet import __version__
 from qunet.config import ReadConfig
 from qunet.io import set_read_config
 from qunet.threads import CORES_ENV
@@ -141,8 +142,9 @@ class QUNetApp(MONAILabelApp):
         return answer or {}
 
     def info(self) -> dict:
-        """MONAI Label's info, plus `qunet`: the loop's phase, model, scoring progress, stop signal and budget."""
-        return {**super().info(), "qunet": self.loop_status.summary(self.datastore())}
+        """MONAI Label's info, plus `qunet`: the app's version, the loop's phase, model, scoring progress, stop signal
+        and budget."""
+        return {**super().info(), "qunet": {"version": __version__, **self.loop_status.summary(self.datastore())}}
 
     def on_init_complete(self) -> None:
         super().on_init_complete()

@@ -2,8 +2,8 @@
 
 The network sees every stack the same way in training, scoring and segmentation: intensities normalised per
 stack (`Intensity`), slices at their native resolution (no resizing: a 20 px nodule in a 512 px slice
-stays 20 px), in square patches of `patch_size` pixels. Training draws patches (a fixed share centred on
-lesion, as nnU-Net's foreground oversampling); inference slides a window of the same size over whole slices
+stays 20 px), in square patches of `patch_size` pixels. Training draws patches (a fixed share holding lesion,
+as nnU-Net's foreground oversampling); inference slides a window of the same size over whole slices
 (qunet.disagreement), so instance normalisation sees the same kind of input in both.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropd
+from monai.transforms import RandSpatialCropd
 
 CLIP_PERCENTILES = (0.5, 99.5)
 CHUNK = 32  # slices at a time: memory bounded by a chunk, not the stack's depth
@@ -87,11 +87,14 @@ def labelled_slices(volume: np.ndarray, targets: list[tuple[int, np.ndarray]], n
 
 
 class PatchSampler:
-    """Batches of `patch_size` patches from annotated slices, a share `foreground` of them centred on lesion.
+    """Batches of `patch_size` patches from annotated slices, a share `foreground` of them holding lesion.
 
     Each patch first picks its slice: with probability `foreground` (when any slice holds lesion) a lesion slice,
-    cropped around a random lesion pixel (MONAI's RandCropByPosNegLabeld, all positive), else any slice, cropped
-    anywhere (RandSpatialCropd). Lesion slices are drawn stack by stack (a stack with lesion at random, then one of
+    cropped so that a random lesion pixel lies at a random place in the patch (at least an eighth of the patch from
+    its border), else any slice, cropped anywhere (RandSpatialCropd). Not centred on the lesion pixel: a network
+    trained on lesion always at the patch's centre learns that place (zero padding tells it where it is), and
+    sliding-window inference, whose windows hold a small lesion anywhere, found a 20 px nodule only in windows
+    centred on it (docs/learner.md). Lesion slices are drawn stack by stack (a stack with lesion at random, then one of
     its lesion slices): a nodule annotated on one slice gets as many patches as a tumour annotated on six. Drawing
     the lesion share per batch, not per slice, keeps lesions in the batches when 2 of 20 annotated slices hold any.
     Slices smaller than a patch are padded with the stack's lowest value, as sliding-window inference pads them."""
@@ -100,24 +103,35 @@ class PatchSampler:
         if not slices:
             raise ValueError("no annotated slices to sample patches from")
         self.items = [_padded(s, patch_size) for s in slices]
+        self.size = patch_size
+        self.margin = patch_size // 8
         by_stack: dict[str, list[int]] = {}
+        self.lesion_pixels: dict[int, np.ndarray] = {}  # slice -> (n, 2) lesion pixel coordinates
         for i, s in enumerate(slices):
             if s.has_foreground:
                 by_stack.setdefault(s.stack, []).append(i)
+                self.lesion_pixels[i] = np.argwhere(self.items[i]["label"].numpy().any(axis=0))
         self.lesion = list(by_stack.values())
         self.foreground = foreground
         self.rng = np.random.default_rng(seed)
-        size = (patch_size, patch_size)
-        self.on_lesion = RandCropByPosNegLabeld(("image", "label"), "label", size, pos=1, neg=0, num_samples=1)
-        self.anywhere = RandSpatialCropd(("image", "label"), size, random_size=False)
-        for t in (self.on_lesion, self.anywhere):
-            t.set_random_state(seed=int(self.rng.integers(2**31)))
+        self.anywhere = RandSpatialCropd(("image", "label"), (patch_size, patch_size), random_size=False)
+        self.anywhere.set_random_state(seed=int(self.rng.integers(2**31)))
 
     def patch(self) -> dict[str, torch.Tensor]:
         if self.lesion and self.rng.random() < self.foreground:
             stack = self.lesion[int(self.rng.integers(len(self.lesion)))]
-            return self.on_lesion(self.items[int(self.rng.choice(stack))])[0]
+            return self._around_lesion(int(self.rng.choice(stack)))
         return self.anywhere(self.items[int(self.rng.integers(len(self.items)))])
+
+    def _around_lesion(self, i: int) -> dict[str, torch.Tensor]:
+        pixels, item = self.lesion_pixels[i], self.items[i]
+        corner = []
+        for pixel, extent in zip(pixels[int(self.rng.integers(len(pixels)))], item["image"].shape[1:]):
+            low = max(0, int(pixel) - (self.size - 1 - self.margin))
+            high = max(low, min(int(pixel) - self.margin, extent - self.size))
+            corner.append(int(self.rng.integers(low, high + 1)))
+        x, y = corner
+        return {k: v[:, x : x + self.size, y : y + self.size] for k, v in item.items()}
 
 
 def _padded(s: TrainingSlice, patch_size: int) -> dict[str, torch.Tensor]:
