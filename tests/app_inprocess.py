@@ -31,7 +31,7 @@ def app_client(studies: Path, conf: dict[str, str]) -> TestClient:
             continue
         os.environ[k] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     if str(APP) not in sys.path:
-        sys.path.insert(0, str(APP))  # the app's `lib` package, as start_server puts the app dir on PYTHONPATH
+        sys.path.insert(0, str(APP))  # the app's `qunet_app` package, as start_server puts the app dir on PYTHONPATH
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP), os.environ.get("PYTHONPATH", "")]))
 
     from monailabel.app import app

@@ -225,19 +225,19 @@ def test_ohif_binary_label(server, data, tmp_path):
     newest = max(segs, key=lambda s: (s.SeriesDate, s.SeriesTime))
     foreground = np.nonzero(back.any(axis=(0, 1)))[0]
     assert seg_slices(data["url"], image_id, newest) == set(range(foreground.min(), foreground.max() + 1))
-    # the conversions (raw voxels to NIfTI, NIfTI to SEG) stay in the server's own folder (lib.tempfolder)
+    # the conversions (raw voxels to NIfTI, NIfTI to SEG) stay in the server's own folder (qunet_app.server.tempfolder)
     assert os.listdir(Path(server.app_dir).parent / "tmp") == []
 
 
 def test_datastore_in_process(data):
     """The datastore class itself: SEG series are never images, whatever the search filter."""
     app_dir = str(Path(__file__).resolve().parents[1] / "apps" / "qunet")
-    saved = {k: v for k, v in sys.modules.items() if k == "lib" or k.startswith("lib.")}
+    saved = {k: v for k, v in sys.modules.items() if k == "qunet_app" or k.startswith("qunet_app.")}
     for k in saved:
         del sys.modules[k]
     sys.path.insert(0, app_dir)
     try:
-        from lib.dicomweb_datastore import DICOMwebClientX, QUNetDICOMWebDatastore
+        from qunet_app.datastore.dicomweb import DICOMwebClientX, QUNetDICOMWebDatastore
 
         store = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache2"),
                                        labels={"lesion": 1})
@@ -264,7 +264,7 @@ def test_datastore_in_process(data):
         assert image_id in fresh.get_labeled_images()
         assert load_label(fresh.get_label_uri(image_id, "final"), load_stack(fresh.get_image_uri(image_id))).any()
         assert not list(data["root"].parent.rglob("escaped*")), "a file named after the hostile UID"
-        from lib.errors import InvalidFile
+        from qunet_app.server.errors import InvalidFile
 
         set_read_config(ReadConfig(max_voxels=1000))  # below either stack's voxels: the series is refused unread
         capped = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache4"),
@@ -274,7 +274,7 @@ def test_datastore_in_process(data):
     finally:
         set_read_config(ReadConfig())
         sys.path.remove(app_dir)
-        for k in [k for k in sys.modules if k == "lib" or k.startswith("lib.")]:
+        for k in [k for k in sys.modules if k == "qunet_app" or k.startswith("qunet_app.")]:
             del sys.modules[k]
         sys.modules.update(saved)
 

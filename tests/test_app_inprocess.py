@@ -19,7 +19,7 @@ def load_conf_class():
     import sys
 
     sys.path.insert(0, str(APP))
-    from lib.conf import AppConf
+    from qunet_app.settings import AppConf
 
     return AppConf
 

@@ -44,13 +44,11 @@ def test_forward_flops_counts_a_known_convolution():
 
 
 def test_next_sample_latency_against_a_live_server(tmp_path):
-    result = live_bench.next_sample_bench(volumes=3, requests_count=2, workdir=str(tmp_path))
-    assert result["scoring"]["qunet_quality"]["scored"] == 3  # by the app's scoring classes
-    assert result["scoring"]["qunet_disagreement"]["scored"] == 3
-    assert result["quality_rescoring"]["skipped"] == 3  # and the server agrees they are current
-    assert result["disagreement_rescoring"]["skipped"] == 3
-    assert all(result["scoring"]["in_process"][k] > 0 for k in ("ranking_build_ms", "write_and_pick_ms", "record_write_ms"))
-    assert result["startup_to_first_answer_seconds"] > 0
+    result = live_bench.next_sample_bench(volumes=3, requests_count=4, workdir=str(tmp_path), label_every=2)
+    assert result["auto_update_scoring"] is True  # the server's defaults
+    assert 0 < result["unscored_start_to_first_answer_seconds"] <= result["quality_scoring_seconds"]
+    assert result["disagreement_scoring_seconds"] > 0 and result["startup_to_first_answer_seconds"] > 0
+    assert result["initial"]["labels_saved"] == result["disagreement"]["labels_saved"] == 2
     assert result["initial_answer"]["phase"] == "initial"
     assert result["disagreement_answer"]["phase"] == "disagreement" and result["disagreement_answer"]["slices"]
     for phase in ("initial", "disagreement"):

@@ -1,4 +1,4 @@
-"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through lib.ranks.run_ranks as the server runs it
+"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through qunet_app.tasks.ranks.run_ranks as the server runs it
 on a multi-GPU machine): two CPU ranks joined by gloo on loopback score every volume exactly once, into the records
 the server reads, with the same results as one process."""
 
@@ -50,14 +50,14 @@ def run(command: list[str], cwd: Path) -> dict:
 
 
 def torchrun(app: Path, studies: Path, conf: list[str], *more: str) -> dict:
-    sys.path.insert(0, str(app))  # the app's `lib`, as the server has it
+    sys.path.insert(0, str(app))  # the app's `qunet_app`, as the server has it
     try:
-        from lib.ranks import run_ranks
+        from qunet_app.tasks.ranks import run_ranks
 
         return run_ranks([str(app / "score_cohort.py"), "--studies", str(studies), "--threads", "1", *conf, *more], 2)
     finally:
         sys.path.remove(str(app))
-        for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        for name in [m for m in sys.modules if m == "qunet_app" or m.startswith("qunet_app.")]:
             del sys.modules[name]
 
 

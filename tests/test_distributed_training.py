@@ -1,4 +1,4 @@
-"""Training over torch.distributed ranks (apps/qunet/train_cohort.py through lib.ranks.run_ranks, what a `multi_gpu`
+"""Training over torch.distributed ranks (apps/qunet/train_cohort.py through qunet_app.tasks.ranks.run_ranks, what a `multi_gpu`
 training runs): two CPU ranks joined by gloo on loopback, each training its half of every batch, end with the
 model one process trains from the same start, up to floating-point rounding; rank 0 alone publishes and writes."""
 
@@ -60,15 +60,15 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     assert alone["ranks"] == 1 and alone["slices"] == 10 and alone["steps"] == 8
 
     two = fresh_app(tmp_path, "two")
-    sys.path.insert(0, str(two))  # the app's `lib`, as the server has it
+    sys.path.insert(0, str(two))  # the app's `qunet_app`, as the server has it
     try:
-        from lib.ranks import run_ranks
+        from qunet_app.tasks.ranks import run_ranks
 
         together = run_ranks([str(two / "train_cohort.py"), "--studies", str(studies), *conf, "--threads", "1",
                               "--request", json.dumps(REQUEST)], 2)
     finally:
         sys.path.remove(str(two))
-        for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        for name in [m for m in sys.modules if m == "qunet_app" or m.startswith("qunet_app.")]:
             del sys.modules[name]
     assert together["ranks"] == 2 and together["steps"] == alone["steps"]
     assert abs(together["loss"] - alone["loss"]) < 1e-3, (together, alone)

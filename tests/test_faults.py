@@ -30,8 +30,8 @@ TINY = (4, 4, 8, 8, 16, 4)
 def app_lib():
     if str(APP) not in sys.path:
         sys.path.insert(0, str(APP))
-    from lib import records
-    from lib.datastore import QUNetDatastore
+    from qunet_app.datastore import keys as records
+    from qunet_app.datastore.local import QUNetDatastore
 
     return QUNetDatastore, records
 
@@ -196,8 +196,8 @@ def test_records_move_out_of_the_json_once(tmp_path):
 def _publish_and_die(model_dir: str, die: bool) -> None:
     """Child: publish a new model as training does after an epoch, killed after writing it, before the rename."""
     app_lib()
-    from lib.conf import AppConf
-    from lib.trainers import QUNetTrain
+    from qunet_app.settings import AppConf
+    from qunet_app.tasks.train import QUNetTrain
 
     torch.manual_seed(2)
     conf = AppConf.from_conf({"features": ",".join(map(str, TINY))})
@@ -212,7 +212,7 @@ def test_model_publish_killed_mid_write_keeps_the_previous_model(tmp_path):
     """Training publishes its model after each epoch; a kill mid-write leaves the previous complete model, and the
     partial file is removed when the server starts again."""
     app_lib()
-    from lib.processes import clean_after_training
+    from qunet_app.server.processes import clean_after_training
 
     torch.manual_seed(1)
     old = build_network(TINY).state_dict()

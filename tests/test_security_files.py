@@ -95,7 +95,7 @@ def test_restart_ignores_pending_saves_the_app_did_not_write(tmp_path):
 
     if str(APP) not in sys.path:
         sys.path.insert(0, str(APP))
-    from lib.datastore import QUNetDatastore
+    from qunet_app.datastore.local import QUNetDatastore
 
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)

@@ -1,5 +1,5 @@
 """Nothing is left in the system's temporary folder by a start or any request: the server uses its own folder
-(lib.tempfolder), removes it when it stops, and a later start removes a killed server's."""
+(qunet_app.server.tempfolder), removes it when it stops, and a later start removes a killed server's."""
 
 import os
 import signal
@@ -17,7 +17,7 @@ from qunet import build_network
 from qunet.synthetic import generate_stack
 
 sys.path.insert(0, str(APP))
-from lib.tempfolder import COMPILER_CACHE, STALE_SECONDS, sweep  # noqa: E402
+from qunet_app.server.tempfolder import COMPILER_CACHE, STALE_SECONDS, sweep  # noqa: E402
 
 
 def _studies(root: Path) -> Path:

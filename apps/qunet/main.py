@@ -4,7 +4,7 @@
 
 The work is done by the `qunet` library; this module only wires its tasks into MONAI Label, and answers a
 client's mistakes with a 4xx status and a message naming the problem (MONAI Label would answer 500). What the
-endpoints check before they reach the app is in `lib.guards`; background processes are handled by `lib.processes`.
+endpoints check before they reach the app is in `qunet_app.server.gate`; background processes are handled by `qunet_app.server.processes`.
 """
 
 import logging
@@ -23,18 +23,19 @@ from qunet.config import ReadConfig
 from qunet.io import set_read_config
 from qunet.threads import CORES_ENV
 
-from lib import guards, processes, records, uploads
-from lib.conf import MODEL, AppConf, model_dir, published_model
-from lib.datastore import QUNetDatastore
-from lib.dicomweb_datastore import open_studies
-from lib.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
-from lib.infers import QUNetInfer
-from lib.progress import watch_model
-from lib.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
-from lib.status import LoopStatus, register_status_page
-from lib.strategies import QUNetStrategy, quiet_empty_sample_warning
-from lib.tempfolder import use_own_temp_folder
-from lib.trainers import QUNetTrain
+from qunet_app.datastore import keys
+from qunet_app.datastore.dicomweb import open_studies
+from qunet_app.datastore.local import QUNetDatastore
+from qunet_app.server import gate, processes, uploads
+from qunet_app.server.errors import BadRequest, ImageNotFound, NotFound, as_bool, check_tag
+from qunet_app.server.status import LoopStatus, register_status_page
+from qunet_app.server.tempfolder import use_own_temp_folder
+from qunet_app.settings import MODEL, AppConf, model_dir, published_model
+from qunet_app.tasks.infer import QUNetInfer
+from qunet_app.tasks.progress import watch_model
+from qunet_app.tasks.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
+from qunet_app.tasks.strategy import QUNetStrategy, quiet_empty_sample_warning
+from qunet_app.tasks.train import QUNetTrain
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class QUNetApp(MONAILabelApp):
             use_own_temp_folder(self.model_dir, app_dir)
             processes.clean_after_training(self.model_dir)
             uploads.prepare_uploads(self.model_dir)
-        guards.install(self)
+        gate.install(self)
         register_status_page()
         quiet_empty_sample_warning()
 
@@ -120,7 +121,7 @@ class QUNetApp(MONAILabelApp):
         if not isinstance(image, str) or not image:
             raise BadRequest("infer needs an image id (query parameter image) or an uploaded file")
         store = datastore or self.datastore()
-        if not guards.known_image(store, image) and not uploads.is_uploaded(image):
+        if not gate.known_image(store, image) and not uploads.is_uploaded(image):
             raise ImageNotFound(image)
         if "save_label" in request:
             request = {**request, "save_label": as_bool(request["save_label"], "save_label")}
@@ -208,4 +209,4 @@ class QUNetApp(MONAILabelApp):
                 self.labels_since_training = 0
         if due:
             self.async_training(MODEL, enqueue=True)
-        return {"annotated_slices": self.datastore().get_image_info(image_id).get(records.ANNOTATED)}
+        return {"annotated_slices": self.datastore().get_image_info(image_id).get(keys.ANNOTATED)}

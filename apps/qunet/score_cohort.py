@@ -30,10 +30,10 @@ sys.path.insert(0, str(APP_DIR))
 from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import file_signature, set_read_config  # noqa: E402
 
-from lib.conf import AppConf, model_dir, published_model  # noqa: E402
-from lib.dicomweb_datastore import open_studies  # noqa: E402
-from lib.ranks import join_ranks, leave_ranks  # noqa: E402
-from lib.scoring import DisagreementScoring, QualityScoring  # noqa: E402
+from qunet_app.datastore.dicomweb import open_studies  # noqa: E402
+from qunet_app.settings import AppConf, model_dir, published_model  # noqa: E402
+from qunet_app.tasks.ranks import join_ranks, leave_ranks  # noqa: E402
+from qunet_app.tasks.scoring import DisagreementScoring, QualityScoring  # noqa: E402
 
 COUNTS = ("scored", "skipped", "failed")
 

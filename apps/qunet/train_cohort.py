@@ -26,11 +26,11 @@ sys.path.insert(0, str(APP_DIR))
 from qunet.config import ReadConfig  # noqa: E402
 from qunet.io import set_read_config  # noqa: E402
 
-from lib.conf import AppConf, model_dir, published_model  # noqa: E402
-from lib.dicomweb_datastore import open_studies  # noqa: E402
-from lib.processes import die_with_parent, training_lock  # noqa: E402
-from lib.ranks import join_ranks, leave_ranks  # noqa: E402
-from lib.trainers import QUNetTrain  # noqa: E402
+from qunet_app.datastore.dicomweb import open_studies  # noqa: E402
+from qunet_app.server.processes import die_with_parent, training_lock  # noqa: E402
+from qunet_app.settings import AppConf, model_dir, published_model  # noqa: E402
+from qunet_app.tasks.ranks import join_ranks, leave_ranks  # noqa: E402
+from qunet_app.tasks.train import QUNetTrain  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

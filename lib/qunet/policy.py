@@ -1,7 +1,7 @@
 """Next sample's policy: which volume to open, which of its slices to annotate, and when to stop asking.
 
 Plain data in, a pick out, no MONAI Label. `Ranking` keeps every volume's records (`VolumeState`) sorted for the
-pick, so an answer looks at the few volumes it may serve: the app's strategy (apps/qunet/lib/strategies.py) keeps
+pick, so an answer looks at the few volumes it may serve: the app's strategy (apps/qunet/qunet_app/tasks/strategy.py) keeps
 one and updates the volumes whose records changed; `choose` builds one per answer (the benchmarks). Same code.
 
 Phases (`paper` and `spread`; a covering variant such as the default `lesion` serves the first volume in its order
@@ -26,30 +26,9 @@ from typing import Any
 
 from qunet.config import SelectionConfig
 from qunet.stopping import Stop, stop_signal
-from qunet.variants import VARIANTS, Slices, covering
+from qunet.variants import VARIANTS, Slices, VolumeState, covering
 
 INITIAL, DISAGREEMENT, SCORING = "initial", "disagreement", "scoring"
-
-
-@dataclass(frozen=True)
-class VolumeState:
-    """What the records say about one volume."""
-
-    image_id: str
-    initial: Sequence[int] | None = None  # S0, best quality first; None: quality not computed yet
-    q: Sequence[float | None] | None = None  # the current model's Q per slice (None where not scored); None: not scored by it yet
-    annotated: Set[int] = frozenset()
-    # served to another client within the hold: not offered, counted against the budget (`choose` reads it; a
-    # `Ranking` is given the holds with each question instead, as they change with the time and the client)
-    held: Set[int] = frozenset()
-    unscorable: bool = False  # the file cannot be scored (no Q will come)
-    # optional: the slices with Q below the configured q0, lowest Q first (the app's scoring run stores them), so
-    # that the ranking need not look at every slice; None: computed from q
-    ranked: Sequence[int] | None = None
-    # the current model's level-4 lesion pixels per slice (None where not scored); the `lesion` variant prefers them
-    area: Sequence[float | None] | None = None
-    depth: int | None = None  # slices in the stack (None: not known yet); variants that cover the slice axis need it
-    constant: Set[int] = frozenset()  # slices without contrast (the quality record's `valid` false): never served
 
 
 @dataclass(frozen=True)

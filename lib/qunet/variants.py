@@ -23,25 +23,42 @@ slices; level with it on three other cohorts.
 """
 
 import math
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from qunet.policy import VolumeState
 
 Slices = list[tuple[int, float]]  # (slice, score), best first: Q, or the S0 rank before a model exists
 
 
 @dataclass(frozen=True)
+class VolumeState:
+    """What the records say about one volume."""
+
+    image_id: str
+    initial: Sequence[int] | None = None  # S0, best quality first; None: quality not computed yet
+    q: Sequence[float | None] | None = None  # the current model's Q per slice (None where not scored; None: not yet)
+    annotated: Set[int] = frozenset()
+    # served to another client within the hold: not offered, counted against the budget (`choose` reads it; a
+    # `Ranking` is given the holds with each question instead, as they change with the time and the client)
+    held: Set[int] = frozenset()
+    unscorable: bool = False  # the file cannot be scored (no Q will come)
+    # optional: the slices with Q below the configured q0, lowest Q first (the app's scoring run stores them), so
+    # that the ranking need not look at every slice; None: computed from q
+    ranked: Sequence[int] | None = None
+    # the current model's level-4 lesion pixels per slice (None where not scored); the `lesion` variant prefers them
+    area: Sequence[float | None] | None = None
+    depth: int | None = None  # slices in the stack (None: not known yet); variants that cover the slice axis need it
+    constant: Set[int] = frozenset()  # slices without contrast (the quality record's `valid` false): never served
+
+
+@dataclass(frozen=True)
 class Variant:
-    initial_key: Callable[["VolumeState"], tuple]  # before a model: the smallest key opens first (ties: id order)
+    initial_key: Callable[[VolumeState], tuple]  # before a model: the smallest key opens first (ties: id order)
     order: Callable[[Slices, Set[int], int], Slices]  # (open slices, annotated slices, limit): the first `limit` are served
     # covering variants serve any slice of the volume, spread over its axis (`covering`), with or without a model;
     # `prefer` (slice -> lower is better) decides within a stratum. Others serve S0, then the lowest Q below q0.
-    prefer: Callable[["VolumeState"], Mapping[int, float]] | None = None
+    prefer: Callable[[VolumeState], Mapping[int, float]] | None = None
     # covering: an answer serves at most this share of the volume's slices (rounded up), so that the next answer
     # moves on to the next least annotated volume and the cohort is covered before any volume is dense. A sixteenth
     # (measured, docs/README.md) did not train better models than an eighth
@@ -102,12 +119,12 @@ def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit:
     return chosen
 
 
-def predicted_lesion(v: "VolumeState") -> Mapping[int, float]:
+def predicted_lesion(v: VolumeState) -> Mapping[int, float]:
     """The most lesion the current model predicts in a slice first; without any (or a model), S0's best quality."""
     return {k: -a for k, a in enumerate(v.area or ()) if a} or {k: rank for rank, k in enumerate(v.initial or ())}
 
 
-def least_annotated_most_lesion(v: "VolumeState") -> tuple:
+def least_annotated_most_lesion(v: VolumeState) -> tuple:
     return len(v.annotated), -max((a for k, a in enumerate(v.area or ()) if a and k not in v.annotated), default=0)
 
 

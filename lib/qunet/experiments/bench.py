@@ -7,9 +7,9 @@ Measures, in one run on this machine:
   default patch size on 512x512 slices at native resolution (sliding windows): slices/s and GFLOP/s (FLOPs
   counted by torch's FlopCounterMode), as a fraction of the matmul rate;
 - `quality`: qunet.quality.slice_quality throughput on 512x512 slices;
-- `next_sample`: POST /activelearning/qunet latency (p50, p95) from a client, against a real
-  `monailabel start_server` whose datastore holds N volumes scored by the app's `qunet_quality` method
-  (initial phase, no model) and then by `qunet_disagreement` with a small model (disagreement phase);
+- `next_sample`: POST /activelearning/qunet latency (p50, p95) from many clients, against a real
+  `monailabel start_server` started with its defaults (auto-update scoring on), over N volumes the server scored
+  (initial phase, no model; then disagreement phase, a small model), a label saved after every fifth answer;
 - `memory`: peak resident memory beyond the loaded volume while scoring 512x512xD volumes of two depths, in
   fresh subprocesses (Linux VmHWM, reset after the volume is built).
 
@@ -219,13 +219,11 @@ def render(result: dict) -> str:
         for phase in ("initial", "disagreement"):
             lines.append(f"Next sample ({n['volumes']} volumes, {phase} phase): p50 {n[phase]['p50_ms']} ms, "
                          f"p95 {n[phase]['p95_ms']} ms over {n[phase]['requests']} requests")
-        ip = n["scoring"]["in_process"]
-        lines.append(f"  server start to the first answer {n['startup_to_first_answer_seconds']} s; in process: ranking "
-                     f"built from every volume {ip['ranking_build_ms']} ms, a record written and a pick "
-                     f"{ip['write_and_pick_ms']} ms; one answer's record written "
-                     f"{ip['record_write_ms']} ms (records {ip['records_mb']} MB, datastore JSON {ip['datastore_json_mb']} "
-                     f"MB); re-scoring with nothing new: quality {n['quality_rescoring']['seconds']} s, disagreement "
-                     f"{n['disagreement_rescoring']['seconds']} s")
+        lines.append(f"  labels saved: every {n['initial']['requests'] // max(n['initial']['labels_saved'], 1)}th "
+                     f"answer; auto-update scoring {'on' if n['auto_update_scoring'] else 'off'}; start to the first "
+                     f"answer {n['unscored_start_to_first_answer_seconds']} s unscored, "
+                     f"{n['startup_to_first_answer_seconds']} s scored (restart); scoring by the server: quality "
+                     f"{n['quality_scoring_seconds']} s, disagreement {n['disagreement_scoring_seconds']} s")
     if "memory" in result and "runs" in result["memory"]:
         for r in result["memory"]["runs"]:
             lines.append(f"memory {r['kind']} {r['shape']}: volume {r['volume_mb']} MB, peak beyond it {r['extra_mb']} MB")

@@ -6,16 +6,16 @@ cached NIfTI when it is needed, and stores a final label back on the server as a
 keeps its records (quality, disagreement, served and annotated slices). On top of the stock class:
 
 - `save_label` checks the label against the image and does the annotated-slice bookkeeping first
-  (`lib.submission.prepare_submission`, as the local datastore does), then uploads the merged label as a
+  (`qunet_app.datastore.submission.prepare_submission`, as the local datastore does), then uploads the merged label as a
   SEG whose segments are named after the app's labels, then records label and image info in one locked,
   atomic update. A label with no foreground (all served slices negative) has no SEG (dcmqi cannot write
   one); it is kept in the cache only.
 - `get_label_uri(image, "final")` gives the newest label of the image ON THE IMAGE'S GRID (a SEG read back is
-  resampled onto the cached image: lib/dicomweb_seg.py). The newest SEG on the server wins, so a SEG made
+  resampled onto the cached image: qunet_app/datastore/dicomweb_seg.py). The newest SEG on the server wins, so a SEG made
   elsewhere (another server, a viewer) is picked up.
 - Image info is re-read from the JSON before each read, so the server sees what its scoring and training
   subprocesses wrote, and every write is a locked reload-change-replace (from `QUNetDatastore`).
-- Which series are images, their download and their NIfTI cache: lib/dicomweb_series.py.
+- Which series are images, their download and their NIfTI cache: qunet_app/datastore/dicomweb_series.py.
 """
 
 import logging
@@ -35,13 +35,13 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from qunet.io import load_label, load_stack
 
-from lib import records
-from lib.conf import AppConf
-from lib.datastore import QUNetDatastore, local_datastore
-from lib.dicomweb_seg import SEG_INDEX_SECONDS, SEG_TOOL, DicomSegMixin, find_seg_tool
-from lib.dicomweb_series import UID, SeriesCacheMixin
-from lib.files import atomic_copy
-from lib.submission import prepare_submission
+from qunet_app.datastore import keys
+from qunet_app.datastore.dicomweb_seg import SEG_INDEX_SECONDS, SEG_TOOL, DicomSegMixin, find_seg_tool
+from qunet_app.datastore.dicomweb_series import UID, SeriesCacheMixin
+from qunet_app.datastore.files import atomic_copy
+from qunet_app.datastore.local import QUNetDatastore, local_datastore
+from qunet_app.datastore.submission import prepare_submission
+from qunet_app.settings import AppConf
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class QUNetDICOMWebDatastore(DicomSegMixin, SeriesCacheMixin, DICOMWebDatastore,
             converted = label_filename = binary_to_image(image_file, label_filename)
         try:
             if label_tag == FINAL:
-                # a merged label goes beside the submitted one: the request's upload folder (lib.uploads), removed
+                # a merged label goes beside the submitted one: the request's upload folder (qunet_app.server.uploads), removed
                 # with it and swept after a crash (no datastore lock is held here to protect a shared folder)
                 source, image_update = prepare_submission(self, image_id, label_filename, label_info, scratch)
             else:
@@ -208,10 +208,10 @@ class QUNetDICOMWebDatastore(DicomSegMixin, SeriesCacheMixin, DICOMWebDatastore,
                     os.remove(stale)
             atomic_copy(source, os.path.join(label_path, name))
             obj.labels[label_tag] = DataModel(info={**label_info, "ts": int(time.time()), "name": name}, ext=ext)
-            obj.image.info.update({k: v for k, v in image_update.items() if not records.in_records(k)})
+            obj.image.info.update({k: v for k, v in image_update.items() if not keys.in_records(k)})
 
         with self._lock():  # the SEG is on the server already: its annotated slices are recorded first
-            self._set_records(image_id, {k: v for k, v in image_update.items() if records.in_records(k)})
+            self._set_records(image_id, {k: v for k, v in image_update.items() if keys.in_records(k)})
             self._locked_update(change)
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:

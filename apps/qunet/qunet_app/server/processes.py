@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from filelock import FileLock, Timeout
 
-from lib.errors import Conflict
+from qunet_app.server.errors import Conflict
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ SERVER_PID = "QUNET_SERVER_PID"
 TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label runs training and scoring with
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LOCK_NAME = "qunet-train.lock"
-PARTIAL = re.compile(r"\.tmp-.*|tmp[a-z0-9_]{8}")  # lib.datastore's temporary copies; ignite DiskSaver's temporaries
+PARTIAL = re.compile(r"\.tmp-.*|tmp[a-z0-9_]{8}")  # qunet_app.datastore.local's temporary copies; ignite DiskSaver's temporaries
 CACHE = re.compile(r"cache_\d{8}_\d{6}")  # MONAI Label's per-run dataset cache (removed when a run ends normally)
 
 
@@ -59,7 +59,7 @@ def in_task_subprocess() -> bool:
 
 def die_with_parent() -> None:
     """SIGKILL this process when its parent dies (Linux; elsewhere nothing): the ranks a training launched with
-    torchrun (lib.trainers.launch) must not outlive the task that started them."""
+    torchrun (qunet_app.tasks.train.launch) must not outlive the task that started them."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 

@@ -22,9 +22,9 @@ from monailabel.interfaces.datastore import Datastore
 from qunet.annotation import annotated_slices
 from qunet.io import Stack, StackError, load_label, load_stack
 
-from lib import records
-from lib.errors import BadRequest, ImageNotFound, InvalidFile
-from lib.files import TMP_PREFIX
+from qunet_app.datastore import keys
+from qunet_app.datastore.files import TMP_PREFIX
+from qunet_app.server.errors import BadRequest, ImageNotFound, InvalidFile
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +90,14 @@ def prepare_submission(datastore: Datastore, image_id: str, label_file: str, lab
     stack, new = check_label(datastore, image_id, label_file)
     declared = _declared(label_info.get("annotated_slices"), stack.num_slices)
     info = datastore.get_image_info(image_id)
-    served_all = info.get(records.SERVED) or {}
+    served_all = info.get(keys.SERVED) or {}
     try:
-        client = records.client_id(label_info.get("client_id"))
+        client = keys.client_id(label_info.get("client_id"))
     except ValueError as e:
         raise BadRequest(str(e)) from None
     mine = served_all.get(client)
     served = mine["slices"] if mine else sorted({k for s in served_all.values() for k in s["slices"]}) or None
-    previous = records.annotated(datastore, image_id, info, stack.num_slices)
+    previous = keys.annotated(datastore, image_id, info, stack.num_slices)
     now = annotated_slices(new, (), served, declared)
     keep_old = sorted(set(previous) - set(now))
     old_file = datastore.get_label_uri(image_id, "final") if datastore.get_label_by_image_id(image_id, "final") else ""
@@ -112,4 +112,4 @@ def prepare_submission(datastore: Datastore, image_id: str, label_file: str, lab
             label_file = _write_like(merged, label_file, scratch)
     if mine:
         served_all[client] = {**mine, "submitted": True}
-    return label_file, {records.ANNOTATED: sorted(set(previous) | set(now)), records.SERVED: served_all}
+    return label_file, {keys.ANNOTATED: sorted(set(previous) | set(now)), keys.SERVED: served_all}

@@ -25,10 +25,10 @@ from qunet.config import SelectionConfig
 from qunet.io import StackError
 from qunet.policy import DISAGREEMENT, LoopState, Pick, Ranking, VolumeState
 
-from lib import records
-from lib.conf import AppConf
-from lib.progress import read_agreement, read_progress
-from lib.scoring import infos_read_only, quality_record, signature_or_none, training_running, volume_state
+from qunet_app.datastore import keys
+from qunet_app.settings import AppConf
+from qunet_app.tasks.progress import read_agreement, read_progress
+from qunet_app.tasks.scoring import infos_read_only, quality_record, signature_or_none, training_running, volume_state
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class QUNetStrategy(Strategy):
 
     def _note_served(self, image_id: str, info: dict) -> None:
         """Keep a volume's served-slice records while one may hold slices (only these are looked at per answer)."""
-        served = info.get(records.SERVED) or {}
+        served = info.get(keys.SERVED) or {}
         if self._holding(served, time.time()):
             self._served[image_id] = served
         else:
@@ -161,26 +161,26 @@ class QUNetStrategy(Strategy):
             self._score_now(datastore, missing)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
-        client_id = records.client_id(request.get("client_id"))
+        client_id = keys.client_id(request.get("client_id"))
         now = time.time()
         snap = self._snapshot_with_quality(datastore, client_id, now)
         pick = snap.pick
         answer: dict[str, Any] = {"id": pick.image_id or "", "slices": pick.slices, "phase": pick.phase}
         if pick.image_id:
             info = datastore.get_image_info(pick.image_id)
-            served = {**(info.get(records.SERVED) or {}), client_id: {"slices": pick.slices, "ts": round(now, 3)}}
+            served = {**(info.get(keys.SERVED) or {}), client_id: {"slices": pick.slices, "ts": round(now, 3)}}
             # MONAI Label's endpoint then records {"strategy": {name: ts, client}}; writing the same here makes its
             # update a no-op, so Next sample rewrites the datastore file once, not twice
             used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
                 "ts": int(time.time()), "client_id": request.get("client_id")}}
-            datastore.update_image_info(pick.image_id, {records.SERVED: served, "strategy": used})
+            datastore.update_image_info(pick.image_id, {keys.SERVED: served, "strategy": used})
             # per slice: Q and the predicted lesion pixels of the model, or the quality metrics before one
             # (a record removed since the snapshot, by a label deletion or a new file: no scores in the answer)
             if pick.phase == DISAGREEMENT:
-                rec, keys = info.get(records.DISAGREEMENT) or {}, ("q", "area")
+                rec, scores = info.get(keys.DISAGREEMENT) or {}, ("q", "area")
             else:
-                rec, keys = info.get(records.QUALITY) or {}, ("blurriness", "psnr_inv")
-            answer["scores"] = {k: [rec[k][i] for i in pick.slices] for k in keys if rec.get(k)}
+                rec, scores = info.get(keys.QUALITY) or {}, ("blurriness", "psnr_inv")
+            answer["scores"] = {k: [rec[k][i] for i in pick.slices] for k in scores if rec.get(k)}
             # stock 3D Slicer names the loaded volume node after PatientID: the annotator sees the slices there
             answer["PatientID"] = f"{pick.image_id} - annotate slices (K) {', '.join(map(str, pick.slices))}"
         else:
@@ -197,7 +197,7 @@ class QUNetStrategy(Strategy):
 
     def scoring_status(self, snap: Snapshot) -> dict[str, Any]:
         """The current model's disagreement scoring: its run's progress, or `queued` when no run of it has begun."""
-        progress = read_progress(self.state_dir, records.DISAGREEMENT)
+        progress = read_progress(self.state_dir, keys.DISAGREEMENT)
         if progress.get("model") != snap.model or snap.training:
             progress = {"state": "waiting for the training to end" if snap.training else "queued"}
         keep = ("state", "volumes_done", "volumes_total", "slices_per_second", "eta_seconds", "updated")
@@ -215,11 +215,11 @@ class QUNetStrategy(Strategy):
         try:
             rec = quality_record(path, self.conf)
         except StackError as e:  # a bad file: skipped until it changes (as the scoring run does)
-            datastore.update_image_info(image_id, {records.ERROR: str(e), records.ERROR_SOURCE: signature_or_none(path)})
+            datastore.update_image_info(image_id, {keys.ERROR: str(e), keys.ERROR_SOURCE: signature_or_none(path)})
         except Exception:  # anything else must not fail Next sample for every client: skip it this time
             logger.exception(f"cannot score {image_id} for Next sample")
         else:
-            datastore.update_image_info(image_id, {records.QUALITY: rec})
+            datastore.update_image_info(image_id, {keys.QUALITY: rec})
 
 
 class _EmptySampleWarning(logging.Filter):

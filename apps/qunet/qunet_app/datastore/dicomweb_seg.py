@@ -29,8 +29,8 @@ from pydicom.dataset import Dataset
 
 from qunet.io import load_stack
 
-from lib.dicomweb_series import UID, check_series, qido_value
-from lib.files import atomic_write
+from qunet_app.datastore.dicomweb_series import UID, check_series, qido_value
+from qunet_app.datastore.files import atomic_write
 
 SEG_INDEX_SECONDS = 5  # how long one QIDO listing of the server's SEG series is reused
 SEG_TOOL = "itkimage2segimage"

@@ -16,8 +16,8 @@ from qunet import build_network, segment
 from qunet.io import StackError, file_signature, load_stack
 from qunet.network import load_weights, prepare
 
-from lib.conf import AppConf
-from lib.errors import BadRequest, Conflict, InvalidFile, as_bool, as_level, check_device
+from qunet_app.server.errors import BadRequest, Conflict, InvalidFile, as_bool, as_level, check_device
+from qunet_app.settings import AppConf
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Uploads, as MONAI Label's endpoints receive them, made safe; these replace its endpoint helpers (lib.guards).
+"""Uploads, as MONAI Label's endpoints receive them, made safe; these replace its endpoint helpers (qunet_app.server.gate).
 
 MONAI Label's helpers save an upload to the temporary folder under a name ending in the client's suffix (a long
 suffix is a file-system error), and remove it only after a successful answer (a refused upload stayed, and infer
@@ -37,9 +37,9 @@ from qunet import build_network
 from qunet.io import IMAGE_SUFFIXES, StackError, write_canonical
 from qunet.network import load_weights
 
-from lib.files import atomic_copy
-from lib.processes import alive
-from lib.errors import InvalidFile, NotFound, Unprocessable, check_name, json_object
+from qunet_app.datastore.files import atomic_copy
+from qunet_app.server.errors import InvalidFile, NotFound, Unprocessable, check_name, json_object
+from qunet_app.server.processes import alive
 
 logger = logging.getLogger(__name__)
 

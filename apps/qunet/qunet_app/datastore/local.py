@@ -1,19 +1,19 @@
 """MONAI Label's LocalDatastore with crash-safe writes, no lost updates between processes, and checked input.
 
 - every write of the datastore JSON reloads it under the datastore lock, applies the change and replaces the file
-  atomically, so that the scoring and training subprocesses lose no update (lib/datastore_json.py);
+  atomically, so that the scoring and training subprocesses lose no update (qunet_app/datastore/json_file.py);
 - a label is saved with a roll-forward journal: its file is copied next to its final place, the JSON records
   the label, its bookkeeping and the pending copy in one atomic write (the commit), then the copy is renamed
   into place and the journal entry cleared. A process killed before the commit leaves the old label and the old
   records; one killed after it leaves a journal entry that the next start (any process opening the datastore)
-  completes (lib/datastore_recovery.py), so the label file and its records always agree;
+  completes (qunet_app/datastore/recovery.py), so the label file and its records always agree;
 - a submitted label is checked against its image before anything is written, and ids, tags and file types
-  from clients are checked (nothing is written outside the studies folder); mistakes raise `lib.errors`
+  from clients are checked (nothing is written outside the studies folder); mistakes raise `qunet_app.server.errors`
   exceptions, which the server answers with a 4xx status and a message naming the problem;
 - only regular files inside the studies folder are images or labels: a symlink (or a folder that leads outside)
   is neither listed nor given as a path to read or serve;
-- the app's own records (quality and disagreement scores, annotated and served slices: `records.in_records`)
-  are kept in SQLite, not in the JSON (lib/datastore_records.py); a label save journals its records with the
+- the app's own records (quality and disagreement scores, annotated and served slices: `keys.in_records`)
+  are kept in SQLite, not in the JSON (qunet_app/datastore/records.py); a label save journals its records with the
   label, and the completion of a committed save writes them.
 """
 
@@ -31,13 +31,21 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from qunet.io import StackError, load_stack
 
-from lib import records
-from lib.datastore_json import LockedJsonMixin
-from lib.datastore_records import RecordsMixin, same
-from lib.datastore_recovery import PENDING, RecoveryMixin
-from lib.files import FILE_SUFFIXES, atomic_copy, copy_to_tmp, file_suffix, fsync_dir
-from lib.errors import BadRequest, Conflict, ImageNotFound, LabelNotFound, Unprocessable, check_name, check_tag
-from lib.submission import check_label, prepare_submission
+from qunet_app.datastore import keys
+from qunet_app.datastore.files import FILE_SUFFIXES, atomic_copy, copy_to_tmp, file_suffix, fsync_dir
+from qunet_app.datastore.json_file import LockedJsonMixin
+from qunet_app.datastore.records import RecordsMixin, same
+from qunet_app.datastore.recovery import PENDING, RecoveryMixin
+from qunet_app.datastore.submission import check_label, prepare_submission
+from qunet_app.server.errors import (
+    BadRequest,
+    Conflict,
+    ImageNotFound,
+    LabelNotFound,
+    Unprocessable,
+    check_name,
+    check_tag,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +123,7 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         """The app's records go to SQLite (one small transaction); anything else to the datastore JSON, which is
         rewritten only when it changes."""
-        kept = {k: v for k, v in info.items() if records.in_records(k)}
+        kept = {k: v for k, v in info.items() if keys.in_records(k)}
         rest = {k: v for k, v in info.items() if k not in kept}
         with self._lock():  # one writer at a time, also across the records: a label save reads, then writes them
             self._reload()
@@ -189,10 +197,10 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
             tmp = copy_to_tmp(source, folder)
             try:
                 info = {**label_info, "ts": int(time.time()), "name": name}
-                kept = self._records_update(image_id, {k: v for k, v in image_update.items() if records.in_records(k)})
+                kept = self._records_update(image_id, {k: v for k, v in image_update.items() if keys.in_records(k)})
                 pending = {"tmp": os.path.basename(tmp), "stale": stale, "records": kept}
                 obj.labels[label_tag] = DataModel(info={**info, PENDING: pending}, ext=ext)
-                obj.image.info.update({k: v for k, v in image_update.items() if not records.in_records(k)})
+                obj.image.info.update({k: v for k, v in image_update.items() if not keys.in_records(k)})
                 self._update_datastore_file(lock=False)  # the commit: from here on a restart completes the save
             except BaseException:
                 os.remove(tmp)
@@ -222,7 +230,7 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
         with self._lock():
             self._locked_update(change)
             if label_tag == DefaultLabelTag.FINAL:  # a kill before this line: the next start drops them
-                self.records.delete(label_id, (records.ANNOTATED, records.DISAGREEMENT))  # Q was computed without them
+                self.records.delete(label_id, (keys.ANNOTATED, keys.DISAGREEMENT))  # Q was computed without them
 
     def remove_image(self, image_id: str) -> None:
         def change() -> None:

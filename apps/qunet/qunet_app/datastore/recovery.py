@@ -12,8 +12,8 @@ import logging
 import os
 from typing import Any
 
-from lib import records
-from lib.files import FILE_SUFFIXES, TMP_NAME, TMP_PREFIX, fsync_dir
+from qunet_app.datastore import keys
+from qunet_app.datastore.files import FILE_SUFFIXES, TMP_NAME, TMP_PREFIX, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,13 @@ class RecoveryMixin:
 
     def _pending_files(self, image_id: str, pending: Any) -> tuple[str, str | None, dict] | None:
         """(temporary copy, stale file, records) of a pending save if the entry is one `_store` writes: a temporary
-        name of ours, a stale file of this same image, the app's own records. None for anything else (it would move
+        name of ours, a stale file of this same image, the app's own keys. None for anything else (it would move
         or delete another file, or write other records)."""
         if not isinstance(pending, dict) or not isinstance(pending.get("tmp"), str) or not TMP_NAME.fullmatch(pending["tmp"]):
             return None
         stale, pending_records = pending.get("stale"), pending.get("records", {})
         if stale is not None and stale not in {self._filename(image_id, ext) for ext in FILE_SUFFIXES}:
             return None
-        if not isinstance(pending_records, dict) or not all(map(records.in_records, pending_records)):
+        if not isinstance(pending_records, dict) or not all(map(keys.in_records, pending_records)):
             return None
         return pending["tmp"], stale, pending_records

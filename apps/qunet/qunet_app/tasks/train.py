@@ -8,7 +8,7 @@ annotated since that one was trained.
 
 Inside a torch.distributed group (train_cohort.py under torchrun) every rank trains its share of each batch and
 rank 0 alone writes. A request with `"multi_gpu": true` on a machine with two or more GPUs runs train_cohort.py
-with one rank per GPU (lib.ranks.run_ranks); with fewer it trains in this process.
+with one rank per GPU (qunet_app.tasks.ranks.run_ranks); with fewer it trains in this process.
 """
 
 import io
@@ -33,12 +33,12 @@ from qunet.network import default_device, load_weights, prepare
 from qunet.slices import TrainingSlice, training_slices
 from qunet.training import EpochStats, seed_everything, train
 
-from lib import records
-from lib.conf import AppConf
-from lib.files import atomic_write
-from lib.progress import read_json
-from lib.ranks import run_ranks
-from lib.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
+from qunet_app.datastore import keys
+from qunet_app.datastore.files import atomic_write
+from qunet_app.server.errors import BadRequest, Conflict, as_bool, as_float, as_int, check_device
+from qunet_app.settings import AppConf
+from qunet_app.tasks.progress import read_json
+from qunet_app.tasks.ranks import run_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class QUNetTrain(TrainTask):
             except StackError as e:
                 logger.error(f"skipping {image_id} in training: {e}")
                 continue
-            ks = records.annotated(datastore, image_id, datastore.get_image_info(image_id), stack.num_slices)
+            ks = keys.annotated(datastore, image_id, datastore.get_image_info(image_id), stack.num_slices)
             if ks:
                 out[image_id] = (ks, training_slices(stack.array, label, ks, len(self.conf.labels), image_id))
         return out

@@ -17,7 +17,7 @@ from typing import Any
 from filelock import FileLock
 from monailabel.datastore.local import LocalDatastoreModel
 
-from lib.files import atomic_write
+from qunet_app.datastore.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from qunet.threads import allowed_cores
 
-from lib.processes import die_with_parent
+from qunet_app.server.processes import die_with_parent
 
 
 def join_ranks(threads: int = 0) -> tuple[int, int, torch.device]:

@@ -23,9 +23,9 @@ from monailabel.interfaces.utils.app import app_instance
 
 from qunet.policy import VolumeState
 
-from lib import records
-from lib.progress import read_history, read_progress
-from lib.strategies import QUNetStrategy, Snapshot
+from qunet_app.datastore import keys
+from qunet_app.tasks.progress import read_history, read_progress
+from qunet_app.tasks.strategy import QUNetStrategy, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class LoopStatus:
             return {**self._cached[1], "scoring": self._scoring()}
 
     def _scoring(self) -> dict[str, dict]:
-        return {m: read_progress(self.strategy.state_dir, m) for m in (records.QUALITY, records.DISAGREEMENT)}
+        return {m: read_progress(self.strategy.state_dir, m) for m in (keys.QUALITY, keys.DISAGREEMENT)}
 
     def _records_summary(self, snap: Snapshot) -> dict[str, Any]:
         pick, settings = snap.pick, self.strategy.settings

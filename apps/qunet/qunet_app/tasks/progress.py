@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lib.processes import alive
+from qunet_app.server.processes import alive
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def read_json(path: str, default: Any) -> Any:
 
 def replace_json(path: str, value: Any) -> None:
     """Write `value` to `path` atomically (readers see the old or the new file); no fsync: losing it costs nothing.
-    Not lib.files.atomic_write: its `.tmp-` names in the model folder are what the cleanup after a killed training
+    Not qunet_app.datastore.files.atomic_write: its `.tmp-` names in the model folder are what the cleanup after a killed training
     removes, which would pull a live progress file's temporary from under a scoring run."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".progress-")

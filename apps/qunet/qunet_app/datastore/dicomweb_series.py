@@ -27,8 +27,8 @@ from pydicom.dataset import Dataset
 
 from qunet.io import StackError, check_file
 
-from lib.errors import InvalidFile
-from lib.files import atomic_copy
+from qunet_app.datastore.files import atomic_copy
+from qunet_app.server.errors import InvalidFile
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 NOT_IMAGES = {"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "REG", "DOC", "OT"}

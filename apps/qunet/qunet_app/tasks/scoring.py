@@ -9,7 +9,7 @@ goes to the log and to its image info (`qunet_error`, with the file signature it
 as failed, and the other images are scored. It is not read again until its file changes.
 
 Each run logs its progress (volumes done / total, slices per second, time left) and writes it to
-`<model folder>/scoring_<method>.json` for the server (lib/progress.py).
+`<model folder>/scoring_<method>.json` for the server (qunet_app/tasks/progress.py).
 """
 
 import logging
@@ -33,11 +33,11 @@ from qunet.network import default_device, load_weights, prepare
 from qunet.policy import VolumeState, rescore_order
 from qunet.stopping import agreement
 
-from lib import records
-from lib.conf import AppConf
-from lib.errors import Conflict
-from lib.progress import ScoringProgress, record_agreement
-from lib.ranks import run_ranks
+from qunet_app.datastore import keys
+from qunet_app.server.errors import Conflict
+from qunet_app.settings import AppConf
+from qunet_app.tasks.progress import ScoringProgress, record_agreement
+from qunet_app.tasks.ranks import run_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def quality_record(path: str, conf: AppConf) -> dict[str, Any]:
     stack = load_stack(path)
     quality = slice_quality(stack.array, median_window=conf.median_window)
     initial = select_initial(quality, conf)
-    metrics = {k: records.rounded(getattr(quality, k)) for k in ("blurriness", "psnr_inv", "cov", "mean")}
+    metrics = {k: keys.rounded(getattr(quality, k)) for k in ("blurriness", "psnr_inv", "cov", "mean")}
     return {"source": file_signature(path), "params": _quality_params(conf), "slices": stack.num_slices,
             "valid": quality.valid.tolist(), "roi": quality.roi, "initial": initial, **metrics}
 
@@ -80,7 +80,7 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
             info = datastore.get_image_info(image_id)
             path = datastore.get_image_uri(image_id)
             source = signature_or_none(path)
-            if info.get(records.ERROR) and source is not None and info.get(records.ERROR_SOURCE) == source:
+            if info.get(keys.ERROR) and source is not None and info.get(keys.ERROR_SOURCE) == source:
                 continue  # known bad, file unchanged: not read again
             if source is not None and done(info, path):
                 outcome = "skipped"
@@ -95,11 +95,11 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
                 logger.exception(f"cannot score {image_id}")
                 error, error_source = f"{path}: {type(e).__name__}: {e}", None
             else:
-                datastore.update_image_info(image_id, {key: result, records.ERROR: None, records.ERROR_SOURCE: None})
+                datastore.update_image_info(image_id, {key: result, keys.ERROR: None, keys.ERROR_SOURCE: None})
                 outcome, slices = "scored", cost({**info, key: result}) or 0
                 continue
             logger.error(f"cannot score {image_id}: {error}")
-            datastore.update_image_info(image_id, {records.ERROR: error, records.ERROR_SOURCE: error_source})
+            datastore.update_image_info(image_id, {keys.ERROR: error, keys.ERROR_SOURCE: error_source})
         except (ImageNotFoundException, FileNotFoundError):  # removed while scoring
             logger.info(f"{image_id} was removed while scoring")
             outcome = "skipped"
@@ -114,13 +114,13 @@ def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: 
 
 def _depth(info: dict) -> int | None:
     """Slices of the image as its records know them; None before any record."""
-    rec = info.get(records.QUALITY) or info.get(records.DISAGREEMENT) or {}
+    rec = info.get(keys.QUALITY) or info.get(keys.DISAGREEMENT) or {}
     return int(rec.get("slices") or len(rec.get("q") or ())) or None
 
 
 def _open_slices(info: dict) -> int | None:
     depth = _depth(info)
-    return None if depth is None else max(0, depth - len(info.get(records.ANNOTATED) or ()))
+    return None if depth is None else max(0, depth - len(info.get(keys.ANNOTATED) or ()))
 
 
 def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
@@ -137,11 +137,11 @@ def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
 
 def _has_work(datastore: Datastore, image_id: str, info: dict, done: Callable[[dict, str], bool], key: str) -> bool:
     """Whether a run would score this image: no up-to-date record, and not known to be bad. No image is read."""
-    if not info.get(key) and not info.get(records.ERROR):
+    if not info.get(key) and not info.get(keys.ERROR):
         return True
     path = datastore.get_image_uri(image_id)
     source = signature_or_none(path)
-    if source is None or info.get(records.ERROR) and info.get(records.ERROR_SOURCE) == source:
+    if source is None or info.get(keys.ERROR) and info.get(keys.ERROR_SOURCE) == source:
         return False
     return not done(info, path)
 
@@ -185,14 +185,14 @@ def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | N
                  held: Set[int] = frozenset()) -> VolumeState:
     """The policy's view of one volume's records; Q counts only if made by `model` (None: by whichever model). The
     record's `flagged` (slices below its q0, lowest Q first) spares the policy a sort when made for `q0`."""
-    quality, rec = info.get(records.QUALITY), info.get(records.DISAGREEMENT)
+    quality, rec = info.get(keys.QUALITY), info.get(keys.DISAGREEMENT)
     depth = _depth(info)
-    annotated = records.annotated(datastore, image_id, info, depth) if depth else info.get(records.ANNOTATED) or []
+    annotated = keys.annotated(datastore, image_id, info, depth) if depth else info.get(keys.ANNOTATED) or []
     current = rec and (model is None or rec.get("model") == model)
     ranked = rec.get("flagged") if current and rec.get("q0") == q0 else None
     constant = frozenset(k for k, ok in enumerate(quality.get("valid") or ()) if not ok) if quality else frozenset()
     return VolumeState(image_id, quality["initial"] if quality else None, rec["q"] if current else None,
-                       frozenset(annotated), held, bool(info.get(records.ERROR)), ranked,
+                       frozenset(annotated), held, bool(info.get(keys.ERROR)), ranked,
                        rec.get("area") if current else None, depth, constant)
 
 
@@ -202,19 +202,19 @@ class QualityScoring(ScoringMethod):
         self.conf = conf
         self.state_dir = state_dir  # where the run's progress goes (the app's model folder)
         self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
-        self._pending = PendingImages(records.QUALITY)
+        self._pending = PendingImages(keys.QUALITY)
 
     def _done(self, info: dict, path: str) -> bool:
-        rec = info.get(records.QUALITY) or {}
+        rec = info.get(keys.QUALITY) or {}
         return rec.get("source") == file_signature(path) and rec.get("params") == _quality_params(self.conf)
 
     def pending(self, datastore: Datastore) -> bool:
         return self._pending.any(datastore, self._done)
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
-        progress = ScoringProgress(self.state_dir, records.QUALITY, None)
+        progress = ScoringProgress(self.state_dir, keys.QUALITY, None)
         rank, ranks = self.shard
-        return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), records.QUALITY,
+        return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), keys.QUALITY,
                            progress, sorted(datastore.list_images())[rank::ranks], _depth)
 
 
@@ -231,12 +231,12 @@ class DisagreementScoring(ScoringMethod):
         self.state_dir = state_dir  # where the run's progress and the agreement history go (the app's model folder)
         self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
         self.ranks_command = ranks_command  # score_cohort.py with the server's studies and conf
-        self._pending = PendingImages(records.DISAGREEMENT)
+        self._pending = PendingImages(keys.DISAGREEMENT)
 
     @staticmethod
     def _done_for(model: str) -> Callable[[dict, str], bool]:
         def done(info: dict, image_path: str) -> bool:
-            rec = info.get(records.DISAGREEMENT) or {}
+            rec = info.get(keys.DISAGREEMENT) or {}
             # a record from before the lesion area was stored is scored again
             return rec.get("model") == model and "area" in rec and rec.get("source") == file_signature(image_path)
 
@@ -268,16 +268,16 @@ class DisagreementScoring(ScoringMethod):
 
         def score(image_id: str, image_path: str, info: dict) -> dict:
             stack = load_stack(image_path)
-            skip = set(records.annotated(datastore, image_id, info, stack.num_slices))
+            skip = set(keys.annotated(datastore, image_id, info, stack.num_slices))
             todo = [k for k in range(stack.num_slices) if k not in skip]
             q, area = disagreement_and_area(network, stack.array, self.conf.patch_size, todo, device)
-            return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0, "q": records.rounded(q),
-                    "flagged": select_by_disagreement(q, self.conf.q0, skip), "area": records.rounded(area)}
+            return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0, "q": keys.rounded(q),
+                    "flagged": select_by_disagreement(q, self.conf.q0, skip), "area": keys.rounded(area)}
 
         order = rescore_order([volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)])
         rank, ranks = self.shard
-        progress = ScoringProgress(self.state_dir, records.DISAGREEMENT, model)
-        counts = _each_image(datastore, self._done_for(model), score, records.DISAGREEMENT, progress, order[rank::ranks],
+        progress = ScoringProgress(self.state_dir, keys.DISAGREEMENT, model)
+        counts = _each_image(datastore, self._done_for(model), score, keys.DISAGREEMENT, progress, order[rank::ranks],
                              _open_slices)
         if self.state_dir and ranks == 1:  # a shard's share is not the model's agreement: score_cohort.py records it
             self.record_agreement(datastore, model)

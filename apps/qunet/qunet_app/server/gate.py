@@ -6,7 +6,7 @@ MONAI Label has no exception handlers and parses client values in its endpoint c
 idempotently across app reloads:
 
 - the endpoint helpers (`monailabel.endpoints.datastore.save_label`, ...), which its routes look up at call time:
-  each is wrapped with a check raising a 4xx HTTPException; the upload helpers are replaced by `lib.uploads`;
+  each is wrapped with a check raising a 4xx HTTPException; the upload helpers are replaced by `qunet_app.server.uploads`;
 - every request, at the outermost layer (`Gate`): a body limit (413 above it: uploads what the voxel cap allows,
   anything else SMALL_BODY), and some checks made before the body is read: the endpoints the app does not use
   (batch and WSI infer, sessions, the dataset archive, the app reload) answer 404; model uploads and deletions 403
@@ -32,10 +32,19 @@ from monailabel.interfaces.exception import ImageNotFoundException
 from monailabel.interfaces.utils.app import app_instance
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from lib import records, uploads
-from lib.errors import (SMALL_BODY, BadRequest, ClientError, ImageNotFound, LabelNotFound, check_name, check_tag,
-                        json_object)
-from lib.trainers import check_train_request
+from qunet_app.datastore import keys
+from qunet_app.server import uploads
+from qunet_app.server.errors import (
+    SMALL_BODY,
+    BadRequest,
+    ClientError,
+    ImageNotFound,
+    LabelNotFound,
+    check_name,
+    check_tag,
+    json_object,
+)
+from qunet_app.tasks.train import check_train_request
 
 UPLOAD_OVERHEAD = 4 << 20  # bytes an upload may hold beyond max_voxels 8-byte voxels: headers, multipart fields
 CHECKSUMS = ("SHA256", "SHA512", "MD5")  # what MONAI Label's file_checksum computes
@@ -52,7 +61,7 @@ def known_image(datastore: Datastore, image_id: Any) -> bool:
 
 
 def _no_own_keys(info: dict) -> None:
-    own = records.protected(info)
+    own = keys.protected(info)
     if own:
         raise ClientError(f"{', '.join(own)}: the app's own records cannot be set by a client", 403)
 
@@ -144,7 +153,7 @@ def _check_sample(args: dict) -> None:
     if "strategy" in params and params["strategy"] != args.get("strategy"):
         raise BadRequest("params.strategy must match the strategy in the path")
     try:
-        records.client_id(params.get("client_id"))
+        keys.client_id(params.get("client_id"))
     except ValueError as e:
         raise BadRequest(str(e)) from None
 

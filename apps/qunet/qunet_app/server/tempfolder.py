@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from lib.processes import alive
+from qunet_app.server.processes import alive
 
 logger = logging.getLogger(__name__)
 
