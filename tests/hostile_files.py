@@ -13,7 +13,7 @@ import torch
 
 from live_server import LiveServer, records_on_disk
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
 SHAPE = (48, 48, 10)

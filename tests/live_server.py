@@ -7,15 +7,15 @@ import numpy as np
 import requests
 import SimpleITK as sitk
 
-from qunet.experiments.bench import APP, REPO as ROOT
-from qunet.experiments.server import Server
+from qunet_bench.server import APP, REPO as ROOT
+from qunet_bench.server import Server
 
 SAMPLES = ROOT / "sample-data"  # read-only here: tests copy what they change
 TRUTH = SAMPLES / "ground-truth"
 
 
 class LiveServer(Server):
-    """The project's live server (qunet.experiments.server) over its own copy of the app (so model files stay per
+    """The project's live server (qunet_bench.server) over its own copy of the app (so model files stay per
     test), with one torch thread: the server and its scoring and training subprocesses share the machine's cores."""
 
     def __init__(self, studies: Path | str, workdir: Path, conf: dict[str, str] | None = None,

@@ -30,7 +30,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from qunet.experiments.server import free_port
+from qunet_bench.server import free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 INSTALL_HINT = "run .ci/services.sh (installs the Debian packages orthanc and orthanc-dicomweb)"

@@ -5,7 +5,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 

@@ -28,7 +28,7 @@ from orthanc import seg_slices, segs_of
 from qunet.dicomweb import upload
 from qunet.config import ReadConfig
 from qunet.io import file_signature, load_label, load_stack, set_read_config
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 # pick: the paper's order, which the assertions below check (S0 best quality first, then the lowest Q)
 TINY_CONF = {"patch_size": "32", "features": "8,8,16,16,32,8", "slices_per_sample": "4", "q0": "1.01", "pick": "paper"}

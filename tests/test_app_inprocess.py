@@ -10,7 +10,7 @@ import torch
 from app_inprocess import APP, app_client
 from qunet import build_network, load_stack, segment
 from qunet.network import load_weights, prepare
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = "4,4,8,8,16,4"
 

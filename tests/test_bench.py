@@ -1,4 +1,4 @@
-"""The speed benchmark (qunet.experiments.bench) at tiny sizes: it runs, and reports positive figures in the right places.
+"""The speed benchmark (qunet_bench.bench) at tiny sizes: it runs, and reports positive figures in the right places.
 
 The figures of a --quick run mean nothing; no test asserts a speed."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qunet.__main__ import main
-from qunet.experiments import bench, live_bench
+from qunet_bench import bench, live_bench
 from qunet.network import build_network
 
 TINY = (4, 4, 8, 8, 16, 4)

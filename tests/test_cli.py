@@ -13,7 +13,7 @@ from live_server import SAMPLES, TRUTH
 from qunet.io import load_stack
 from qunet.quality import slice_quality
 from qunet.selection import select_initial
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -9,11 +9,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from live_server import SAMPLES, TRUTH
-from qunet.cohorts import PREVALENCE, plan_spans, prevalence_stack
-from qunet.hybrid import insert_lesions, write_hybrids
+from qunet_bench.cohorts import PREVALENCE, plan_spans, prevalence_stack
+from qunet_bench.hybrid import insert_lesions, write_hybrids
 from qunet.__main__ import main
 from qunet.io import load_label, load_stack
-from qunet.synthetic import KINDS
+from qunet_bench.synthetic import KINDS
 
 SHAPE = (64, 64, 20)
 SEEDS = (0, 1, 2, 3, 4)

@@ -22,7 +22,7 @@ import torch
 from app_inprocess import app_client
 from live_server import LiveServer, wait_for
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
 HOLD = 3

@@ -4,7 +4,7 @@ import csv
 import json
 
 from qunet.__main__ import main
-from qunet.cohorts import write_cohort
+from qunet_bench.generate import write_cohort
 
 
 def test_curve_writes_a_point_per_count_and_seed(tmp_path):

@@ -16,7 +16,7 @@ import torch
 
 from live_server import APP, records_on_disk
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
 VOLUMES = [f"vol{i}" for i in range(5)]  # odd: the shards differ in size; the last one an NRRD file

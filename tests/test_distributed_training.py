@@ -16,7 +16,7 @@ from filelock import FileLock
 
 from live_server import APP
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
 REQUEST = {"max_epochs": 2, "steps_per_epoch": 4, "train_batch_size": 4, "seed": 3}

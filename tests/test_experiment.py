@@ -1,4 +1,4 @@
-"""The Table I experiment (qunet.experiments.table1) on tiny synthetic stacks: bookkeeping, equal cost, outputs."""
+"""The Table I experiment (qunet_bench.table1) on tiny synthetic stacks: bookkeeping, equal cost, outputs."""
 
 import csv
 from pathlib import Path
@@ -10,11 +10,11 @@ import torch
 
 from qunet.__main__ import main
 from qunet.config import TrainConfig
-from qunet.experiments.data import find_pairs, load_cases
-from qunet.experiments.table1 import ExperimentConfig, Runner
-from qunet.experiments.uncertainty import enable_dropout_only, epistemic_slice_scores
+from qunet_bench.data import find_pairs, load_cases
+from qunet_bench.table1 import ExperimentConfig, Runner
+from qunet_bench.uncertainty import enable_dropout_only, epistemic_slice_scores
 from qunet.network import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = dict(patch_size=32, features=(4, 4, 8, 8, 16, 4), train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2),
             seeds=2, mc_passes=2, max_initial=2)

@@ -18,7 +18,7 @@ import torch
 from app_inprocess import app_client
 from live_server import records_on_disk
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
 CONF = {"patch_size": "32", "features": ",".join(map(str, TINY))}

@@ -8,7 +8,7 @@ from qunet.config import TrainConfig
 from qunet.disagreement import segment
 from qunet.network import build_network, prepare
 from qunet.slices import CHUNK, Intensity, PatchSampler, TrainingSlice, training_slices
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 from qunet.training import seed_everything, train
 
 TINY = (4, 4, 8, 8, 16, 4)

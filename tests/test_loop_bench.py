@@ -1,4 +1,4 @@
-"""The live-loop benchmark's summary (qunet.experiments.loop_bench): AUBC per method and seed, and the app's pick
+"""The live-loop benchmark's summary (qunet_bench.loop_bench): AUBC per method and seed, and the app's pick
 against each baseline paired by seed, with a t interval over seeds."""
 
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats
 
-from qunet.experiments.loop_bench import summary
+from qunet_bench.loop_bench import summary
 
 
 def rounds(method: str, seed: int, dice: list[float]) -> list[dict]:

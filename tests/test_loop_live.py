@@ -19,7 +19,7 @@ import torch
 from live_server import LiveServer, wait_for
 from qunet import build_network
 from qunet.io import file_signature
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (8, 8, 16, 16, 32, 8)
 VOLUMES = [f"ct{i}" for i in range(6)]

@@ -195,6 +195,8 @@ def test_monai_label_panel_connects_to_the_app(server, studies, browser, tmp_pat
     shown = [s for s in studies.values() if s["study"] in form and s["series"] in form]
     assert len(shown) == 1, form  # a series of the datastore, with the study its OK button opens
     browser.save_screenshot(str(tmp_path / "ohif-next-sample.png"))
+    if os.environ.get("QUNET_SCREENSHOTS"):  # the documentation's picture: QUNET_SCREENSHOTS=docs pytest tests/test_ohif.py
+        browser.save_screenshot(os.path.join(os.environ["QUNET_SCREENSHOTS"], "ohif-next-sample.png"))
     # the QU-net++ pick: the slices in the dialog are the series' first S0 slices, recorded as served
     found = re.search(r"annotate slices \(K\) ([\d, ]+)", form)
     assert found, form

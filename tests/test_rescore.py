@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from qunet.__main__ import main
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 
 def test_rescore_bench_one_round(tmp_path, capsys):

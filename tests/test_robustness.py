@@ -19,7 +19,7 @@ from monailabel.client import MONAILabelClient
 
 from live_server import LiveServer
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = (4, 4, 8, 8, 16, 4)
 CONF = {"patch_size": "32", "features": ",".join(map(str, TINY)), "slices_per_sample": "3"}

@@ -1,4 +1,4 @@
-"""The multi-round benchmark (qunet.experiments.activelearning) on a tiny cohort: equal cost, bookkeeping, report."""
+"""The multi-round benchmark (qunet_bench.activelearning) on a tiny cohort: equal cost, bookkeeping, report."""
 
 import json
 import shlex
@@ -14,13 +14,13 @@ from scipy.ndimage import binary_dilation
 import qunet.policy
 from qunet.__main__ import main
 from qunet.config import ModelConfig, TrainConfig
-from qunet.experiments.activelearning import METHODS, NEIGHBOUR_METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
-from qunet.experiments.al_report import aubc, paired, rounds_table, table
-from qunet.experiments.data import Case, find_pairs, load_cases
-from qunet.experiments.diversity import appearance_picker
+from qunet_bench.activelearning import METHODS, NEIGHBOUR_METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
+from qunet_bench.al_report import aubc, paired, rounds_table, table
+from qunet_bench.data import Case, find_pairs, load_cases
+from qunet_bench.diversity import appearance_picker
 from qunet.neighbours import MARGIN
 from qunet.network import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 TINY = RoundsConfig(rounds=2, per_round=3, seeds=1, model=ModelConfig(features=(4, 4, 8, 8, 16, 4), patch_size=32),
                     train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2), mc_passes=2)
@@ -217,7 +217,7 @@ def test_merge_reports_parts_run_apart_on_the_seeds_every_method_finished(data, 
 
 
 def test_error_proxies_report_every_score(data, tmp_path):
-    from qunet.experiments.proxies import SCORES
+    from qunet_bench.proxies import SCORES
 
     out = tmp_path / "proxies"
     argv = ["proxies", "--data", str(data), "--rounds", "1", "--per-round", "2", "--seeds", "1", "--steps-per-epoch", "2",

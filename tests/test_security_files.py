@@ -13,7 +13,7 @@ from hostile_files import (AFFINE, MEMORY_BOUND, SHAPE, deflate, disk_state, mha
                            server, setup)  # (fixtures)
 from live_server import APP
 from qunet.io import load_label, load_stack
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 
 def test_fuzzed_upload_headers(setup, server, tmp_path):

@@ -23,7 +23,7 @@ from qunet import build_network
 from qunet.config import SelectionConfig
 from qunet.io import file_signature
 from qunet.policy import LoopState, VolumeState, choose
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 from test_ohif import browser  # noqa: F401 (headless Chromium through Debian's chromedriver)
 
 TINY = (4, 4, 8, 8, 16, 4)

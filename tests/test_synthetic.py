@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qunet.synthetic import KINDS, SPAN, SyntheticStack, generate_stack, write_dataset
+from qunet_bench.synthetic import KINDS, SPAN, SyntheticStack, generate_stack, write_dataset
 
 SEEDS = (0, 1, 2, 3)
 SHAPE = (128, 128, 32)

@@ -14,7 +14,7 @@ import torch
 from hostile_files import CONF, SHAPE, TINY, nifti
 from live_server import APP, LiveServer, wait_for
 from qunet import build_network
-from qunet.synthetic import generate_stack
+from qunet_bench.synthetic import generate_stack
 
 sys.path.insert(0, str(APP))
 from qunet_app.server.tempfolder import COMPILER_CACHE, STALE_SECONDS, sweep  # noqa: E402
@@ -38,7 +38,7 @@ def _own_folders(server: LiveServer) -> list[str]:
 
 def test_start_and_requests_leave_nothing_in_the_system_temp_folder(tmp_path):
     studies = _studies(tmp_path)
-    system_tmp = tmp_path / "tmp"  # the server's TMPDIR (qunet.experiments.server)
+    system_tmp = tmp_path / "tmp"  # the server's TMPDIR (qunet_bench.server)
     server = LiveServer(studies, tmp_path, conf={**CONF, "pretrained_path": str(tmp_path / "pretrained.pt")},
                         env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}).start()
     try:

@@ -25,7 +25,7 @@ def cmd_quality(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from qunet.cohorts import write_cohort
+    from qunet_bench.generate import write_cohort
 
     return write_cohort(args.out, args.cohort, args.kinds, args.count, args.seed, tuple(args.shape), args.source,
                         args.stacks)
@@ -38,55 +38,55 @@ def cmd_upload(args: argparse.Namespace) -> dict:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from qunet.experiments import table1_cli as experiment
+    from qunet_bench import table1_cli as experiment
 
     experiment.main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from qunet.experiments import bench
+    from qunet_bench import bench
 
     bench.main(args)
 
 
 def cmd_curve(args: argparse.Namespace) -> None:
-    from qunet.experiments import curve
+    from qunet_bench import curve
 
     curve.main(args)
 
 
 def cmd_rounds(args: argparse.Namespace) -> None:
-    from qunet.experiments import rounds_cli
+    from qunet_bench import rounds_cli
 
     rounds_cli.main(args)
 
 
 def cmd_proxies(args: argparse.Namespace) -> None:
-    from qunet.experiments import proxies
+    from qunet_bench import proxies
 
     proxies.main(args)
 
 
 def cmd_rescore(args: argparse.Namespace) -> None:
-    from qunet.experiments import rescore
+    from qunet_bench import rescore
 
     rescore.main(args)
 
 
 def cmd_contention(args: argparse.Namespace) -> None:
-    from qunet.experiments import contention
+    from qunet_bench import contention
 
     contention.main(args)
 
 
 def cmd_learner(args: argparse.Namespace) -> None:
-    from qunet.experiments import learner
+    from qunet_bench import learner
 
     learner.main(args)
 
 
 def cmd_loop(args: argparse.Namespace) -> None:
-    from qunet.experiments import loop_bench
+    from qunet_bench import loop_bench
 
     loop_bench.main(args)
 
@@ -127,24 +127,24 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("stacks", nargs="+", help="NIfTI, NRRD or MetaImage (.mha) files")
     u.add_argument("--modality", default="CT", help="DICOM modality (MONAI Label lists only CT unless told otherwise)")
     u.set_defaults(run=cmd_upload)
-    from qunet.experiments.bench import add_arguments as bench_arguments
-    from qunet.experiments.rescore import add_arguments as rescore_arguments
-    from qunet.experiments.table1_cli import add_arguments as experiment_arguments
+    from qunet_bench.bench import add_arguments as bench_arguments
+    from qunet_bench.rescore import add_arguments as rescore_arguments
+    from qunet_bench.table1_cli import add_arguments as experiment_arguments
 
     e = sub.add_parser("experiment", help="rerun the paper's Table I comparison on stacks with full labels (docs/)")
     experiment_arguments(e)
     e.set_defaults(run=cmd_experiment)
-    from qunet.experiments.curve import add_arguments as curve_arguments
+    from qunet_bench.curve import add_arguments as curve_arguments
 
     c = sub.add_parser("curve", help="learning curve: Dice on unseen slices against the number of annotated slices")
     curve_arguments(c)
     c.set_defaults(run=cmd_curve)
-    from qunet.experiments.rounds_cli import add_arguments as rounds_arguments
+    from qunet_bench.rounds_cli import add_arguments as rounds_arguments
 
     r = sub.add_parser("rounds", help="multi-round active-learning benchmark of the app's loop against baselines")
     rounds_arguments(r)
     r.set_defaults(run=cmd_rounds)
-    from qunet.experiments.proxies import add_arguments as proxies_arguments
+    from qunet_bench.proxies import add_arguments as proxies_arguments
 
     x = sub.add_parser("proxies", help="which per-slice score of a model follows the slices it gets most wrong")
     proxies_arguments(x)
@@ -155,18 +155,18 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rescore", help="seconds from Train done to the first disagreement-phase Next sample (docs/)")
     rescore_arguments(r)
     r.set_defaults(run=cmd_rescore)
-    from qunet.experiments.contention import add_arguments as contention_arguments
+    from qunet_bench.contention import add_arguments as contention_arguments
 
     t = sub.add_parser("contention", help="Train and scoring times quiet and beside a busy process (docs/)")
     contention_arguments(t)
     t.set_defaults(run=cmd_contention)
-    from qunet.experiments.loop_bench import add_arguments as loop_arguments
+    from qunet_bench.loop_bench import add_arguments as loop_arguments
 
     lo = sub.add_parser("loop", help="the live loop at the app's defaults: the app's pick against random and evenly "
                         "spaced slices, Dice after each Train (docs/)")
     loop_arguments(lo)
     lo.set_defaults(run=cmd_loop)
-    from qunet.experiments.learner import add_arguments as learner_arguments
+    from qunet_bench.learner import add_arguments as learner_arguments
 
     le = sub.add_parser("learner", help="Dice of a model trained on a few annotated slices of one stack, stack by "
                         "stack (docs/)")

@@ -60,7 +60,7 @@ def memory_bench(depths=(100, 600), size: int = 512, patch_size: int = 96, featu
             if in_process:
                 out["runs"].append(memory_probe(kind, (size, size, depth), patch_size, tuple(features)))
                 continue
-            code = (f"import json; from qunet.experiments.memory_bench import memory_probe; print(json.dumps(memory_probe("
+            code = (f"import json; from qunet_bench.memory_bench import memory_probe; print(json.dumps(memory_probe("
                     f"{kind!r}, ({size}, {size}, {depth}), {patch_size}, {tuple(features)!r})))")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
             if r.returncode:

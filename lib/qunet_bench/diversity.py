@@ -6,17 +6,21 @@ farthest from those of its annotated slices (greedy k-centre); the first, the on
 thumbnail. It tests whether covering the stack's look, rather than its axis, trains better models.
 """
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence, Set
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-from qunet.experiments.data import Case, per_stack_picks
 from qunet.slices import Intensity
+from qunet_bench.data import Case, per_stack_picks
 
-if TYPE_CHECKING:
-    from qunet.experiments.activelearning import LoopRun
+
+class Annotating(Protocol):
+    """What a pick reads of a benchmark run (qunet_bench.activelearning.LoopRun)."""
+
+    cases: Sequence[Case]
+    annotated: Mapping[str, Set[int]]
 
 THUMB = 16
 
@@ -28,7 +32,7 @@ def thumbnails(volume: np.ndarray) -> np.ndarray:
                      for k in range(volume.shape[2])])
 
 
-def appearance_picker(cases: list[Case]) -> Callable[["LoopRun", int, np.random.Generator], tuple[list[tuple[str, int]], int]]:
+def appearance_picker(cases: list[Case]) -> Callable[[Annotating, int, np.random.Generator], tuple[list[tuple[str, int]], int]]:
     features = {c.name: thumbnails(c.volume) for c in cases}
 
     def farthest_look(case: Case, taken: list[int]) -> int:
@@ -40,7 +44,7 @@ def appearance_picker(cases: list[Case]) -> Callable[["LoopRun", int, np.random.
         distance[taken] = -np.inf
         return int(np.argmax(distance))
 
-    def pick(run: "LoopRun", n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
+    def pick(run: Annotating, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
         return per_stack_picks(run.cases, run.annotated, n, farthest_look), 0
 
     return pick

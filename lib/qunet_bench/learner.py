@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from qunet.config import ModelConfig, TrainConfig
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
-from qunet.experiments.data import Case, evaluate, find_pairs, load_cases
+from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
+from qunet_bench.data import Case, evaluate, find_pairs, load_cases
 from qunet.network import build_network, prepare
 from qunet.training import seed_everything, train
 

@@ -1,5 +1,5 @@
 """`python -m qunet experiment`: the Table I experiment's command line; the experiment itself is
-qunet.experiments.table1.
+qunet_bench.table1.
 
     python -m qunet experiment --data FOLDER [--labels DIR] --out DIR [settings]
 """
@@ -8,9 +8,9 @@ import argparse
 from dataclasses import replace
 
 from qunet.config import TrainConfig
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, widths
-from qunet.experiments.data import find_pairs
-from qunet.experiments.table1 import METHODS, ExperimentConfig, run_experiment
+from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, widths
+from qunet_bench.data import find_pairs
+from qunet_bench.table1 import METHODS, ExperimentConfig, run_experiment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@
 
 A run into a folder that holds results of the same settings adds only the (method, seed) pairs missing there; with
 --merge it runs nothing and reports together the folders of runs split over processes or machines. The benchmark
-itself is qunet.experiments.activelearning.
+itself is qunet_bench.activelearning.
 """
 
 import argparse
@@ -14,10 +14,10 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from qunet.experiments.activelearning import METHODS, Benchmark, RoundResult, RoundsConfig
-from qunet.experiments.al_report import report
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
-from qunet.experiments.data import find_pairs, load_cases
+from qunet_bench.activelearning import METHODS, Benchmark, RoundResult, RoundsConfig
+from qunet_bench.al_report import report
+from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
+from qunet_bench.data import find_pairs, load_cases
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

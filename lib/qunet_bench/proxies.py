@@ -20,9 +20,9 @@ import torch
 from scipy.stats import spearmanr
 
 from qunet.disagreement import jaccard, levels_3_and_4
-from qunet.experiments.activelearning import Benchmark, LoopRun, RoundsConfig
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
-from qunet.experiments.data import find_pairs, load_cases
+from qunet_bench.activelearning import Benchmark, LoopRun, RoundsConfig
+from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
+from qunet_bench.data import find_pairs, load_cases
 
 # name -> per-slice score from (level-3 logits, level-4 logits), higher = asked for first
 SCORES = {

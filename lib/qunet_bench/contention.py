@@ -21,11 +21,11 @@ from pathlib import Path
 
 import requests
 
-from qunet.experiments.cli import positive
-from qunet.experiments.data import find_pairs, load_cases
-from qunet.experiments.loop_bench import submit_truth
-from qunet.experiments.rescore import SAMPLES, _images
-from qunet.experiments.server import Server
+from qunet_bench.cli import positive
+from qunet_bench.data import find_pairs, load_cases
+from qunet_bench.loop_bench import submit_truth
+from qunet_bench.rescore import SAMPLES, _images
+from qunet_bench.server import Server
 
 BUSY_LOOP = "while True: pass"
 

@@ -1,7 +1,7 @@
 """Hybrid cohort: synthetic lesions with known masks inserted into real scans (docs/cohorts.md).
 
 Each inserted lesion is an ellipsoid-like 3D blob with a smooth irregular border over a few consecutive slices
-(qunet.cohorts.plan_spans). It goes into the organ of the scan's own lesion (regions of tissue as bright as the
+(qunet_bench.cohorts.plan_spans). It goes into the organ of the scan's own lesion (regions of tissue as bright as the
 tissue around that lesion, e.g. the brain or the lungs; for a scan without a lesion, the body: voxels above the
 air level), where the tissue under it is homogeneous, away from any other lesion. Inside it the smooth anatomy
 is replaced by the local tissue level plus a step of 30-100 % of the own lesion's contrast against its
@@ -21,10 +21,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qunet.cohorts import blob_profile, log_uniform, plan_spans, summarize
+from qunet_bench.cohorts import blob_profile, log_uniform, plan_spans, summarize
 from qunet.io import IMAGE_SUFFIXES, stack_id
 from qunet.quality import fill_holes, stack_range
-from qunet.synthetic import smooth_noise
+from qunet_bench.synthetic import smooth_noise
 
 AIR = 0.1  # body = brighter than this fraction of the scan's robust range (0.5th-99.5th percentile)
 RADIUS_MM = (2.5, 10.0)  # in-plane radius at the widest slice, drawn log-uniformly

@@ -1,4 +1,4 @@
-"""Multi-round active-learning benchmark of the app's own loop (`python -m qunet rounds`, qunet.experiments.rounds_cli).
+"""Multi-round active-learning benchmark of the app's own loop (`python -m qunet rounds`, qunet_bench.rounds_cli).
 
 R rounds of what the app does, on stacks with full labels: pick slices, the simulated annotator draws their ground
 truth, train (round 1 from the seed's initial weights, later rounds continuing from the previous round's, as the
@@ -13,7 +13,7 @@ same number of slices each round (equal cost) and starts from the same weights f
 - `random`: slices drawn at random from the whole cohort;
 - `interval`: fixed-interval slices: each stack's share in proportion to its depth, each new slice the one
   farthest along the slice axis from those annotated in its stack;
-- `appearance`: `interval`'s shares, each stack's slices by greedy k-centre over thumbnails (qunet.experiments.diversity);
+- `appearance`: `interval`'s shares, each stack's slices by greedy k-centre over thumbnails (qunet_bench.diversity);
 - `mcdropout`: MONAI Label-style epistemic active learning (a dropout network, 5 stochastic passes, mean entropy
   of the level-4 output), the most uncertain slices; its first round is random (MONAI Label's cold start);
 - `lesion-random` (reference only, it reads the ground truth): random, one pick in three forced onto a lesion slice;
@@ -30,9 +30,9 @@ import torch
 
 from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import score_and_segment
-from qunet.experiments.data import Case, per_stack_picks, training_set
-from qunet.experiments.diversity import appearance_picker
-from qunet.experiments.uncertainty import mc_dropout_scores
+from qunet_bench.data import Case, per_stack_picks, training_set
+from qunet_bench.diversity import appearance_picker
+from qunet_bench.uncertainty import mc_dropout_scores
 from qunet.neighbours import neighbour_slices
 from qunet.network import build_network, prepare
 from qunet import policy

@@ -25,10 +25,10 @@ import nibabel as nib
 import numpy as np
 import requests
 
-from qunet.experiments.activelearning import LoopRun, pick_interval, pick_random
-from qunet.experiments.cli import positive
-from qunet.experiments.data import Case, find_pairs, load_cases, pooled_dice, test_counts
-from qunet.experiments.server import Server
+from qunet_bench.activelearning import LoopRun, pick_interval, pick_random
+from qunet_bench.cli import positive
+from qunet_bench.data import Case, find_pairs, load_cases, pooled_dice, test_counts
+from qunet_bench.server import Server
 from qunet.io import Stack, check_file, load_label, stack_id
 
 METHODS = ("app", "random", "interval")
@@ -99,8 +99,10 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
                         submit_truth(server, next(c for c in cases if c.name == name), sorted(run.annotated[name]),
                                      root)
                 before = server.last_task("scoring").get("id"), server.last_task("train").get("id")
+                trained = time.perf_counter()
                 requests.post(f"{server.url}/train/qunet", json={"seed": seed}, timeout=600).raise_for_status()
                 server.wait_for_task("train", after=before[1])  # as Slicer's Train: in the background
+                trained = time.perf_counter() - trained
                 server.wait_for_task("scoring", after=before[0], method="qunet_disagreement")  # the server's re-score
                 found = _evaluate(server, run, root)
                 annotated = {name: sorted(ks) for name, ks in run.annotated.items()}
@@ -108,10 +110,12 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
                                 "annotated": sum(map(len, annotated.values())),
                                 "lesion_annotated": sum(len(set(ks) & set(c.lesion_slices))
                                                         for c in cases for n, ks in annotated.items() if n == c.name),
-                                "picked": annotated, "seconds": round(time.perf_counter() - start, 1), **found})
+                                "picked": annotated, "seconds": round(time.perf_counter() - start, 1),
+                                "train_seconds": round(trained, 1), **found})
                 print(f"{method} seed {seed} round {r}: {results[-1]['annotated']} slices "
                       f"({results[-1]['lesion_annotated']} with lesion), Dice {found['dice']:.3f}, on lesion slices "
-                      f"{found['dice_lesion_slices']:.3f} ({results[-1]['seconds']} s)", flush=True)
+                      f"{found['dice_lesion_slices']:.3f} (round {results[-1]['seconds']} s, Train {results[-1]['train_seconds']} s)",
+                      flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results

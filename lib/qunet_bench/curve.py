@@ -3,7 +3,7 @@
     python -m qunet curve --data FOLDER [--include GLOB...] --counts 5 10 20 40 --seeds 3 --out DIR [--preset gpu]
 
 For each count N and seed, N slices of the cohort are "annotated" (drawn at random, stratified: each stack in
-proportion to its depth, its lesion slices in proportion; qunet.experiments.data.stratified_draw), a fresh
+proportion to its depth, its lesion slices in proportion; qunet_bench.data.stratified_draw), a fresh
 U-net++ is trained on them with the app's recipe, and evaluated on every slice it did not see: voxel Dice over
 all unseen slices (false positives on lesion-free slices count) and over the unseen slices holding lesion, per
 stack and pooled, with the training time of each point.
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from qunet.config import GPU_MODEL, GPU_TRAIN, ModelConfig, TrainConfig
-from qunet.experiments.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
-from qunet.experiments.data import Case, find_pairs, load_cases, stratified_draw, training_set
-from qunet.experiments.data import evaluate as evaluate_unseen
+from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
+from qunet_bench.data import Case, find_pairs, load_cases, stratified_draw, training_set
+from qunet_bench.data import evaluate as evaluate_unseen
 from qunet.network import build_network, prepare
 from qunet.training import seed_everything, train
 

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qunet.experiments.cli import recorded_command
+from qunet_bench.cli import recorded_command
 
-REPO = Path(__file__).resolve().parents[3]
-APP = REPO / "apps" / "qunet"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -134,8 +132,8 @@ def scoring_bench(features=None, patch_size: int | None = None, size: int = 512,
 
 
 def quality_volume(shape=(512, 512, 48), seed: int = 0) -> np.ndarray:
-    """A CT-like synthetic stack of the given shape (qunet.synthetic), as the app would load it (float32)."""
-    from qunet.synthetic import generate_stack
+    """A CT-like synthetic stack of the given shape (qunet_bench.synthetic), as the app would load it (float32)."""
+    from qunet_bench.synthetic import generate_stack
 
     return generate_stack("ct", seed, tuple(shape)).image.astype(np.float32)
 
@@ -228,11 +226,11 @@ def render(result: dict) -> str:
         for r in result["memory"]["runs"]:
             lines.append(f"memory {r['kind']} {r['shape']}: volume {r['volume_mb']} MB, peak beyond it {r['extra_mb']} MB")
     if "scale" in result:
-        from qunet.experiments.scale_bench import render as render_scale
+        from qunet_bench.scale_bench import render as render_scale
 
         lines += render_scale(result["scale"])
     if "ranks" in result:
-        from qunet.experiments.ranks_bench import render as render_ranks
+        from qunet_bench.ranks_bench import render as render_ranks
 
         lines += render_ranks(result["ranks"])
     for name, t in result.get("targets", {}).items():
@@ -254,19 +252,19 @@ def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_co
     if "quality" in sections:
         result["quality"] = quality_bench((64, 64, 8), 1) if quick else quality_bench()
     if "next_sample" in sections:
-        from qunet.experiments.live_bench import next_sample_bench
+        from qunet_bench.live_bench import next_sample_bench
 
         result["next_sample"] = next_sample_bench(volumes, requests_count, auto_scoring=auto_scoring)
     if "memory" in sections:
-        from qunet.experiments.memory_bench import memory_bench
+        from qunet_bench.memory_bench import memory_bench
 
         result["memory"] = memory_bench((4, 12), 64, 32, (4, 4, 8, 8, 16, 4), in_process=True) if quick else memory_bench()
     if "scale" in sections:
-        from qunet.experiments.scale_bench import scale_bench
+        from qunet_bench.scale_bench import scale_bench
 
         result["scale"] = scale_bench((50, 200), 8, 3) if quick else scale_bench()
     if "ranks" in sections:
-        from qunet.experiments.ranks_bench import ranks_bench
+        from qunet_bench.ranks_bench import ranks_bench
 
         result["ranks"] = ranks_bench(2, 2, (48, 48, 4), "4,4,8,8,16,4", 32) if quick else ranks_bench()
     result["targets"] = targets(result)

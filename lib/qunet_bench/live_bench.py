@@ -1,5 +1,5 @@
 """The live-server part of `python -m qunet bench`: Next sample latency over N volumes of a real server
-(qunet.experiments.server) started with its defaults, the volumes scored by the server itself."""
+(qunet_bench.server) started with its defaults, the volumes scored by the server itself."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qunet.experiments.server import Server
+from qunet_bench.server import Server
 
 
 def write_studies(folder: Path, count: int, shape=(16, 16, 8), seed: int = 0) -> None:

@@ -1,6 +1,6 @@
 """Reproduce the paper's Table I on stacks with full labels, simulating the annotator.
 
-    python -m qunet experiment --data FOLDER [--labels DIR] --out DIR [settings]   (qunet.experiments.table1_cli)
+    python -m qunet experiment --data FOLDER [--labels DIR] --out DIR [settings]   (qunet_bench.table1_cli)
 
 Every stack in FOLDER needs a full ground-truth label (by default FOLDER/ground-truth/<same file name>). A
 "selected" slice gets its ground-truth label, as if an annotator had drawn it; every model is trained with the
@@ -16,7 +16,7 @@ Methods (each run once per seed; seeds change the network's initialisation, the 
   further on S0 + Sm (stage 2);
 - `random-equal`: the same two-stage loop with random picks of exactly the same per-stack counts (|S0| first,
   then |Sm| more): equal annotation cost;
-- `mcdropout-equal`: MONAI Label-style epistemic active learning at equal cost (qunet.experiments.uncertainty):
+- `mcdropout-equal`: MONAI Label-style epistemic active learning at equal cost (qunet_bench.uncertainty):
   the same S0, a U-net++ with dropout trained on it, the |Sm| most uncertain slices of each stack added for stage 2;
 - `random-unetpp@F` for each extra fraction F: more points on the random U-net++ curve of the plot.
 
@@ -39,9 +39,9 @@ from monai.networks.nets import BasicUNet
 
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import disagreement_scores, segment
-from qunet.experiments.data import Case, load_cases, training_set
-from qunet.experiments.table1_report import METRIC_NAMES, Result, report
-from qunet.experiments.uncertainty import mc_dropout_scores
+from qunet_bench.data import Case, load_cases, training_set
+from qunet_bench.table1_report import METRIC_NAMES, Result, report
+from qunet_bench.uncertainty import mc_dropout_scores
 from qunet.metrics import slice_metrics, stack_metrics
 from qunet.network import build_network, default_device, prepare
 from qunet.quality import slice_quality

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qunet.experiments.bench import REPO
-from qunet.experiments.cli import positive
-from qunet.experiments.server import Server
+from qunet_bench.server import REPO
+from qunet_bench.cli import positive
+from qunet_bench.server import Server
 from qunet.io import IMAGE_SUFFIXES, load_label, load_stack, stack_id
 
 SAMPLES = REPO / "sample-data"

@@ -1,22 +1,29 @@
 """Cohorts for benchmarks that must tell slice-picking methods apart (docs/cohorts.md).
 
-- `default`: qunet.synthetic's stacks, every lesion in one slab of 35-55 % of the slices.
+- `default`: qunet_bench.synthetic's stacks, every lesion in one slab of 35-55 % of the slices.
 - `prevalence`: the same OCT-like and CT-like anatomy, degradations and noise, but 2-4 lesions per stack in
   5-30 % of its slices (drawn per stack), of varied size (from a few pixels across) and contrast (some faint).
-- `hybrid`: synthetic lesions with known masks inserted into real scans (qunet.hybrid).
+- `hybrid`: synthetic lesions with known masks inserted into real scans (qunet_bench.hybrid).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from qunet.synthetic import (KINDS, SyntheticStack, check_request, ct_anatomy, finish, oct_anatomy, paint_cyst,
-                             paint_opacity, smooth_noise, speckle, taper, write_dataset)
+from qunet_bench.synthetic import (
+    SyntheticStack,
+    check_request,
+    ct_anatomy,
+    finish,
+    oct_anatomy,
+    paint_cyst,
+    paint_opacity,
+    smooth_noise,
+    speckle,
+    taper,
+)
 
 COHORTS = ("default", "prevalence", "hybrid")
 PREVALENCE = (0.05, 0.30)  # fraction of a stack's slices that hold a lesion
@@ -152,32 +159,3 @@ def summarize(name: str, mask: np.ndarray) -> str:
     regions = ndimage.label(mask > 0)[1]
     return (f"{name}: lesions in {int(present.sum())}/{present.size} slices ({100 * present.mean():.0f} %), "
             f"{100 * float((mask > 0).mean()):.3f} % of voxels, {regions} connected regions")
-
-
-def write_cohort(out_dir: str | Path, cohort: str = "default", kinds: Sequence[str] = KINDS, count: int = 2,
-                 seed: int = 0, shape: tuple[int, int, int] = (128, 128, 32), source: str | Path | None = None,
-                 stacks: Sequence[str] | None = None) -> dict:
-    """Write one cohort (images in out_dir, masks in out_dir/ground-truth/); return what was written.
-
-    `count` is per kind for the synthetic cohorts and per source stack for `hybrid`, which reads every stack
-    of `source` with a same-named mask in `source`/ground-truth/ (or only the `stacks` named)."""
-    if cohort not in COHORTS:
-        raise ValueError(f"unknown cohort {cohort!r}; allowed: {', '.join(COHORTS)}")
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    if (cohort == "hybrid") != (source is not None):
-        raise ValueError("--from (a folder of scans with masks) goes with --cohort hybrid, and only with it")
-    if stacks and cohort != "hybrid":
-        raise ValueError("--stacks selects source stacks of --cohort hybrid")
-    if cohort == "hybrid":
-        from qunet.hybrid import write_hybrids  # qunet.hybrid imports this module
-
-        written, summary = write_hybrids(source, out_dir, count, seed, stacks)
-    else:
-        if cohort == "prevalence":
-            written = write_dataset(out_dir, kinds, count, seed, shape, prevalence_stack, "-p")
-        else:
-            written = write_dataset(out_dir, kinds, count, seed, shape)
-        summary = [summarize(p.name, np.asarray(nib.load(p.parent / "ground-truth" / p.name).dataobj))
-                   for p in written]
-    return {"cohort": cohort, "written": [str(p) for p in written], "summary": summary}

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import integrate, stats
 
 from qunet.config import SelectionConfig
-from qunet.experiments.data import Case
+from qunet_bench.data import Case
 
 
 def aubc(annotated: Sequence[int], dice: Sequence[float]) -> float:

@@ -1,4 +1,4 @@
-"""Reporting of the Table I experiment (qunet.experiments.table1): tables, CSV files, the plot, settings."""
+"""Reporting of the Table I experiment (qunet_bench.table1): tables, CSV files, the plot, settings."""
 
 import csv
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qunet.experiments.data import Case
+from qunet_bench.data import Case
 from qunet.metrics import METRICS
 from qunet.network import default_device
 
