@@ -34,6 +34,8 @@ class ModelConfig:
     patch_size: int = 96  # square patches at native resolution, in training and as the inference window
     labels: tuple[str, ...] = ("lesion",)
     dropout: float = 0.0
+    # what infer does to a segmented stack (qunet.postprocess.MODES): "largest" keeps the largest connected lesion
+    postprocess: str = "off"
 
 
 @dataclass(frozen=True)

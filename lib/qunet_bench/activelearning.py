@@ -28,19 +28,20 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from qunet import policy
 from qunet.config import ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import score_and_segment
-from qunet_bench.data import Case, per_stack_picks, training_set
-from qunet_bench.diversity import appearance_picker
-from qunet_bench.uncertainty import mc_dropout_scores
 from qunet.neighbours import neighbour_slices
 from qunet.network import build_network, prepare
-from qunet import policy
 from qunet.policy import LoopState, VolumeState
 from qunet.quality import slice_quality
 from qunet.selection import select_initial
 from qunet.slices import TrainingSlice
 from qunet.training import seed_everything, train
+
+from qunet_bench.data import Case, per_stack_picks, training_set
+from qunet_bench.diversity import appearance_picker
+from qunet_bench.uncertainty import mc_dropout_scores
 
 METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion", "middles", "lesion+copy",
            "lesion+model", "interior", "appearance")  # appended: a method's index seeds its random draws

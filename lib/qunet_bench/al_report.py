@@ -14,6 +14,7 @@ import numpy as np
 from scipy import integrate, stats
 
 from qunet.config import SelectionConfig
+
 from qunet_bench.data import Case
 
 

@@ -27,8 +27,6 @@ import numpy as np
 
 from qunet_bench.cli import recorded_command
 
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from qunet.config import GPU_MODEL, GPU_TRAIN, ModelConfig, TrainConfig
+from qunet.network import build_network, prepare
+from qunet.training import seed_everything, train
+
 from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
 from qunet_bench.data import Case, find_pairs, load_cases, stratified_draw, training_set
 from qunet_bench.data import evaluate as evaluate_unseen
-from qunet.network import build_network, prepare
-from qunet.training import seed_everything, train
 
 PRESETS = {"cpu": (ModelConfig(), TrainConfig()), "gpu": (GPU_MODEL, GPU_TRAIN)}
 

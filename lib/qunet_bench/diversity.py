@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from qunet.slices import Intensity
+
 from qunet_bench.data import Case, per_stack_picks
 
 

@@ -21,9 +21,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qunet_bench.cohorts import blob_profile, log_uniform, plan_spans, summarize
 from qunet.io import IMAGE_SUFFIXES, stack_id
 from qunet.quality import fill_holes, stack_range
+
+from qunet_bench.cohorts import blob_profile, log_uniform, plan_spans, summarize
 from qunet_bench.synthetic import smooth_noise
 
 AIR = 0.1  # body = brighter than this fraction of the scan's robust range (0.5th-99.5th percentile)

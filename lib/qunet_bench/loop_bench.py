@@ -25,11 +25,12 @@ import nibabel as nib
 import numpy as np
 import requests
 
+from qunet.io import Stack, check_file, load_label, stack_id
+
 from qunet_bench.activelearning import LoopRun, pick_interval, pick_random
 from qunet_bench.cli import positive
 from qunet_bench.data import Case, find_pairs, load_cases, pooled_dice, test_counts
 from qunet_bench.server import Server
-from qunet.io import Stack, check_file, load_label, stack_id
 
 METHODS = ("app", "random", "interval")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def _hwm_mb() -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 

@@ -20,6 +20,7 @@ import torch
 from scipy.stats import spearmanr
 
 from qunet.disagreement import jaccard, levels_3_and_4
+
 from qunet_bench.activelearning import Benchmark, LoopRun, RoundsConfig
 from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, share, widths
 from qunet_bench.data import find_pairs, load_cases

@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qunet_bench.server import copy_app
 from qunet_bench.live_bench import write_studies
+from qunet_bench.server import copy_app
 
 MILLION = 1_000_000
 

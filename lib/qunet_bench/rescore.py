@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qunet_bench.server import REPO
-from qunet_bench.cli import positive
-from qunet_bench.server import Server
 from qunet.io import IMAGE_SUFFIXES, load_label, load_stack, stack_id
+
+from qunet_bench.cli import positive
+from qunet_bench.server import REPO, Server
 
 SAMPLES = REPO / "sample-data"
 CLIENT = "annotator"

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-
-
 REPO = Path(__file__).resolve().parents[2]  # the checkout: the benchmarks start its app as a user does
 APP = REPO / "apps" / "qunet"
 

@@ -39,14 +39,15 @@ from monai.networks.nets import BasicUNet
 
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, SelectionConfig, TrainConfig
 from qunet.disagreement import disagreement_scores, segment
-from qunet_bench.data import Case, load_cases, training_set
-from qunet_bench.table1_report import METRIC_NAMES, Result, report
-from qunet_bench.uncertainty import mc_dropout_scores
 from qunet.metrics import slice_metrics, stack_metrics
 from qunet.network import build_network, default_device, prepare
 from qunet.quality import slice_quality
 from qunet.selection import select_by_disagreement, select_initial
 from qunet.training import seed_everything, train
+
+from qunet_bench.data import Case, load_cases, training_set
+from qunet_bench.table1_report import METRIC_NAMES, Result, report
+from qunet_bench.uncertainty import mc_dropout_scores
 
 METHODS = ("random25-unet", "random25-unetpp", "qunet", "random-equal", "mcdropout-equal")
 

@@ -8,6 +8,7 @@ import argparse
 from dataclasses import replace
 
 from qunet.config import TrainConfig
+
 from qunet_bench.cli import add_machine_arguments, machine, positive, recorded_command, widths
 from qunet_bench.data import find_pairs
 from qunet_bench.table1 import METHODS, ExperimentConfig, run_experiment

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qunet_bench.data import Case
 from qunet.metrics import METRICS
 from qunet.network import default_device
+
+from qunet_bench.data import Case
 
 METRIC_NAMES = tuple(METRICS)  # precision, recall, jaccard, dice, accuracy
 TABLE_COLUMNS = {"precision": "Pr", "recall": "Re", "jaccard": "J", "dice": "D", "accuracy": "Acc", "dice_voxels": "D vox"}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from qunet.config import DEFAULT_FEATURES, ModelConfig, QualityConfig, ReadConfig, SelectionConfig, TrainConfig
 from qunet.neighbours import MODES
 from qunet.policy import VARIANTS
+from qunet.postprocess import MODES as POSTPROCESS_MODES
 
 MODEL = "qunet"  # the app's model: the name of its tasks, and model/qunet.pt, the file training publishes
 MONAI_LABEL_KEYS = ("server_mode",)  # --conf keys MONAI Label itself reads
@@ -72,6 +73,7 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
     max_epochs: int = TrainConfig.max_epochs
     steps_per_epoch: int = TrainConfig.steps_per_epoch
     neighbour_labels: str = TrainConfig.neighbours  # pseudo-labels for annotated lesion slices' neighbours (MODES)
+    postprocess: str = ModelConfig.postprocess  # infer's post-processing (qunet.postprocess.MODES)
     cores: int = 0  # most CPU cores each of the app's processes computes on (0: all it may run on; qunet.threads)
 
     @classmethod
@@ -102,6 +104,8 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
             raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
         if result.neighbour_labels not in MODES:
             raise ValueError(f"--conf neighbour_labels must be one of {', '.join(MODES)}, got {result.neighbour_labels!r}")
+        if result.postprocess not in POSTPROCESS_MODES:
+            raise ValueError(f"--conf postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {result.postprocess!r}")
         if result.patch_size < 16 or result.patch_size % 16:
             raise ValueError(f"--conf patch_size must be a multiple of 16 (four poolings), got {result.patch_size}")
         return result

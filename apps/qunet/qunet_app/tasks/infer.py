@@ -1,4 +1,5 @@
-"""Infer task `qunet`: the U-net++'s level-4 output, slice by slice, as a label volume on the image's grid.
+"""Infer task `qunet`: the U-net++'s level-4 output, slice by slice, as a label volume on the image's grid, post-
+processed as `--conf postprocess` says (qunet.postprocess).
 
 Answers a clear 4xx instead of a 500 when it cannot: 409 while there is no model (or the model file is corrupt
 or was trained with other `features`/`labels`), 422 for an image that cannot be read, 400 for bad params.
@@ -15,6 +16,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from qunet import build_network, segment
 from qunet.io import StackError, file_signature, load_stack
 from qunet.network import load_weights, prepare
+from qunet.postprocess import postprocess
 
 from qunet_app.server.errors import BadRequest, Conflict, InvalidFile, as_bool, as_level, check_device
 from qunet_app.settings import AppConf
@@ -86,7 +88,8 @@ class QUNetInfer(BasicInferTask):
             stack = load_stack(data["image_path"])
         except StackError as e:
             raise InvalidFile(f"image cannot be segmented: {e}") from e
-        label = segment(network, stack.array, self.conf.patch_size, device=torch.device(device))
+        label = postprocess(segment(network, stack.array, self.conf.patch_size, device=torch.device(device)),
+                            self.conf.postprocess)
         data["image"] = MetaTensor(torch.from_numpy(stack.array), affine=torch.from_numpy(stack.affine))
         data["pred"] = MetaTensor(torch.from_numpy(label), affine=torch.from_numpy(stack.affine))
         return data
