@@ -6,7 +6,7 @@ The app's `--conf` keys, the CLI flags and the experiment read their defaults fr
 from dataclasses import dataclass
 
 # U-net++ widths as MONAI's BasicUNetPlusPlus takes them: five encoder levels, then the last decoder. A quarter of
-# the paper's widths (a sixteenth of its cost per pixel), so training and scoring fit a CPU (docs/learning-curve.md).
+# the paper's widths (a sixteenth of its cost per pixel), so training and scoring fit a CPU (docs/method.md).
 DEFAULT_FEATURES: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
 PAPER_FEATURES: tuple[int, ...] = (32, 64, 128, 256, 512, 32)
 
@@ -40,20 +40,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe (nnU-Net's for little data, found by measurement: docs/learning-curve.md)."""
+    """The training recipe: nnU-Net's for little data (docs/method.md); settings chosen on sample-data's real
+    stacks and confirmed on confirmation-data's (docs/learner.md)."""
 
-    max_epochs: int = 10
+    max_epochs: int = 8  # 400 updates: as good as 500 on the choosing stacks, Train within 2 minutes on 2 cores
     steps_per_epoch: int = 50  # an epoch is a fixed number of updates, whatever the number of annotated slices
     batch_size: int = 8
     learning_rate: float = 3e-3  # AdamW, decayed to 0 by the poly schedule (1 - step / steps) ** 0.9
     weight_decay: float = 3e-5
-    # share of patches centred on a lesion pixel (when any annotated slice holds lesion); the rest lie anywhere and
-    # teach what is not lesion. nnU-Net's default; it trained better models than 0.66 (the recipe until 4 December)
-    # on the real and hybrid stacks in the multi-round benchmark, level ones on the synthetic ones (docs/README.md)
+    # share of patches holding a lesion pixel (when any annotated slice holds lesion); the rest lie anywhere and
+    # teach what is not lesion. nnU-Net's default (docs/experiment-log.md)
     foreground: float = 0.33
     augment: bool = True  # rotation, scaling, flips, intensity noise and gamma
     # pseudo-labels for the unannotated neighbours of annotated lesion slices, added by whoever builds the training
-    # set (qunet.neighbours.MODES: "off", "copy", "model"; measured in docs/README.md)
+    # set (qunet.neighbours.MODES: "off", "copy", "model"; docs/experiment-log.md)
     neighbours: str = "off"
 
 
@@ -66,9 +66,8 @@ GPU_TRAIN = TrainConfig(max_epochs=40, batch_size=24)
 class SelectionConfig:
     q0: float = 0.5  # flag slices whose Jaccard(L3, L4) is below this (the paper's code uses 0.5)
     slices_per_sample: int = 10  # at most this many slices per "Next sample" answer
-    # Next sample's policy variant (qunet.variants.VARIANTS): "lesion" (the best of them in docs/README.md's multi-round
-    # runs; clearly ahead of random and fixed-interval slices on three of five cohorts, behind fixed-interval ones on
-    # the CT-like stacks) or "paper" (QU-net++ as published)
+    # Next sample's policy variant (qunet.variants.VARIANTS): "lesion" (coverage steered by quality, then by predicted
+    # lesion; docs/method.md) or "paper" (QU-net++ as published)
     pick: str = "lesion"
     budget: int = 0  # slices the annotation lead can afford in all; Next sample lowers q0 to fit it (0: no budget)
     stop_tolerance: float = 0.01  # stop signal when the agreement of the last two models differs by less (0: off)

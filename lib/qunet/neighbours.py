@@ -11,7 +11,7 @@ cost of one. Two ways, by `mode`:
 
 Only neighbours of lesion slices get one: next to a lesion-free slice, a lesion may begin, and the annotator said
 nothing about it. In the multi-round benchmark both modes trained worse models than the annotated slices alone
-(docs/README.md, "Pseudo-labels from annotated neighbours"), so the app's `neighbour_labels` is "off" by default.
+(docs/experiment-log.md), so the app's `neighbour_labels` is "off" by default.
 """
 
 import numpy as np

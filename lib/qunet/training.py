@@ -1,7 +1,7 @@
 """The training recipe, one loop for the app's trainer and every experiment.
 
-nnU-Net's recipe for learning from little data, measured on this project's stacks (docs/learning-curve.md):
-patches at native resolution with a fixed share centred on lesion (qunet.slices.PatchSampler), spatial and
+nnU-Net's recipe for learning from little data, measured on this project's stacks (docs/method.md):
+patches at native resolution with a fixed share holding lesion (qunet.slices.PatchSampler), spatial and
 intensity augmentation, Dice + cross-entropy over the whole batch on all four U-net++ heads (a batch of empty
 patches still has a gradient), AdamW with a poly learning-rate decay, and a fixed number of updates.
 
@@ -40,7 +40,7 @@ from qunet.threads import share_cores
 def augmentation() -> Compose:
     """Spatial (rotation +-15 degrees, scale +-30 %, flips) and intensity (noise, scale, gamma) augmentation of a
     patch; nearest-neighbour for the target so lesion borders stay binary. The wide scale range is what lets a
-    nodule annotated on one slice be found on its neighbours, where it is smaller (docs/learning-curve.md)."""
+    nodule annotated on one slice be found on its neighbours, where it is smaller (docs/method.md)."""
     keys = ("image", "label")
     return Compose([
         RandAffined(keys, prob=0.5, rotate_range=math.radians(15), scale_range=(0.3, 0.3),

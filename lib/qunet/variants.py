@@ -8,18 +8,12 @@ literature finds hard to beat before a model is good (random and fixed-interval 
 first, and no two slices of one answer, nor a slice and an annotated one, closer than an even spacing allows.
 `lesion` (the default) covers each volume's slice axis (`covering`, an eighth of its slices per answer), the least
 annotated volume first (held slices count: a second annotator gets another volume; ties: the most lesion the current
-model predicts in an open slice), with or without a model;
-within each stratum the slice where the model predicts the most lesion (the level-4 output's pixels), else the best
-quality. Measured (docs/README.md, `python -m qunet proxies`), a slice's error grows with the lesion the model
-predicts in it, while its lowest-Q slices are mostly lesion-free slices it already gets nearly right. Served by
-predicted lesion alone (the volume and slices with the most), the slices crowded into one volume and one lesion's
-core and did worse than random slices; covering with that preference did better than `paper`, level with random
-and fixed-interval slices on the CT-like stacks and ahead of them on average, not yet clearly, on the other cohorts
-(docs/README.md#the-multi-round-benchmark). `middles` is `lesion` whose first answer from a volume is one slice, so
-that every volume's middle comes first, as with fixed-interval slices. `interior` is `lesion` with the stack's ends
-counted as taken, so that its end slices come last: on the CT-like stacks it trained clearly worse models than
-`lesion` (docs/README.md; with either share of lesion-centred patches), mostly through false lesion on lesion-free
-slices; level with it on three other cohorts.
+model predicts in an open slice), with or without a model; within each stratum the slice where the model predicts
+the most lesion (the level-4 output's pixels), else the best quality: a slice's error grows with the lesion the
+model predicts in it, while its lowest-Q slices are mostly lesion-free ones it already gets right. `middles` is
+`lesion` whose first answer from a volume is one slice, so that every volume's middle comes first; `interior` is
+`lesion` with the stack's ends counted as taken, so that its end slices come last. How they compared:
+docs/experiment-log.md.
 """
 
 import math
@@ -61,7 +55,7 @@ class Variant:
     prefer: Callable[[VolumeState], Mapping[int, float]] | None = None
     # covering: an answer serves at most this share of the volume's slices (rounded up), so that the next answer
     # moves on to the next least annotated volume and the cohort is covered before any volume is dense. A sixteenth
-    # (measured, docs/README.md) did not train better models than an eighth
+    # did not train better models than an eighth (docs/experiment-log.md)
     share: float = 1.0
     # covering: a volume's first answer is one slice (its middle stretch's best), so that, the least annotated volume
     # coming first, every volume's middle is asked for before a second slice of any

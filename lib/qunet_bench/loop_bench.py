@@ -26,6 +26,7 @@ import numpy as np
 import requests
 
 from qunet.io import Stack, check_file, load_label, stack_id
+from qunet.postprocess import MODES, postprocess
 
 from qunet_bench.activelearning import LoopRun, pick_interval, pick_random
 from qunet_bench.cli import positive
@@ -64,7 +65,10 @@ def _app_round(server: Server, run: LoopRun, n: int, work: Path) -> int:
 
 
 def _evaluate(server: Server, run: LoopRun, work: Path) -> dict:
-    totals, per_stack = np.zeros((2, 3), np.int64), {}
+    """Dice of the server's infer answer on each stack's unannotated slices, pooled; and of the same answer after each
+    post-processing (qunet.postprocess: what the server answers with `--conf postprocess MODE`)."""
+    totals = {mode: np.zeros((2, 3), np.int64) for mode in MODES}
+    per_stack: dict[str, dict] = {}
     for case in run.cases:
         test = [k for k in range(case.depth) if k not in run.annotated[case.name]]
         r = requests.post(f"{server.url}/infer/qunet", params={"image": case.name, "output": "image"},
@@ -73,10 +77,16 @@ def _evaluate(server: Server, run: LoopRun, work: Path) -> dict:
         answer = work / "infer"
         answer.write_bytes(r.content)
         named = answer.rename(work / f"infer{check_file(answer)}")  # in the image's format: NIfTI or NRRD
-        found = load_label(named, Stack(case.volume, case.affine, case.name)) > 0  # (on the image's grid)
-        counts, per_stack[case.name] = test_counts(found[:, :, test], case.truth[:, :, test])
-        totals += counts
-    return {**pooled_dice(totals), "stacks": per_stack}
+        found = load_label(named, Stack(case.volume, case.affine, case.name))  # (on the image's grid)
+        for mode in MODES:
+            counts, figures = test_counts(postprocess(found, mode)[:, :, test] > 0, case.truth[:, :, test])
+            totals[mode] += counts
+            if mode == "off":
+                per_stack[case.name] = figures
+            else:
+                per_stack[case.name][mode] = figures
+    return {**pooled_dice(totals["off"]), "stacks": per_stack,
+            "postprocessed": {mode: pooled_dice(t) for mode, t in totals.items()}}
 
 
 def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case], images: dict[str, Path]) -> list[dict]:
@@ -122,14 +132,16 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
     return results
 
 
-def summary(results: list[dict]) -> dict:
-    """AUBC per method and seed, and the app's paired differences against each baseline (mean, t interval)."""
+def summary(results: list[dict], postprocessed: str | None = None) -> dict:
+    """AUBC per method and seed, and the app's paired differences against each baseline (mean, t interval); of the
+    server's answer, or of it post-processed by `postprocessed` (a qunet.postprocess mode)."""
     from scipy import stats
 
     aubc: dict[str, dict[int, float]] = {}
     for m in {r["method"] for r in results}:
         for s in {r["seed"] for r in results if r["method"] == m}:
-            dice = [r["dice"] for r in results if r["method"] == m and r["seed"] == s]
+            dice = [r["postprocessed"][postprocessed]["dice"] if postprocessed else r["dice"]
+                    for r in results if r["method"] == m and r["seed"] == s]
             aubc.setdefault(m, {})[s] = float(np.mean(dice))
     out = {"aubc": {m: {"mean": float(np.mean(list(v.values()))), "seeds": v} for m, v in aubc.items()}}
     for base in ("random", "interval"):
@@ -162,5 +174,6 @@ def main(args: argparse.Namespace) -> None:
             if args.out:  # written as it goes: a long run keeps what it finished
                 settings = {k: v for k, v in vars(args).items() if k != "run"}  # (run: the sub-command)
                 Path(args.out).write_text(json.dumps({"rounds": results, "summary": summary(results),
+                                                      "summary_largest": summary(results, "largest"),
                                                       "settings": settings}, indent=1))
     print(json.dumps(summary(results), indent=1))
