@@ -10,8 +10,13 @@ from live_server import APP, SAMPLES
 from orthanc import orthanc_server  # noqa: F401 (a real Orthanc with DICOMweb, one per test module that asks)
 
 # What a user's own server writes into the checkout: the suite must neither read nor change any of it.
-CHECKOUT_STATE = (APP / "model", APP / "logs", SAMPLES / "labels", SAMPLES / "datastore_v2.json",
-                  *(SAMPLES / f"qunet_records.sqlite{end}" for end in ("", "-wal", "-shm")))
+CHECKOUT_STATE = (
+    APP / "model",
+    APP / "logs",
+    SAMPLES / "labels",
+    SAMPLES / "datastore_v2.json",
+    *(SAMPLES / f"qunet_records.sqlite{end}" for end in ("", "-wal", "-shm")),
+)
 
 
 def _snapshot() -> dict[str, tuple[int, int]]:

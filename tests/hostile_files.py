@@ -18,8 +18,13 @@ from qunet_bench.synthetic import generate_stack
 TINY = (4, 4, 8, 8, 16, 4)
 SHAPE = (48, 48, 10)
 CAP = 48 * 48 * 12  # --conf max_voxels: the stacks fit, big.nii.gz (48 x 48 x 16) does not
-CONF = {"patch_size": "32", "features": ",".join(map(str, TINY)), "max_voxels": str(CAP), "hold_seconds": "0",
-        "allow_model_upload": "true"}
+CONF = {
+    "patch_size": "32",
+    "features": ",".join(map(str, TINY)),
+    "max_voxels": str(CAP),
+    "hold_seconds": "0",
+    "allow_model_upload": "true",
+}
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 BOMB = 256 << 20  # zeros appended inside a compressed stream (about 1 MB on the wire)
 MEMORY_BOUND = 100 << 20  # the server's peak RSS may grow by less than this through all refused uploads
@@ -52,15 +57,31 @@ def nifti_bytes(shape=SHAPE, claim=None, magic=b"n+1", extra_zeros=0) -> bytes:
 
 
 def nrrd_bytes(fields: dict[str, str], data: bytes = b"") -> bytes:
-    head = {"type": "uint8", "dimension": "3", "space": "left-posterior-superior", "sizes": " ".join(map(str, SHAPE)),
-            "space directions": "(-0.8,0,0) (0,-0.8,0) (0,0,4)", "endian": "little", "encoding": "raw",
-            "space origin": "(0,0,0)", **fields}  # the geometry of AFFINE
+    head = {
+        "type": "uint8",
+        "dimension": "3",
+        "space": "left-posterior-superior",
+        "sizes": " ".join(map(str, SHAPE)),
+        "space directions": "(-0.8,0,0) (0,-0.8,0) (0,0,4)",
+        "endian": "little",
+        "encoding": "raw",
+        "space origin": "(0,0,0)",
+        **fields,
+    }  # the geometry of AFFINE
     return ("NRRD0004\n" + "".join(f"{k}: {v}\n" for k, v in head.items() if v is not None) + "\n").encode() + data
 
 
 def mha_bytes(fields: dict[str, str], data: bytes = b"") -> bytes:
-    head = {"ObjectType": "Image", "NDims": "3", "DimSize": " ".join(map(str, SHAPE)), "ElementType": "MET_UCHAR",
-            "TransformMatrix": "-1 0 0 0 -1 0 0 0 1", "Offset": "0 0 0", "ElementSpacing": "0.8 0.8 4", **fields}
+    head = {
+        "ObjectType": "Image",
+        "NDims": "3",
+        "DimSize": " ".join(map(str, SHAPE)),
+        "ElementType": "MET_UCHAR",
+        "TransformMatrix": "-1 0 0 0 -1 0 0 0 1",
+        "Offset": "0 0 0",
+        "ElementSpacing": "0.8 0.8 4",
+        **fields,
+    }
     if head.get("CompressedData") == "True":
         head.setdefault("CompressedDataSize", str(len(data)))
     head["ElementDataFile"] = head.pop("ElementDataFile", "LOCAL")  # must be the last line
@@ -120,7 +141,9 @@ def disk_state(setup, server) -> dict:
     return {
         "datastore": (studies / "datastore_v2.json").read_bytes(),
         "records": records_on_disk(studies),
-        "labels": {p.relative_to(studies).as_posix(): p.read_bytes() for p in (studies / "labels").rglob("*") if p.is_file()},
+        "labels": {
+            p.relative_to(studies).as_posix(): p.read_bytes() for p in (studies / "labels").rglob("*") if p.is_file()
+        },
         "studies": sorted(os.listdir(studies)),
         "model": sorted(p.relative_to(model).as_posix() for p in model.rglob("*")) if model.exists() else [],
         "tmp": sorted(os.listdir(setup["tmp"])),

@@ -18,8 +18,9 @@ class LiveServer(Server):
     """The project's live server (qunet_bench.server) over its own copy of the app (so model files stay per
     test), with one torch thread: the server and its scoring and training subprocesses share the machine's cores."""
 
-    def __init__(self, studies: Path | str, workdir: Path, conf: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, studies: Path | str, workdir: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None
+    ):
         super().__init__(studies, workdir, conf, {"OMP_NUM_THREADS": "1", **(env or {})})
 
     def image_info(self, image_id: str) -> dict:

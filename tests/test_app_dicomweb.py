@@ -161,13 +161,20 @@ def test_dicomweb_loop(server, data, tmp_path):
             assert frames < original.num_slices  # cropped on the server: resampling put it back on the grid
 
         client.train_start("qunet", TRAIN)
-        status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "training")
+        status = wait_for(
+            lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "training"
+        )
         assert status["status"] == "DONE", server.tail()
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
         model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
-        record = wait_for(lambda: (scores := server.image_info(image_id).get("qunet_disagreement") or {}).get("model")
-                          == model and scores, 300, "disagreement scores of the new model")
+        record = wait_for(
+            lambda: (
+                (scores := server.image_info(image_id).get("qunet_disagreement") or {}).get("model") == model and scores
+            ),
+            300,
+            "disagreement scores of the new model",
+        )
         assert len(record["q"]) == original.num_slices
         assert all(record["q"][k] is None for k in annotated[image_id])  # annotated slices are not scored
 
@@ -181,8 +188,12 @@ def test_infer_on_a_series(server, data, tmp_path):
     for image_id, stack in data["stacks"].items():
         # MONAILabelClient.infer saves the answer under the server's own temporary file name, which the server
         # deletes after answering: on one machine the file can vanish. Read the answer directly.
-        r = requests.post(f"{server.url}/infer/qunet", params={"image": image_id, "output": "image"},
-                          data={"params": "{}"}, timeout=300)
+        r = requests.post(
+            f"{server.url}/infer/qunet",
+            params={"image": image_id, "output": "image"},
+            data={"params": "{}"},
+            timeout=300,
+        )
         assert r.ok, r.text
         label_file = tmp_path / f"{image_id}-infer.nii.gz"
         label_file.write_bytes(r.content)
@@ -239,8 +250,9 @@ def test_datastore_in_process(data):
     try:
         from qunet_app.datastore.dicomweb import DICOMwebClientX, QUNetDICOMWebDatastore
 
-        store = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache2"),
-                                       labels={"lesion": 1})
+        store = QUNetDICOMWebDatastore(
+            DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache2"), labels={"lesion": 1}
+        )
         assert any(segs_of(data["url"], i) for i in data["stacks"]), "runs after tests that store SEGs"
         assert sorted(store.list_images()) == sorted(data["stacks"])  # no SEG among them
         labelled = store.get_labeled_images()
@@ -259,16 +271,18 @@ def test_datastore_in_process(data):
         [seg] = client.retrieve_series(stored.StudyInstanceUID, stored.SeriesInstanceUID)
         seg.SeriesInstanceUID, seg.SOPInstanceUID = "1.2/../../../../escaped", pydicom.uid.generate_uid()
         client.store_instances([seg])
-        fresh = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache3"),
-                                       labels={"lesion": 1})
+        fresh = QUNetDICOMWebDatastore(
+            DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache3"), labels={"lesion": 1}
+        )
         assert image_id in fresh.get_labeled_images()
         assert load_label(fresh.get_label_uri(image_id, "final"), load_stack(fresh.get_image_uri(image_id))).any()
         assert not list(data["root"].parent.rglob("escaped*")), "a file named after the hostile UID"
         from qunet_app.server.errors import InvalidFile
 
         set_read_config(ReadConfig(max_voxels=1000))  # below either stack's voxels: the series is refused unread
-        capped = QUNetDICOMWebDatastore(DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache4"),
-                                        labels={"lesion": 1})
+        capped = QUNetDICOMWebDatastore(
+            DICOMwebClientX(url=data["url"]), {}, cache_path=str(data["root"] / "cache4"), labels={"lesion": 1}
+        )
         with pytest.raises(InvalidFile, match="more than the limit of 1,000"):
             capped.get_image_uri(image_id)
     finally:

@@ -26,20 +26,37 @@ def load_conf_class():
 
 def test_conf_parsing_and_errors():
     AppConf = load_conf_class()
-    conf = AppConf.from_conf({"q0": "0.3", "features": TINY, "labels": "cyst, ggo", "patch_size": "64",
-                              "blur_percentile": "40", "psnr_percentile": "mean"})
+    conf = AppConf.from_conf(
+        {
+            "q0": "0.3",
+            "features": TINY,
+            "labels": "cyst, ggo",
+            "patch_size": "64",
+            "blur_percentile": "40",
+            "psnr_percentile": "mean",
+        }
+    )
     assert conf.q0 == 0.3 and conf.features == (4, 4, 8, 8, 16, 4) and conf.patch_size == 64
     assert conf.label_map() == {"cyst": 1, "ggo": 2}
     assert conf.blur_percentile == 40 and conf.psnr_percentile is None
     assert AppConf.from_conf({}).features == (8, 16, 32, 64, 128, 8)
-    for bad, message in (({"q0": "high"}, "q0"), ({"features": "1,2,3"}, "six"), ({"patch_size": "100"}, "multiple of 16"),
-                         ({"labels": " , "}, "labels"), ({"random_strategy": "epistemic"}, "random_strategy"),
-                         ({"allow_model_upload": "maybe"}, "allow_model_upload"), ({"max_voxels": "0"}, "max_voxels"),
-                         ({"steps_per_epoch": "0"}, "steps_per_epoch"), ({"max_epochs": "ten"}, "max_epochs"),
-                         ({"neighbour_labels": "nearest"}, "neighbour_labels"), ({"median_window": "0"}, "median_window"),
-                         ({"blur_percentile": "101"}, "blur_percentile must be from 0 to 100"),
-                         ({"slices_per_sample": "0"}, "slices_per_sample"), ({"q0": "nan"}, "q0"),
-                         ({"hold_seconds": "-1"}, "hold_seconds must be 0 or more")):
+    for bad, message in (
+        ({"q0": "high"}, "q0"),
+        ({"features": "1,2,3"}, "six"),
+        ({"patch_size": "100"}, "multiple of 16"),
+        ({"labels": " , "}, "labels"),
+        ({"random_strategy": "epistemic"}, "random_strategy"),
+        ({"allow_model_upload": "maybe"}, "allow_model_upload"),
+        ({"max_voxels": "0"}, "max_voxels"),
+        ({"steps_per_epoch": "0"}, "steps_per_epoch"),
+        ({"max_epochs": "ten"}, "max_epochs"),
+        ({"neighbour_labels": "nearest"}, "neighbour_labels"),
+        ({"median_window": "0"}, "median_window"),
+        ({"blur_percentile": "101"}, "blur_percentile must be from 0 to 100"),
+        ({"slices_per_sample": "0"}, "slices_per_sample"),
+        ({"q0": "nan"}, "q0"),
+        ({"hold_seconds": "-1"}, "hold_seconds must be 0 or more"),
+    ):
         with pytest.raises(ValueError, match=message):
             AppConf.from_conf(bad)
 
@@ -99,8 +116,12 @@ def test_training_adds_the_neighbours_of_submitted_lesion_slices_as_the_conf_say
     label[10:20, 12:22, served[0]] = 1  # lesion drawn on the first served slice only
     nib.save(nib.Nifti1Image(label, np.diag([0.7, 0.7, 5, 1])), tmp_path / "label.nii.gz")
     with open(tmp_path / "label.nii.gz", "rb") as f:
-        r = client.put("/datastore/label", params={"image": sample["id"]}, files={"label": ("label.nii.gz", f)},
-                       data={"params": '{"client_id": "a"}'})
+        r = client.put(
+            "/datastore/label",
+            params={"image": sample["id"]},
+            files={"label": ("label.nii.gz", f)},
+            data={"params": '{"client_id": "a"}'},
+        )
     assert r.status_code == 200, r.text
     from monailabel.interfaces.utils.app import app_instance
 
@@ -126,11 +147,16 @@ def test_fully_labelled_import_leaves_nothing_to_annotate(studies):
 @pytest.mark.parametrize("random_strategy", ["qunet", "random"])
 def test_random_strategy_setting(studies, random_strategy):
     """OHIF's panel always asks for "random": by default that is the QU-net++ pick, with slices and a hold."""
-    client = app_client(studies, {"features": TINY, "patch_size": "32", "random_strategy": random_strategy, "pick": "paper"})
+    client = app_client(
+        studies, {"features": TINY, "patch_size": "32", "random_strategy": random_strategy, "pick": "paper"}
+    )
     sample = client.post("/activelearning/random", json={"client_id": "ohif"}).json()
     info = client.get("/datastore/image/info", params={"image": sample["id"]}).json()
     if random_strategy == "qunet":
-        assert sample["phase"] == "initial" and sample["slices"] == info["qunet_quality"]["initial"][: len(sample["slices"])]
+        assert (
+            sample["phase"] == "initial"
+            and sample["slices"] == info["qunet_quality"]["initial"][: len(sample["slices"])]
+        )
         assert info["qunet_served"]["ohif"]["slices"] == sample["slices"]
     else:  # MONAI Label's: a volume, no slices, nothing held
         assert sample["id"] in ("ct1", "ct2") and "slices" not in sample and "qunet_served" not in info

@@ -61,10 +61,11 @@ def truth_path(data: dict, image_id: str) -> Path:
 
 def train(client: MONAILabelClient, server: LiveServer) -> dict:
     client.train_start("qunet", TRAIN)
-    status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "training")
+    status = wait_for(
+        lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "training"
+    )
     assert status["status"] == "DONE", server.tail()
     return status
-
 
 
 def test_slicer_sequence_two_rounds(server, data, tmp_path):
@@ -123,8 +124,11 @@ def test_slicer_sequence_two_rounds(server, data, tmp_path):
         r = requests.post(f"{server.url}/scoring/qunet_disagreement", timeout=30)
         assert r.status_code in (200, 429)  # 429: the post-training scoring is still running
         model = file_signature(Path(server.app_dir, "model", "qunet.pt"))
-        wait_for(lambda: (server.image_info(image_id).get("qunet_disagreement") or {}).get("model") == model,
-                 300, "disagreement scores of the new model")
+        wait_for(
+            lambda: (server.image_info(image_id).get("qunet_disagreement") or {}).get("model") == model,
+            300,
+            "disagreement scores of the new model",
+        )
 
     sample = client.next_sample("qunet", {})
     assert sample["phase"] == "disagreement"
@@ -163,10 +167,13 @@ def test_stock_client_without_client_id_drives_the_loop_with_auto_train(data, tm
         draw_truth(truth_path(data, sample["id"]), image_file, sample["slices"], label)
         client.save_label(sample["id"], str(label), tag="draft")
         with pytest.raises(Exception):
-            client.train_status()  # a draft is not a label to train on: no auto-training (it is queued as the save answers)
+            # a draft is not a label to train on: no auto-training (it is queued as the save answers)
+            client.train_status()
         saved = client.save_label(sample["id"], str(label), params={"label_info": [{"name": "lesion", "idx": 1}]})
         assert saved["annotated_slices"] == sorted(sample["slices"])  # the anonymous client's served slices
-        status = wait_for(lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training")
+        status = wait_for(
+            lambda: (s := client.train_status()) and s.get("status") in ("DONE", "ERROR") and s, 300, "auto-training"
+        )
         assert status["status"] == "DONE", srv.tail()
         assert (Path(srv.app_dir) / "model" / "qunet.pt").exists()
         info = client.info()

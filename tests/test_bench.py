@@ -16,7 +16,9 @@ TINY = (4, 4, 8, 8, 16, 4)
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--only", "matmul", "scoring", "quality", "memory", "scale", "--out", str(out)]) == 0
+    assert (
+        main(["bench", "--quick", "--only", "matmul", "scoring", "quality", "memory", "scale", "--out", str(out)]) == 0
+    )
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["machine"]["cores"] >= 1
     assert result["matmul"]["gflops"] > 0
@@ -35,7 +37,9 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     assert set(result["targets"]) >= {"scoring >= 60% of matmul GFLOP/s", "quality >= 50 slices/s at 512x512"}
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
     printed = capsys.readouterr().out
-    assert "matmul fp32" in printed and "quality metrics" in printed and "200 volumes" in printed and str(out) in printed
+    assert (
+        "matmul fp32" in printed and "quality metrics" in printed and "200 volumes" in printed and str(out) in printed
+    )
 
 
 def test_forward_flops_counts_a_known_convolution():

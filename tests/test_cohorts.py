@@ -69,8 +69,8 @@ def test_plan_spans_respects_taken_and_allowed_slices():
         assert len(spans) == 3
         covered = np.zeros(40, bool)
         for start, length in spans:
-            assert length >= 1 and allowed[start:start + length].all()
-            covered[start:start + length] = True
+            assert length >= 1 and allowed[start : start + length].all()
+            covered[start : start + length] = True
         assert (covered & ~taken).sum() >= 2 and (covered | taken).mean() <= PREVALENCE[1]
 
 
@@ -160,8 +160,20 @@ def run_generate(capsys, *args: str) -> tuple[int, dict | str]:
 
 
 def test_generate_cli_writes_cohorts(tmp_path, capsys):
-    code, out = run_generate(capsys, str(tmp_path / "p"), "--cohort", "prevalence", "--count", "2", "--seed", "1",
-                             "--shape", "40", "40", "20")
+    code, out = run_generate(
+        capsys,
+        str(tmp_path / "p"),
+        "--cohort",
+        "prevalence",
+        "--count",
+        "2",
+        "--seed",
+        "1",
+        "--shape",
+        "40",
+        "40",
+        "20",
+    )
     assert code == 0, out
     names = [p.split("/")[-1] for p in out["written"]]
     assert names == ["ct-p1.nii.gz", "ct-p2.nii.gz", "oct-p1.nii.gz", "oct-p2.nii.gz"]
@@ -170,15 +182,30 @@ def test_generate_cli_writes_cohorts(tmp_path, capsys):
         stack = load_stack(path)
         mask = load_label(tmp_path / "p" / "ground-truth" / path.split("/")[-1], stack)
         assert PREVALENCE[0] <= mask.any(axis=(0, 1)).mean() <= PREVALENCE[1]
-    code, out = run_generate(capsys, str(tmp_path / "h"), "--cohort", "hybrid", "--from", str(SAMPLES),
-                             "--stacks", "breast1", "--count", "3", "--seed", "1")
+    code, out = run_generate(
+        capsys,
+        str(tmp_path / "h"),
+        "--cohort",
+        "hybrid",
+        "--from",
+        str(SAMPLES),
+        "--stacks",
+        "breast1",
+        "--count",
+        "3",
+        "--seed",
+        "1",
+    )
     assert code == 0, out
     names = [f"breast1-h{i}.nrrd" for i in (1, 2, 3)]
     assert [p.split("/")[-1] for p in out["written"]] == names
     assert all(s.startswith(f"{n}: lesions in ") and s.endswith(" inserted") for n, s in zip(names, out["summary"]))
     assert sorted(p.name for p in (tmp_path / "h" / "ground-truth").iterdir()) == names
-    for args in (["--cohort", "hybrid"], ["--from", str(SAMPLES)], ["--cohort", "hybrid", "--from", str(SAMPLES),
-                                                                      "--stacks", "nonesuch"]):
+    for args in (
+        ["--cohort", "hybrid"],
+        ["--from", str(SAMPLES)],
+        ["--cohort", "hybrid", "--from", str(SAMPLES), "--stacks", "nonesuch"],
+    ):
         code, err = run_generate(capsys, str(tmp_path / "x"), *args)
         assert code == 2 and err.startswith("error: "), args
 

@@ -28,8 +28,13 @@ TINY = (4, 4, 8, 8, 16, 4)
 HOLD = 3
 # explicit: an in-process test earlier in the session exports its MONAI Label settings to os.environ
 ENV = {"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "true", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true"}
-CONF = {"patch_size": "32", "features": ",".join(map(str, TINY)), "slices_per_sample": "2", "q0": "1.01",
-        "hold_seconds": str(HOLD)}
+CONF = {
+    "patch_size": "32",
+    "features": ",".join(map(str, TINY)),
+    "slices_per_sample": "2",
+    "q0": "1.01",
+    "hold_seconds": str(HOLD),
+}
 AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 SHAPE = (48, 48, 16)
 IMAGES = ("ct1", "ct2", "ct3", "ct4")
@@ -38,7 +43,10 @@ IMAGES = ("ct1", "ct2", "ct3", "ct4")
 def make_studies(folder: Path, names=IMAGES) -> Path:
     folder.mkdir(parents=True)
     for i, name in enumerate(names):
-        nib.save(nib.Nifti1Image(generate_stack("ct", i + 1, SHAPE).image.astype(np.int16), AFFINE), folder / f"{name}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(generate_stack("ct", i + 1, SHAPE).image.astype(np.int16), AFFINE),
+            folder / f"{name}.nii.gz",
+        )
     return folder
 
 
@@ -51,7 +59,6 @@ def make_weights(path: Path) -> Path:
 def image_infos(url: str) -> dict[str, dict]:
     objects = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
     return {k: v["image"]["info"] for k, v in objects.items()}
-
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +123,12 @@ def test_load_next_sample_and_infer(server, tmp_path):
         if kind == "next":
             r = requests.post(f"{server.url}/activelearning/qunet", json={"client_id": arg}, timeout=300)
         else:
-            r = requests.post(f"{server.url}/infer/qunet", params={"image": arg, "output": "image"},
-                              data={"params": "{}"}, timeout=300)
+            r = requests.post(
+                f"{server.url}/infer/qunet",
+                params={"image": arg, "output": "image"},
+                data={"params": "{}"},
+                timeout=300,
+            )
         return kind, r.status_code, time.perf_counter() - start, r.content
 
     start = time.perf_counter()
@@ -131,8 +142,11 @@ def test_load_next_sample_and_infer(server, tmp_path):
     for kind in ("next", "infer", "all"):
         times = sorted(t for k, _, t, _ in results if kind in (k, "all"))
         p95 = times[min(len(times) - 1, int(round(0.95 * len(times))) - 1)]
-        print(f"\nLOAD {kind:5s}: n={len(times)} p50={statistics.median(times) * 1000:.0f} ms "
-              f"p95={p95 * 1000:.0f} ms max={times[-1] * 1000:.0f} ms", end="")
+        print(
+            f"\nLOAD {kind:5s}: n={len(times)} p50={statistics.median(times) * 1000:.0f} ms "
+            f"p95={p95 * 1000:.0f} ms max={times[-1] * 1000:.0f} ms",
+            end="",
+        )
     print(f"\nLOAD wall {wall:.1f} s, {len(jobs) / wall:.1f} requests/s")
     # every Next sample asks for a re-score: runs are queued only with work to do, at most one waiting per method
     scoring = requests.get(f"{server.url}/scoring/", params={"all": "true"}, timeout=30).json()
@@ -149,8 +163,13 @@ def label_for(sample: dict, path: Path) -> Path:
 
 def save(server, sample: dict, path: Path, client: str) -> dict:
     with open(label_for(sample, path), "rb") as f:
-        r = requests.put(f"{server.url}/datastore/label", params={"image": sample["id"]}, timeout=120,
-                         data={"params": json.dumps({"client_id": client})}, files={"label": (path.name, f)})
+        r = requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": sample["id"]},
+            timeout=120,
+            data={"params": json.dumps({"client_id": client})},
+            files={"label": (path.name, f)},
+        )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -164,7 +183,9 @@ def test_scoring_while_training(server, tmp_path):
         saved[sample["id"]] = set(save(server, sample, tmp_path / f"l{i}.nii.gz", "trainer")["annotated_slices"])
     published = Path(server.app_dir, "model", "qunet.pt")  # the load test's model: the disagreement phase
     before = published.stat().st_mtime_ns
-    r = requests.post(f"{server.url}/train/qunet", json={"max_epochs": 30, "steps_per_epoch": 20, "train_batch_size": 4}, timeout=30)
+    r = requests.post(
+        f"{server.url}/train/qunet", json={"max_epochs": 30, "steps_per_epoch": 20, "train_batch_size": 4}, timeout=30
+    )
     assert r.status_code == 200, r.text
     wait_for(lambda: published.stat().st_mtime_ns != before, 240, "training publishing a model")
 
@@ -180,18 +201,24 @@ def test_scoring_while_training(server, tmp_path):
         sample = next_sample(server, f"annotator-{i}")
         if sample["id"]:
             saved.setdefault(sample["id"], set()).update(
-                save(server, sample, tmp_path / f"m{i}.nii.gz", f"annotator-{i}")["annotated_slices"])
+                save(server, sample, tmp_path / f"m{i}.nii.gz", f"annotator-{i}")["annotated_slices"]
+            )
         overlapped += training()
     assert overlapped, "training ended before any scoring ran alongside it: give it more epochs"
-    done = wait_for(lambda: (s := requests.get(f"{server.url}/train/", timeout=30).json())["status"] in ("DONE", "ERROR") and s,
-                    300, "training")
+    done = wait_for(
+        lambda: (s := requests.get(f"{server.url}/train/", timeout=30).json())["status"] in ("DONE", "ERROR") and s,
+        300,
+        "training",
+    )
     assert done["status"] == "DONE", done
     objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
     for image_id, annotated in saved.items():  # no update lost between the server and the two subprocesses
         assert "final" in objects[image_id]["labels"]
         assert annotated <= set(objects[image_id]["image"]["info"]["qunet_annotated"])
-    assert all(v["image"]["info"].get("qunet_quality") and v["image"]["info"].get("qunet_disagreement")
-               for v in objects.values())
+    assert all(
+        v["image"]["info"].get("qunet_quality") and v["image"]["info"].get("qunet_disagreement")
+        for v in objects.values()
+    )
     json.loads(Path(server.studies, "datastore_v2.json").read_text())
 
 

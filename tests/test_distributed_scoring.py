@@ -1,4 +1,5 @@
-"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through qunet_app.tasks.ranks.run_ranks as the server runs it
+"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through qunet_app.tasks.ranks.run_ranks as the "
+"server runs it
 on a multi-GPU machine): two CPU ranks joined by gloo on loopback score every volume exactly once, into the records
 the server reads, with the same results as one process."""
 
@@ -28,17 +29,33 @@ def make_cohort(root: Path) -> tuple[Path, Path, list[str]]:
     for i, name in enumerate(VOLUMES):
         stack = generate_stack("ct", i, (40, 40, 6 + i))
         if name == VOLUMES[-1]:
-            sitk.WriteImage(sitk.GetImageFromArray(np.transpose(stack.image.astype(np.int16), (2, 1, 0))),
-                            str(studies / f"{name}.nrrd"))
+            sitk.WriteImage(
+                sitk.GetImageFromArray(np.transpose(stack.image.astype(np.int16), (2, 1, 0))),
+                str(studies / f"{name}.nrrd"),
+            )
         else:
-            nib.save(nib.Nifti1Image(stack.image.astype(np.int16), np.diag([0.8, 0.8, 3.0, 1.0])), studies / f"{name}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(stack.image.astype(np.int16), np.diag([0.8, 0.8, 3.0, 1.0])), studies / f"{name}.nii.gz"
+            )
     app = root / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     torch.manual_seed(0)
     model = root / "model.pt"
     torch.save({"model": build_network(TINY).state_dict()}, model)
-    conf = ["--conf", "features", ",".join(map(str, TINY)), "--conf", "patch_size", "32", "--conf", "q0", "0.9",
-            "--conf", "pretrained_path", str(model)]
+    conf = [
+        "--conf",
+        "features",
+        ",".join(map(str, TINY)),
+        "--conf",
+        "patch_size",
+        "32",
+        "--conf",
+        "q0",
+        "0.9",
+        "--conf",
+        "pretrained_path",
+        str(model),
+    ]
     return studies, app, conf
 
 
@@ -91,6 +108,9 @@ def test_two_ranks_score_each_volume_once_as_one_process_would(tmp_path, system_
     again = torchrun(app, studies, conf, "--methods", "disagreement", "--progress")
     assert "quality" not in again
     assert {k: again["disagreement"][k] for k in ("scored", "skipped", "failed")} == {
-        "scored": 0, "skipped": len(VOLUMES), "failed": 0}, again
+        "scored": 0,
+        "skipped": len(VOLUMES),
+        "failed": 0,
+    }, again
     progress = json.loads((app / "model" / "scoring_qunet_disagreement.json").read_text())
     assert progress["state"] == "done" and progress["volumes_total"] == 3  # rank 0's share: volumes 0, 2, 4

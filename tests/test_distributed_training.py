@@ -1,4 +1,5 @@
-"""Training over torch.distributed ranks (apps/qunet/train_cohort.py through qunet_app.tasks.ranks.run_ranks, what a `multi_gpu`
+"""Training over torch.distributed ranks (apps/qunet/train_cohort.py through qunet_app.tasks.ranks.run_ranks, what a "
+"`multi_gpu`
 training runs): two CPU ranks joined by gloo on loopback, each training its half of every batch, end with the
 model one process trains from the same start, up to floating-point rounding; rank 0 alone publishes and writes."""
 
@@ -34,8 +35,17 @@ def make_cohort(root: Path) -> tuple[Path, list[str]]:
     torch.manual_seed(0)
     start = root / "start.pt"
     torch.save({"model": build_network(TINY).state_dict()}, start)
-    return studies, ["--conf", "features", ",".join(map(str, TINY)), "--conf", "patch_size", "32",
-                     "--conf", "pretrained_path", str(start)]
+    return studies, [
+        "--conf",
+        "features",
+        ",".join(map(str, TINY)),
+        "--conf",
+        "patch_size",
+        "32",
+        "--conf",
+        "pretrained_path",
+        str(start),
+    ]
 
 
 def fresh_app(root: Path, name: str) -> Path:
@@ -53,8 +63,23 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     one = fresh_app(tmp_path, "one")
-    done = subprocess.run([sys.executable, str(one / "train_cohort.py"), "--studies", str(studies), *conf,
-                           "--request", json.dumps(REQUEST), "--threads", "1"], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(one / "train_cohort.py"),
+            "--studies",
+            str(studies),
+            *conf,
+            "--request",
+            json.dumps(REQUEST),
+            "--threads",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     alone = json.loads(done.stdout.strip().splitlines()[-1])
     assert alone["ranks"] == 1 and alone["slices"] == 10 and alone["steps"] == 8
@@ -64,8 +89,19 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     try:
         from qunet_app.tasks.ranks import run_ranks
 
-        together = run_ranks([str(two / "train_cohort.py"), "--studies", str(studies), *conf, "--threads", "1",
-                              "--request", json.dumps(REQUEST)], 2)
+        together = run_ranks(
+            [
+                str(two / "train_cohort.py"),
+                "--studies",
+                str(studies),
+                *conf,
+                "--threads",
+                "1",
+                "--request",
+                json.dumps(REQUEST),
+            ],
+            2,
+        )
     finally:
         sys.path.remove(str(two))
         for name in [m for m in sys.modules if m == "qunet_app" or m.startswith("qunet_app.")]:
@@ -81,13 +117,29 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     # rounding differs between a batch of 4 and two of 2; Adam turns a near-zero gradient's sign flip into a full
     # step for a handful of weights, so the bound is on nearly all weights and on the whole
     assert float(torch.quantile(apart, 0.99)) < 1e-5 and float(apart.norm() / moved.norm()) < 0.05, (
-        float(torch.quantile(apart, 0.99)), float(apart.norm() / moved.norm()))
+        float(torch.quantile(apart, 0.99)),
+        float(apart.norm() / moved.norm()),
+    )
     history = json.loads((two / "model" / "history.json").read_text())
     assert len(history) == 1 and history[0]["model"] is not None  # rank 0 alone wrote
 
     # a training running (the server's, holding the app's lock): the script refuses rather than publish beside it
     with FileLock(str(one / "model" / "qunet-train.lock"), timeout=0):
-        refused = subprocess.run([sys.executable, str(one / "train_cohort.py"), "--studies", str(studies), *conf,
-                                  "--request", json.dumps(REQUEST), "--threads", "1"], env=env, capture_output=True,
-                                 text=True, timeout=600)
+        refused = subprocess.run(
+            [
+                sys.executable,
+                str(one / "train_cohort.py"),
+                "--studies",
+                str(studies),
+                *conf,
+                "--request",
+                json.dumps(REQUEST),
+                "--threads",
+                "1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert refused.returncode != 0 and "a training is running already" in refused.stderr, refused.stderr[-2000:]

@@ -16,8 +16,14 @@ from qunet_bench.uncertainty import enable_dropout_only, epistemic_slice_scores
 from qunet.network import build_network
 from qunet_bench.synthetic import generate_stack
 
-TINY = dict(patch_size=32, features=(4, 4, 8, 8, 16, 4), train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2),
-            seeds=2, mc_passes=2, max_initial=2)
+TINY = dict(
+    patch_size=32,
+    features=(4, 4, 8, 8, 16, 4),
+    train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2),
+    seeds=2,
+    mc_passes=2,
+    max_initial=2,
+)
 
 
 def write(array: np.ndarray, path: Path) -> None:
@@ -42,15 +48,22 @@ def test_label_discovery(data, tmp_path):
     (tmp_path / "x_image.nii.gz").write_bytes((data / "a.nii.gz").read_bytes())
     (tmp_path / "x_label.nii.gz").write_bytes((data / "ground-truth" / "a.nii.gz").read_bytes())
     assert find_pairs(tmp_path, tmp_path, label_replace=("_image", "_label")) == [
-        (tmp_path / "x_image.nii.gz", tmp_path / "x_label.nii.gz")]
+        (tmp_path / "x_image.nii.gz", tmp_path / "x_label.nii.gz")
+    ]
     (tmp_path / "ground-truth").mkdir()
     with pytest.raises(ValueError, match="no label"):
         find_pairs(tmp_path)
 
 
 def test_config_rejects_bad_settings():
-    for bad in (dict(features=(4, 4)), dict(patch_size=20), dict(methods=("nope",)), dict(random_fraction=1.5),
-                dict(mc_score="max"), dict(s0_roi="x")):
+    for bad in (
+        dict(features=(4, 4)),
+        dict(patch_size=20),
+        dict(methods=("nope",)),
+        dict(random_fraction=1.5),
+        dict(mc_score="max"),
+        dict(s0_roi="x"),
+    ):
         with pytest.raises(ValueError):
             ExperimentConfig(**bad)
 
@@ -82,9 +95,36 @@ def test_runs_are_disjoint_equal_cost_and_reported(data, tmp_path, capsys):
 
     # the CLI writes the same kinds of results
     out = tmp_path / "out"
-    argv = ["experiment", "--data", str(data), "--out", str(out), "--seeds", "2", "--patch-size", "32", "--features",
-            "4,4,8,8,16,4", "--max-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--mc-passes", "2",
-            "--max-initial", "2", "--sm-limit", "1", "--q0", "1.01", "--extra-fractions", "0.5", "--no-progress"]
+    argv = [
+        "experiment",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--patch-size",
+        "32",
+        "--features",
+        "4,4,8,8,16,4",
+        "--max-epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "2",
+        "--mc-passes",
+        "2",
+        "--max-initial",
+        "2",
+        "--sm-limit",
+        "1",
+        "--q0",
+        "1.01",
+        "--extra-fractions",
+        "0.5",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Method | Model | #train/#test | #train with lesion | Pr | Re | J | D | Acc | D vox |" in printed
@@ -92,16 +132,36 @@ def test_runs_are_disjoint_equal_cost_and_reported(data, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert (out / "dice_vs_fraction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(out / "table.csv")))
-    methods = ["random25-unet", "random25-unetpp", "random-unetpp@0.5", "s0", "qunet", "random-equal-stage1",
-               "random-equal", "mcdropout-stage1", "mcdropout-equal"]
+    methods = [
+        "random25-unet",
+        "random25-unetpp",
+        "random-unetpp@0.5",
+        "s0",
+        "qunet",
+        "random-equal-stage1",
+        "random-equal",
+        "mcdropout-stage1",
+        "mcdropout-equal",
+    ]
     assert [r["method"] for r in rows if r["stack"] == "all"] == methods
     assert {r["stack"] for r in rows} == {"all", "a", "b"}
     for r in rows:
-        assert {"n_train", "n_test", "precision", "recall", "jaccard", "dice", "accuracy", "dice_voxels",
-                "dice_sd"} <= set(r)
+        assert {
+            "n_train",
+            "n_test",
+            "precision",
+            "recall",
+            "jaccard",
+            "dice",
+            "accuracy",
+            "dice_voxels",
+            "dice_sd",
+        } <= set(r)
         assert 0 <= float(r["dice"]) <= 1 and r["seeds"] == "2"
         assert 0 <= float(r["n_train_lesion"]) <= float(r["n_train"])
-        assert float(r["n_train"]) + float(r["n_test"]) == (17 if r["stack"] == "all" else {"a": 10, "b": 7}[r["stack"]])
+        assert float(r["n_train"]) + float(r["n_test"]) == (
+            17 if r["stack"] == "all" else {"a": 10, "b": 7}[r["stack"]]
+        )
     qunet = next(r for r in rows if r["method"] == "qunet" and r["stack"] == "all")
     s0_all = next(r for r in rows if r["method"] == "s0" and r["stack"] == "all")
     assert float(qunet["n_train"]) == float(s0_all["n_train"]) + 2  # one Sm slice in each of the two stacks

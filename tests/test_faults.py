@@ -48,9 +48,16 @@ def stored(studies: Path, image_id: str) -> dict:
     uri = store.get_label_uri(image_id, "final")
     label = load_label(uri, load_stack(store.get_image_uri(image_id))) if uri else None
     info = store.get_image_info(image_id)
-    return {"label": label, "record": store.get_label_info(image_id, "final"), "annotated": info.get(records.ANNOTATED),
-            "files": sorted(p.name for p in studies.rglob("*") if p.is_file() and p.name != ".lock"
-                            and not p.name.startswith(records.RECORDS_FILE))}
+    return {
+        "label": label,
+        "record": store.get_label_info(image_id, "final"),
+        "annotated": info.get(records.ANNOTATED),
+        "files": sorted(
+            p.name
+            for p in studies.rglob("*")
+            if p.is_file() and p.name != ".lock" and not p.name.startswith(records.RECORDS_FILE)
+        ),
+    }
 
 
 def copy_then_die(keep: int):
@@ -64,7 +71,9 @@ def copy_then_die(keep: int):
     return copyfile
 
 
-def _save_and_die(studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool) -> None:
+def _save_and_die(
+    studies: str, image_id: str, label_file: str, slices: list[int], kill_at: int, truncate: bool
+) -> None:
     """Child: save a label, exiting abruptly at the `kill_at`-th rename (or mid-copy when `truncate`)."""
     store = open_store(Path(studies))
     real_replace = os.replace
@@ -101,7 +110,9 @@ def test_label_save_killed_at_every_step(tmp_path, system_tmp, first):
     for kill_at, truncate in [(0, True), (0, False), (1, False), (2, False), (3, False)]:
         studies = tmp_path / f"studies-{kill_at}-{truncate}"
         shutil.copytree(template, studies)
-        child = ctx.Process(target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate))
+        child = ctx.Process(
+            target=_save_and_die, args=(str(studies), "img", str(tmp_path / "new.nii.gz"), [5], kill_at, truncate)
+        )
         child.start()
         child.join(60)
         assert child.exitcode == (0 if kill_at == 3 else 9)
@@ -127,7 +138,6 @@ def test_label_save_killed_at_every_step(tmp_path, system_tmp, first):
         assert now["files"] == after_commit["files"]
 
 
-
 def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
     """Each write replaces the whole datastore JSON (1,000 volumes: megabytes); an update that changes nothing
     leaves the file alone, and the app's own records never touch it. What is written reads back the same, also
@@ -135,8 +145,12 @@ def test_info_update_rewrites_the_file_only_for_a_change(tmp_path):
     write_stack(tmp_path / "img.nii.gz")
     store = open_store(tmp_path)
     path = tmp_path / "datastore_v2.json"
-    info = {"qunet_served": {"a": {"slices": [3, 1], "ts": 5}}, "score": np.float32(0.5), "q": [0.25, None],
-            "array": np.arange(3)}
+    info = {
+        "qunet_served": {"a": {"slices": [3, 1], "ts": 5}},
+        "score": np.float32(0.5),
+        "q": [0.25, None],
+        "array": np.arange(3),
+    }
 
     def version() -> tuple[int, int]:
         st = os.stat(path)
@@ -172,8 +186,14 @@ def test_records_move_out_of_the_json_once(tmp_path):
     open_store(tmp_path)
     path = tmp_path / "datastore_v2.json"
     old = json.loads(path.read_text())
-    old["objects"]["a"]["image"]["info"].update({"qunet_quality": {"initial": [1, 2]}, "strategy": {"qunet": {"ts": 1}},
-                                                 "qunet_served": {"x": {"slices": [3], "ts": 1}}, "note": "kept"})
+    old["objects"]["a"]["image"]["info"].update(
+        {
+            "qunet_quality": {"initial": [1, 2]},
+            "strategy": {"qunet": {"ts": 1}},
+            "qunet_served": {"x": {"slices": [3], "ts": 1}},
+            "note": "kept",
+        }
+    )
     old["objects"]["b"]["image"]["info"].update({"qunet_error": "unreadable", "qunet_annotated": [4]})
     path.write_text(json.dumps(old))
 

@@ -26,29 +26,152 @@ AFFINE = np.diag([0.8, 0.8, 4.0, 1.0])
 SHAPE = (32, 32, 6)
 REQUESTS = 400
 
-STRINGS = ["", " ", ".", "..", "../", "../../etc/passwd", "/etc/passwd", "/dev/zero", "a/b", "a\\b", "ct1/../ct2",
-           "ct1\x00", "\x00", "%2e%2e%2f", "ct1 ", "ñandú-ß", "x" * 3000, "{", "null", "[]", "0", "-1", "1e309",
-           "NaN", "true", "<script>", "'; DROP TABLE images;--", "final", "original", "ct1", "ct2", "qunet"]
-VALUES = [None, True, False, 0, -1, 1, 2, 3.5, 1e309, -1e309, 10**30, "", "x", "../x", "/etc/passwd", [], [1, "a"],
-          {}, {"a": [1, {"b": None}]}, "∞", "all", [0, 1], [-1], [10**6]]
-JSON_TEXTS = ["", "{", "}", "[]", "[1, 2]", "5", '"text"', "null", "true", '{"a":', "{'a': 1}", "NaN", "\x00",
-              "[" * 5000 + "]" * 5000, '{"a": ' * 3000 + "1" + "}" * 3000, "{}" * 2]
-INFER_KEYS = ["device", "batch_size", "logging", "result_extension", "result_dtype", "result_compress", "skip_writer",
-              "save_label", "label_tag", "image", "model", "client_id", "largest_cc", "result_write_to_file"]
-TRAIN_KEYS = ["max_epochs", "train_batch_size", "val_batch_size", "learning_rate", "augment_range", "val_split",
-              "early_stop_patience", "pretrained", "multi_gpu", "name", "device", "dataset", "dataloader", "tracking",
-              "gpus", "train_ds", "val_ds", "tracking_uri", "model", "run_id", "local_rank"]
+STRINGS = [
+    "",
+    " ",
+    ".",
+    "..",
+    "../",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "/dev/zero",
+    "a/b",
+    "a\\b",
+    "ct1/../ct2",
+    "ct1\x00",
+    "\x00",
+    "%2e%2e%2f",
+    "ct1 ",
+    "ñandú-ß",
+    "x" * 3000,
+    "{",
+    "null",
+    "[]",
+    "0",
+    "-1",
+    "1e309",
+    "NaN",
+    "true",
+    "<script>",
+    "'; DROP TABLE images;--",
+    "final",
+    "original",
+    "ct1",
+    "ct2",
+    "qunet",
+]
+VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    3.5,
+    1e309,
+    -1e309,
+    10**30,
+    "",
+    "x",
+    "../x",
+    "/etc/passwd",
+    [],
+    [1, "a"],
+    {},
+    {"a": [1, {"b": None}]},
+    "∞",
+    "all",
+    [0, 1],
+    [-1],
+    [10**6],
+]
+JSON_TEXTS = [
+    "",
+    "{",
+    "}",
+    "[]",
+    "[1, 2]",
+    "5",
+    '"text"',
+    "null",
+    "true",
+    '{"a":',
+    "{'a': 1}",
+    "NaN",
+    "\x00",
+    "[" * 5000 + "]" * 5000,
+    '{"a": ' * 3000 + "1" + "}" * 3000,
+    "{}" * 2,
+]
+INFER_KEYS = [
+    "device",
+    "batch_size",
+    "logging",
+    "result_extension",
+    "result_dtype",
+    "result_compress",
+    "skip_writer",
+    "save_label",
+    "label_tag",
+    "image",
+    "model",
+    "client_id",
+    "largest_cc",
+    "result_write_to_file",
+]
+TRAIN_KEYS = [
+    "max_epochs",
+    "train_batch_size",
+    "val_batch_size",
+    "learning_rate",
+    "augment_range",
+    "val_split",
+    "early_stop_patience",
+    "pretrained",
+    "multi_gpu",
+    "name",
+    "device",
+    "dataset",
+    "dataloader",
+    "tracking",
+    "gpus",
+    "train_ds",
+    "val_ds",
+    "tracking_uri",
+    "model",
+    "run_id",
+    "local_rank",
+]
 LABEL_KEYS = ["annotated_slices", "client_id", "label_info", "ts", "name", "qunet_pending"]
 RUN_SYNC = ["true", "1", "yes", "TRUE", "on", "maybe", "2", "[]"]  # never false: no background subprocesses here
-ROUTES = [("post", "/activelearning/qunet"), ("post", "/activelearning/random"), ("post", "/infer/qunet?image=ct1"),
-          ("post", "/infer/qunet"), ("put", "/datastore/label?image=ct1"), ("put", "/datastore/image?image=new"),
-          ("put", "/datastore/image/info?image=ct1"), ("put", "/datastore/label/info?label=ct1&tag=final"),
-          ("post", "/train/qunet?run_sync=true"), ("post", "/train/?run_sync=true"),
-          ("post", "/scoring/qunet_quality?run_sync=true"), ("post", "/scoring/?run_sync=true"),
-          ("put", "/model/qunet"), ("post", "/datastore/")]
-CONTENT_TYPES = ["multipart/form-data; boundary=zz", "multipart/form-data", "multipart/form-data; boundary=",
-                 "application/json", "application/x-www-form-urlencoded", "text/plain; charset=utf-16",
-                 "application/octet-stream", "image/x-nifti", "garbage/;;;"]
+ROUTES = [
+    ("post", "/activelearning/qunet"),
+    ("post", "/activelearning/random"),
+    ("post", "/infer/qunet?image=ct1"),
+    ("post", "/infer/qunet"),
+    ("put", "/datastore/label?image=ct1"),
+    ("put", "/datastore/image?image=new"),
+    ("put", "/datastore/image/info?image=ct1"),
+    ("put", "/datastore/label/info?label=ct1&tag=final"),
+    ("post", "/train/qunet?run_sync=true"),
+    ("post", "/train/?run_sync=true"),
+    ("post", "/scoring/qunet_quality?run_sync=true"),
+    ("post", "/scoring/?run_sync=true"),
+    ("put", "/model/qunet"),
+    ("post", "/datastore/"),
+]
+CONTENT_TYPES = [
+    "multipart/form-data; boundary=zz",
+    "multipart/form-data",
+    "multipart/form-data; boundary=",
+    "application/json",
+    "application/x-www-form-urlencoded",
+    "text/plain; charset=utf-16",
+    "application/octet-stream",
+    "image/x-nifti",
+    "garbage/;;;",
+]
 
 
 def write(array: np.ndarray, path: Path, affine=AFFINE) -> bytes:
@@ -105,16 +228,23 @@ def raw_body(rng: random.Random) -> bytes:
     """Bytes no route can parse as sent: random, not UTF-8, UTF-16 JSON, or a multipart body cut short."""
     part = b'--zz\r\nContent-Disposition: form-data; name="params"\r\n\r\n{"client_id": "a"}\r\n--zz--\r\n'
     upload = b'--zz\r\nContent-Disposition: form-data; name="label"; filename="l.nii.gz"\r\n\r\n\x1f\x8b\x08\x00'
-    return rng.choice([
-        bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 600))), b"\xff\xfe\x00garbage", "{}".encode("utf-16"),
-        part[:rng.randint(1, len(part) - 1)], upload + bytes(rng.getrandbits(8) for _ in range(64)), b'{"a": "\xc3"}',
-    ])
+    return rng.choice(
+        [
+            bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 600))),
+            b"\xff\xfe\x00garbage",
+            "{}".encode("utf-16"),
+            part[: rng.randint(1, len(part) - 1)],
+            upload + bytes(rng.getrandbits(8) for _ in range(64)),
+            b'{"a": "\xc3"}',
+        ]
+    )
 
 
 def make_request(rng: random.Random, files: dict) -> tuple[str, str, dict]:
     """One malformed request to an endpoint the app adds or changes."""
-    kind = rng.choice(["label", "label", "infer", "infer", "sample", "scoring", "train", "image", "info", "delete",
-                       "raw", "raw"])
+    kind = rng.choice(
+        ["label", "label", "infer", "infer", "sample", "scoring", "train", "image", "info", "delete", "raw", "raw"]
+    )
     if kind == "raw":
         method, url = rng.choice(ROUTES)
         return method, url, {"content": raw_body(rng), "headers": {"content-type": rng.choice(CONTENT_TYPES)}}
@@ -124,8 +254,11 @@ def make_request(rng: random.Random, files: dict) -> tuple[str, str, dict]:
         query = {"image": rng.choice(STRINGS)}
         if rng.random() < 0.5:
             query["tag"] = rng.choice(STRINGS)
-        return "put", "/datastore/label", {"params": query, "data": {"params": form_params(rng, LABEL_KEYS)},
-                                           "files": {"label": upload}}
+        return (
+            "put",
+            "/datastore/label",
+            {"params": query, "data": {"params": form_params(rng, LABEL_KEYS)}, "files": {"label": upload}},
+        )
     if kind == "infer":
         query = {"image": rng.choice(STRINGS)}
         if rng.random() < 0.3:
@@ -138,20 +271,35 @@ def make_request(rng: random.Random, files: dict) -> tuple[str, str, dict]:
         return "post", f"/activelearning/{rng.choice(['qunet', 'random', 'nope', '..'])}", body(sent)
     if kind == "scoring":
         method = rng.choice(["qunet_quality", "qunet_disagreement", "nope", "dice"])
-        return "post", f"/scoring/{method}?run_sync={rng.choice(RUN_SYNC)}", body(rng.choice([{}, [], "x", fuzz_dict(rng, ["a"])]))
+        return (
+            "post",
+            f"/scoring/{method}?run_sync={rng.choice(RUN_SYNC)}",
+            body(rng.choice([{}, [], "x", fuzz_dict(rng, ["a"])])),
+        )
     if kind == "train":
         sent = rng.choice([fuzz_dict(rng, TRAIN_KEYS), [1], "x", 7])
         return "post", f"/train/{rng.choice(['qunet', 'nope'])}?run_sync={rng.choice(RUN_SYNC)}", body(sent)
     if kind == "image":
         query = {"image": rng.choice(STRINGS)} if rng.random() < 0.8 else {}
         bad = {k: v for k, v in files.items() if k in ("empty", "text", "2D", "NaN")}
-        return "put", "/datastore/image", {"params": query, "data": {"params": form_params(rng, ["x"])},
-                                           "files": {"file": (name, rng.choice(list(bad.values())))}}
+        return (
+            "put",
+            "/datastore/image",
+            {
+                "params": query,
+                "data": {"params": form_params(rng, ["x"])},
+                "files": {"file": (name, rng.choice(list(bad.values())))},
+            },
+        )
     if kind == "info":
         info = rng.choice(JSON_TEXTS + [json.dumps({"qunet_annotated": [1]}), json.dumps({"qunet_served": {}})])
         return "put", "/datastore/image/info", {"params": {"image": rng.choice(STRINGS)}, "data": {"info": info}}
     unknown = [s for s in STRINGS if s not in ("ct1", "ct2")]
-    return "delete", rng.choice(["/datastore/label", "/datastore/image"]), {"params": {"id": rng.choice(unknown), "tag": rng.choice(STRINGS)}}
+    return (
+        "delete",
+        rng.choice(["/datastore/label", "/datastore/image"]),
+        {"params": {"id": rng.choice(unknown), "tag": rng.choice(STRINGS)}},
+    )
 
 
 def snapshot(studies: Path) -> dict:
@@ -183,11 +331,18 @@ def test_fuzz_endpoints(setup):
     assert sum(n for s, n in seen.items() if 400 <= s < 500) > REQUESTS / 2  # mostly refused, as they should be
 
     after = snapshot(studies)
-    assert after["labels"] == before["labels"] and after["records"] == before["records"], "a rejected request changed records"
+    assert after["labels"] == before["labels"] and after["records"] == before["records"], (
+        "a rejected request changed records"
+    )
     assert after["images"] == before["images"]
     new_files = set(after["files"]) - set(before["files"])
     # infer's labels, scoring runs' progress and agreement, and the lock every train request takes (nothing to train)
-    allowed = ("studies/labels/original/", "app/model/scoring_", "app/model/agreement.json", "app/model/qunet-train.lock")
+    allowed = (
+        "studies/labels/original/",
+        "app/model/scoring_",
+        "app/model/agreement.json",
+        "app/model/qunet-train.lock",
+    )
     assert not [f for f in new_files if not f.startswith(allowed)], f"files written: {new_files}"
 
     # the server still does its job
@@ -195,8 +350,12 @@ def test_fuzz_endpoints(setup):
     sample = client.post("/activelearning/qunet", json={"client_id": "after-fuzz"}).json()
     label = np.zeros(SHAPE, np.uint8)
     label[5:9, 5:9, sample["slices"]] = 1
-    r = client.put("/datastore/label", params={"image": sample["id"]}, data={"params": json.dumps({"client_id": "after-fuzz"})},
-                   files={"label": ("l.nii.gz", write(label, setup["root"] / "ok.nii.gz"))})
+    r = client.put(
+        "/datastore/label",
+        params={"image": sample["id"]},
+        data={"params": json.dumps({"client_id": "after-fuzz"})},
+        files={"label": ("l.nii.gz", write(label, setup["root"] / "ok.nii.gz"))},
+    )
     assert r.status_code == 200 and r.json()["annotated_slices"] == sorted(sample["slices"]), r.text
 
 
@@ -210,7 +369,9 @@ def test_empty_datastore_answers_clearly(tmp_path):
         assert answer["id"] == "" and answer["slices"] == [] and answer["message"], answer
     assert client.post("/scoring/qunet_quality?run_sync=true").json() == {"scored": 0, "skipped": 0, "failed": 0}
     assert client.post("/scoring/qunet_disagreement?run_sync=true").json() in (
-        {"skipped": "no trained model yet"}, {"scored": 0, "skipped": 0, "failed": 0})  # (a model in the app dir)
+        {"skipped": "no trained model yet"},
+        {"scored": 0, "skipped": 0, "failed": 0},
+    )  # (a model in the app dir)
     r = client.post("/train/qunet?run_sync=true", json={"max_epochs": 1})
     assert r.status_code == 409 and r.json()["detail"] == "no annotated slices to train on: submit a label first"
     r = client.post("/infer/qunet", params={"image": "ct1"}, data={"params": "{}"})
@@ -230,9 +391,17 @@ def test_label_values_must_name_an_app_label(tmp_path, own_environment):
     for value, status in ((3, 422), (2, 200)):
         label = np.zeros(SHAPE, np.uint8)
         label[4:8, 4:8, 2] = value
-        r = client.put("/datastore/label", params={"image": "ct1"},
-                       files={"label": ("l.nii.gz", write(label, tmp_path / f"v{value}.nii.gz"))})
+        r = client.put(
+            "/datastore/label",
+            params={"image": "ct1"},
+            files={"label": ("l.nii.gz", write(label, tmp_path / f"v{value}.nii.gz"))},
+        )
         assert r.status_code == status, r.text
-    assert "values must be 0 (background) to 2" in client.put(
-        "/datastore/label", params={"image": "ct1"}, files={"label": ("l.nii.gz", (tmp_path / "v3.nii.gz").read_bytes())}
-    ).json()["detail"]
+    assert (
+        "values must be 0 (background) to 2"
+        in client.put(
+            "/datastore/label",
+            params={"image": "ct1"},
+            files={"label": ("l.nii.gz", (tmp_path / "v3.nii.gz").read_bytes())},
+        ).json()["detail"]
+    )

@@ -62,9 +62,13 @@ class Storm(threading.Thread):
             self.in_flight = (image, slices, size)
             try:
                 with open(path, "rb") as f:
-                    r = requests.put(f"{self.url}/datastore/label", params={"image": image},
-                                     data={"params": json.dumps({"annotated_slices": slices, "client_id": "storm"})},
-                                     files={"label": (path.name, f)}, timeout=60)
+                    r = requests.put(
+                        f"{self.url}/datastore/label",
+                        params={"image": image},
+                        data={"params": json.dumps({"annotated_slices": slices, "client_id": "storm"})},
+                        files={"label": (path.name, f)},
+                        timeout=60,
+                    )
             except requests.RequestException:
                 return  # the server was killed
             if r.status_code == 200:
@@ -79,11 +83,14 @@ def quality_on_disk(studies: Path) -> dict[str, dict]:
     return {k: v["qunet_quality"] for k, v in records_on_disk(studies).items() if v.get("qunet_quality")}
 
 
-
 def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
     workdir = studies.parent
     # scoring only when asked; one torch thread (shared cores); explicit, as in-process tests export their settings
-    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true", "OMP_NUM_THREADS": "1"}
+    env = {
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true",
+        "OMP_NUM_THREADS": "1",
+    }
     server = LiveServer(studies, workdir, conf=CONF, env=env).start()
     model = Path(server.app_dir, "model", "qunet.pt")
     try:
@@ -91,8 +98,12 @@ def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
             path = tmp_path / f"seed-{image}.nii.gz"
             write_label(path, SMALL_SHAPE, [0, 1], 5)
             with open(path, "rb") as f:
-                r = requests.put(f"{server.url}/datastore/label", params={"image": image},
-                                 data={"params": json.dumps({"annotated_slices": [0, 1]})}, files={"label": (path.name, f)})
+                r = requests.put(
+                    f"{server.url}/datastore/label",
+                    params={"image": image},
+                    data={"params": json.dumps({"annotated_slices": [0, 1]})},
+                    files={"label": (path.name, f)},
+                )
             assert r.status_code == 200, r.text
         r = requests.post(f"{server.url}/train/qunet", json={"max_epochs": 100000, "train_batch_size": 4})
         assert r.status_code == 200, r.text
@@ -111,8 +122,10 @@ def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
     storm.stop.set()
     storm.join(60)
     acknowledged, in_flight = list(storm.done), storm.in_flight
-    print(f"killed with {len(acknowledged)} labels acknowledged, one in flight: {in_flight is not None}; "
-          f"{len(seen)} images had quality scores")
+    print(
+        f"killed with {len(acknowledged)} labels acknowledged, one in flight: {in_flight is not None}; "
+        f"{len(seen)} images had quality scores"
+    )
 
     # the files as the kill left them: the JSON parses; the published model and the stats are complete
     before_restart = json.loads((studies / "datastore_v2.json").read_text())
@@ -136,12 +149,18 @@ def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
                 last[(in_flight[0], k)] = last.get((in_flight[0], k), set()) | {in_flight[2]}
         for image in SMALL:
             info = objects[image]["image"]["info"]
-            assert "final" in objects[image]["labels"] and "qunet_pending" not in objects[image]["labels"]["final"]["info"]
+            assert (
+                "final" in objects[image]["labels"] and "qunet_pending" not in objects[image]["labels"]["final"]["info"]
+            )
             annotated = set(info["qunet_annotated"])
             must = {0, 1} | {k for i, slices, _ in acknowledged if i == image for k in slices}
             may = set(in_flight[1]) if in_flight and in_flight[0] == image else set()
-            assert must <= annotated <= must | may, f"{image}: annotated slices {sorted(annotated)}, expected {sorted(must)}"
-            label = load_label(studies / "labels" / "final" / f"{image}.nii.gz", load_stack(studies / f"{image}.nii.gz"))
+            assert must <= annotated <= must | may, (
+                f"{image}: annotated slices {sorted(annotated)}, expected {sorted(must)}"
+            )
+            label = load_label(
+                studies / "labels" / "final" / f"{image}.nii.gz", load_stack(studies / f"{image}.nii.gz")
+            )
             for (i, k), sizes in last.items():
                 if i == image:
                     side = int(label[:, 3, k].sum())  # the square's side on slice k
@@ -156,7 +175,9 @@ def test_sigkill_mid_save_scoring_training_then_restart(studies, tmp_path):
         assert all(after[k] == v for k, v in kept.items())
 
         # training starts again from the published model's run
-        r = requests.post(f"{restarted.url}/train/qunet?run_sync=true", json={"max_epochs": 1, "train_batch_size": 4}, timeout=300)
+        r = requests.post(
+            f"{restarted.url}/train/qunet?run_sync=true", json={"max_epochs": 1, "train_batch_size": 4}, timeout=300
+        )
         assert r.status_code == 200, r.text
         assert requests.get(f"{restarted.url}/info/", timeout=30).ok
     finally:
@@ -176,8 +197,13 @@ def test_upload_left_by_a_killed_server_is_removed_at_restart(tmp_path):
 
     def submit() -> None:
         with contextlib.suppress(requests.RequestException), open(label, "rb") as f:  # the server is killed
-            requests.put(f"{server.url}/datastore/label", params={"image": "lab0"}, files={"label": (label.name, f)},
-                         data={"params": json.dumps({"annotated_slices": [3]})}, timeout=120)
+            requests.put(
+                f"{server.url}/datastore/label",
+                params={"image": "lab0"},
+                files={"label": (label.name, f)},
+                data={"params": json.dumps({"annotated_slices": [3]})},
+                timeout=120,
+            )
 
     try:
         with FileLock(studies / ".lock"):  # the datastore's lock: the save waits with its upload received

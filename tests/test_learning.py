@@ -100,6 +100,11 @@ def test_a_model_trained_on_a_few_slices_finds_the_lesion_on_a_held_out_slice():
 @pytest.mark.parametrize("stop_after", [3])
 def test_training_stops_when_asked(stop_after):
     calls = []
-    history = train(build_network(TINY), _slices(3, {0}), TrainConfig(max_epochs=5, steps_per_epoch=2, batch_size=2), 16,
-                    should_stop=lambda: calls.append(1) or len(calls) >= stop_after)
+    history = train(
+        build_network(TINY),
+        _slices(3, {0}),
+        TrainConfig(max_epochs=5, steps_per_epoch=2, batch_size=2),
+        16,
+        should_stop=lambda: calls.append(1) or len(calls) >= stop_after,
+    )
     assert len(history) == 2 and len(calls) == stop_after  # the epoch in progress is reported, then training ends

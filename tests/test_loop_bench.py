@@ -15,8 +15,13 @@ def rounds(method: str, seed: int, dice: list[float]) -> list[dict]:
 
 
 def test_aubc_and_paired_differences():
-    results = (rounds("app", 0, [0.2, 0.4]) + rounds("app", 1, [0.4, 0.6]) + rounds("random", 0, [0.1, 0.1])
-               + rounds("random", 1, [0.1, 0.3]) + rounds("interval", 0, [0.3, 0.5]))
+    results = (
+        rounds("app", 0, [0.2, 0.4])
+        + rounds("app", 1, [0.4, 0.6])
+        + rounds("random", 0, [0.1, 0.1])
+        + rounds("random", 1, [0.1, 0.3])
+        + rounds("interval", 0, [0.3, 0.5])
+    )
     out = summary(results)
     assert out["aubc"]["app"]["seeds"] == {0: pytest.approx(0.3), 1: pytest.approx(0.5)}
     assert out["aubc"]["app"]["mean"] == pytest.approx(0.4)

@@ -37,8 +37,14 @@ def server(tmp_path_factory):
     weights = root / "pretrained.pt"
     torch.manual_seed(0)
     torch.save({"model": build_network(TINY).state_dict()}, weights)
-    conf = {"patch_size": "96", "features": ",".join(map(str, TINY)), "q0": "0", "slices_per_sample": "3",
-            "pretrained_path": str(weights), "pick": "paper"}
+    conf = {
+        "patch_size": "96",
+        "features": ",".join(map(str, TINY)),
+        "q0": "0",
+        "slices_per_sample": "3",
+        "pretrained_path": str(weights),
+        "pick": "paper",
+    }
     env = {"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     srv = LiveServer(studies, root, conf=conf, env=env).start()
     srv.weights = weights

@@ -36,8 +36,12 @@ def studies(orthanc_server) -> dict:
     for name, (path, modality) in stacks.items():
         upload([path], orthanc_server, modality=modality)
         series = stack_to_series(path, modality=modality)
-        found[name] = {"study": str(series[0].StudyInstanceUID), "series": str(series[0].SeriesInstanceUID),
-                       "slices": len(series), "modality": modality}
+        found[name] = {
+            "study": str(series[0].StudyInstanceUID),
+            "series": str(series[0].SeriesInstanceUID),
+            "slices": len(series),
+            "modality": modality,
+        }
     return found
 
 
@@ -69,9 +73,16 @@ def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
-        "--window-size=1400,900", "--force-device-scale-factor=1",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        "--window-size=1400,900",
+        "--force-device-scale-factor=1",
         "--enable-unsafe-swiftshader",  # WebGL in software (Cornerstone3D renders with it) without a GPU
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # loopback only
     ):
@@ -134,7 +145,9 @@ def test_study_list_opens_a_study_with_its_image(server, studies, browser, tmp_p
 
     # open the real MRI: its row unfolds into its series, then the basic viewer
     browser.find_element("xpath", "//*[normalize-space(text())='breast1']").click()
-    wait_until(lambda: browser.find_element("xpath", "//button[normalize-space()='Basic Viewer']"), 30, "the modes", browser)
+    wait_until(
+        lambda: browser.find_element("xpath", "//button[normalize-space()='Basic Viewer']"), 30, "the modes", browser
+    )
     expanded = page_text(browser)
     assert "MR" in expanded and str(studies["breast1"]["slices"]) in expanded
     click_button(browser, "Basic Viewer")
@@ -142,8 +155,12 @@ def test_study_list_opens_a_study_with_its_image(server, studies, browser, tmp_p
     assert "/ohif/viewer" in browser.current_url
 
     # the viewport draws the series: a non-uniform canvas, at the first of its 21 images (InstanceNumber 1 = slice 0)
-    stats = wait_until(lambda: (s := browser.execute_script(CANVAS_STATS)) and s["std"] > 15 and s, 90,
-                       "an image in the viewport", browser)
+    stats = wait_until(
+        lambda: (s := browser.execute_script(CANVAS_STATS)) and s["std"] > 15 and s,
+        90,
+        "an image in the viewport",
+        browser,
+    )
     assert stats["levels"] > 50 and stats["bright"] > 0.05, stats
     wait_until(lambda: f"(1/{studies['breast1']['slices']})" in page_text(browser), 30, "the image counter", browser)
     dismiss_banner(browser)
@@ -175,27 +192,43 @@ def test_monai_label_panel_connects_to_the_app(server, studies, browser, tmp_pat
     browser.add_cookie({"name": "MONAILABEL_SERVER_URL", "value": f"{server.url}/", "path": "/"})
     browser.get(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={studies['ct1']['study']}")
     dismiss_banner(browser)
-    url_box = wait_until(lambda: browser.find_element("id", "monailabelServerURL"), 90, "the MONAI Label panel", browser)
+    url_box = wait_until(
+        lambda: browser.find_element("id", "monailabelServerURL"), 90, "the MONAI Label panel", browser
+    )
     assert url_box.get_attribute("value") == f"{server.url}/"
     url_box.find_element("xpath", "following::button[1]").click()  # connect
-    wait_until(lambda: "Auto-Segmentation" in page_text(browser), 60,
-               "the panel's sections (the panel fails when /info/ 'labels' is a dict, not a list)", browser)
+    wait_until(
+        lambda: "Auto-Segmentation" in page_text(browser),
+        60,
+        "the panel's sections (the panel fails when /info/ 'labels' is a dict, not a list)",
+        browser,
+    )
     text = page_text(browser)
     assert "QU-net++" in text and "qunet" in text  # the app's name and its segmentation model
-    stats = wait_until(lambda: (s := browser.execute_script(CANVAS_STATS)) and s["std"] > 15 and s, 90,
-                       "an image in the viewports", browser)
+    stats = wait_until(
+        lambda: (s := browser.execute_script(CANVAS_STATS)) and s["std"] > 15 and s,
+        90,
+        "an image in the viewports",
+        browser,
+    )
     assert stats["levels"] > 50
 
     browser.find_element("xpath", "//*[normalize-space(text())='Active Learning']").click()
     strategies = Select(browser.find_element("xpath", "//select[option[@value='qunet']]"))
     assert {o.get_attribute("value") for o in strategies.options} >= {"qunet", "random"}
     click_button(browser, "Next Sample")
-    form = wait_until(lambda: "Series Instance UID" in page_text(browser) and page_text(browser), 120,
-                      "the Next sample dialog", browser)
+    form = wait_until(
+        lambda: "Series Instance UID" in page_text(browser) and page_text(browser),
+        120,
+        "the Next sample dialog",
+        browser,
+    )
     shown = [s for s in studies.values() if s["study"] in form and s["series"] in form]
     assert len(shown) == 1, form  # a series of the datastore, with the study its OK button opens
     browser.save_screenshot(str(tmp_path / "ohif-next-sample.png"))
-    if os.environ.get("QUNET_SCREENSHOTS"):  # the documentation's picture: QUNET_SCREENSHOTS=docs pytest tests/test_ohif.py
+    if os.environ.get(
+        "QUNET_SCREENSHOTS"
+    ):  # the documentation's picture: QUNET_SCREENSHOTS=docs pytest tests/test_ohif.py
         browser.save_screenshot(os.path.join(os.environ["QUNET_SCREENSHOTS"], "ohif-next-sample.png"))
     # the QU-net++ pick: the slices in the dialog are the series' first S0 slices, recorded as served
     found = re.search(r"annotate slices \(K\) ([\d, ]+)", form)

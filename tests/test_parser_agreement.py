@@ -24,19 +24,35 @@ DIRECTIONS = "(0,-0.7,0) (0.9,0,0) (0,0,2.5)"  # rotated: axes swapped and flipp
 ORIGIN = "(10,-20,30)"
 
 
-def nrrd_file(path: Path, header_end: bytes = b"\n", encoding: str = "raw", space: str = "left-posterior-superior",
-              extra: str = "") -> Path:
+def nrrd_file(
+    path: Path,
+    header_end: bytes = b"\n",
+    encoding: str = "raw",
+    space: str = "left-posterior-superior",
+    extra: str = "",
+) -> Path:
     data = VALUES.astype("<i2").tobytes(order="F")
-    fields = (f"NRRD0004\ntype: int16\ndimension: 3\nspace: {space}\nsizes: {' '.join(map(str, SHAPE))}\n"
-              f"space directions: {DIRECTIONS}\nkinds: domain domain domain\nendian: little\nencoding: {encoding}\n"
-              f"space origin: {ORIGIN}\n{extra}")
+    fields = (
+        f"NRRD0004\ntype: int16\ndimension: 3\nspace: {space}\nsizes: {' '.join(map(str, SHAPE))}\n"
+        f"space directions: {DIRECTIONS}\nkinds: domain domain domain\nendian: little\nencoding: {encoding}\n"
+        f"space origin: {ORIGIN}\n{extra}"
+    )
     path.write_bytes(fields.encode() + header_end + (gzip.compress(data) if encoding == "gzip" else data))
     return path
 
 
 def nrrd_big_endian(path: Path) -> Path:
-    nrrd.write(str(path), VALUES.astype(">i2"), {"endian": "big", "encoding": "gzip", "space": "left-posterior-superior",
-                                                 "space directions": np.diag([0.7, 0.9, 2.5]), "space origin": np.ones(3)})
+    nrrd.write(
+        str(path),
+        VALUES.astype(">i2"),
+        {
+            "endian": "big",
+            "encoding": "gzip",
+            "space": "left-posterior-superior",
+            "space directions": np.diag([0.7, 0.9, 2.5]),
+            "space origin": np.ones(3),
+        },
+    )
     return path
 
 
@@ -64,8 +80,10 @@ def nifti_scaled(path: Path) -> Path:
 VARIANTS = {
     "NRRD raw": lambda d: nrrd_file(d / "a.nrrd"),
     "NRRD gzip": lambda d: nrrd_file(d / "a.nrrd", encoding="gzip"),
-    "NRRD CRLF header": lambda d: Path(d / "a.nrrd").write_bytes(
-        nrrd_file(d / "a.nrrd").read_bytes().replace(b"\n", b"\r\n", 10)) and d / "a.nrrd",
+    "NRRD CRLF header": lambda d: (
+        Path(d / "a.nrrd").write_bytes(nrrd_file(d / "a.nrrd").read_bytes().replace(b"\n", b"\r\n", 10))
+        and d / "a.nrrd"
+    ),
     "NRRD RAS space": lambda d: nrrd_file(d / "a.nrrd", space="right-anterior-superior"),
     "NRRD comment line": lambda d: nrrd_file(d / "a.nrrd", extra="# a comment\n"),
     "NRRD big-endian gzip": lambda d: nrrd_big_endian(d / "a.nrrd"),
@@ -99,8 +117,9 @@ def test_decoder_agrees_with_every_reader_and_canonical_copy_reads_alike(variant
 
 
 def differential_nrrd_file(path: Path, bomb: int) -> Path:
-    head = (f"NRRD0004\ntype: int16\ndimension: 3\nsizes: {' '.join(map(str, SHAPE))}\n"
-            "encoding: gzip\nendian: little\n").encode()
+    head = (
+        f"NRRD0004\ntype: int16\ndimension: 3\nsizes: {' '.join(map(str, SHAPE))}\nencoding: gzip\nendian: little\n"
+    ).encode()
     path.write_bytes(differential_nrrd(head, VALUES.astype("<i2").tobytes(order="F"), bomb))
     return path
 
@@ -115,12 +134,19 @@ def test_header_end_differential_is_refused_before_any_reader(tmp_path):
     assert not (tmp_path / "out.nii.gz").exists()
 
 
-@pytest.mark.parametrize("case,edit,words", [
-    ("fewer kinds than axes", lambda s: s.replace(b"kinds: domain domain domain", b"kinds: domain domain"), "kinds"),
-    ("NaN direction", lambda s: s.replace(b"(0,-0.7,0)", b"(nan,nan,nan)", 1), "geometry"),
-    ("zero direction", lambda s: s.replace(b"(0,-0.7,0)", b"(0,0,0)", 1), "geometry"),
-    ("infinite origin", lambda s: s.replace(ORIGIN.encode(), b"(inf,0,0)"), "geometry"),
-])
+@pytest.mark.parametrize(
+    "case,edit,words",
+    [
+        (
+            "fewer kinds than axes",
+            lambda s: s.replace(b"kinds: domain domain domain", b"kinds: domain domain"),
+            "kinds",
+        ),
+        ("NaN direction", lambda s: s.replace(b"(0,-0.7,0)", b"(nan,nan,nan)", 1), "geometry"),
+        ("zero direction", lambda s: s.replace(b"(0,-0.7,0)", b"(0,0,0)", 1), "geometry"),
+        ("infinite origin", lambda s: s.replace(ORIGIN.encode(), b"(inf,0,0)"), "geometry"),
+    ],
+)
 def test_headers_other_readers_take_differently_are_refused(case, edit, words, tmp_path):
     path = nrrd_file(tmp_path / "a.nrrd")
     path.write_bytes(edit(path.read_bytes()))

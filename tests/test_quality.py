@@ -80,17 +80,26 @@ def test_roi_mask_shape_must_match():
 def test_quality_record_is_plain_json():
     q = slice_quality(textured_stack(2))
     again = json.loads(json.dumps(q.to_dict()))  # what the app stores in image info
-    assert np.array_equal(again["blurriness"], q.blurriness) and again["valid"] == q.valid.tolist() and again["roi"] == q.roi
+    assert (
+        np.array_equal(again["blurriness"], q.blurriness)
+        and again["valid"] == q.valid.tolist()
+        and again["roi"] == q.roi
+    )
 
 
 def quality(blur, psnr, cov, mean, valid=None) -> SliceQuality:
     n = len(blur)
-    return SliceQuality(*(np.asarray(v, float) for v in (blur, psnr, cov, mean)),
-                        np.ones(n, bool) if valid is None else np.asarray(valid), "auto")
+    return SliceQuality(
+        *(np.asarray(v, float) for v in (blur, psnr, cov, mean)),
+        np.ones(n, bool) if valid is None else np.asarray(valid),
+        "auto",
+    )
 
 
 def test_s0_keeps_only_sharp_high_contrast_slices_ranked():
-    q = quality(blur=[1, 5, 2, 9, 1.5], psnr=[1, 1, 2, 9, 1.2], cov=[0, 0.25, 0.5, 0.75, 1], mean=[0, 0.25, 0.5, 0.75, 1])
+    q = quality(
+        blur=[1, 5, 2, 9, 1.5], psnr=[1, 1, 2, 9, 1.2], cov=[0, 0.25, 0.5, 0.75, 1], mean=[0, 0.25, 0.5, 0.75, 1]
+    )
     assert select_initial(q, QualityConfig(epsilon0=0.01, min_initial=0)) == [0, 4, 2]
     assert select_initial(q, QualityConfig(epsilon0=0.01, min_initial=3)) == [0, 4, 2]  # enough passed the cut-offs
 
@@ -120,16 +129,20 @@ def test_s0_percentile_cutoffs():
     assert len(select_initial(q, QualityConfig(blur_percentile=100, psnr_percentile=100))) == 4
 
 
-
 def test_s0_filled_up_to_min_initial_in_rank_order():
     """Noisy stacks: sharp-looking slices are the low-contrast ones, so few pass both cut-offs."""
     q = quality(blur=[1, 2, 3, 4, 5, 6], psnr=[6, 5, 4, 3, 2, 1], cov=[0, 0.2, 0.4, 0.6, 0.8, 1], mean=[0] * 6)
     assert select_initial(q, QualityConfig(min_initial=0)) == []  # anti-correlated: no slice is below both means
-    assert select_initial(q, QualityConfig(min_initial=3)) == [0, 1, 2]  # all tie on rank sum: by index, up to min_initial
+    assert select_initial(q, QualityConfig(min_initial=3)) == [
+        0,
+        1,
+        2,
+    ]  # all tie on rank sum: by index, up to min_initial
     blurred = quality(blur=[1, 9, 9, 9], psnr=[1, 1, 2, 3], cov=[0, 0.3, 0.6, 1], mean=[0] * 4)
     assert select_initial(blurred, QualityConfig(min_initial=0)) == [0]
     assert select_initial(blurred, QualityConfig(min_initial=3)) == [0, 1, 2]  # next by rank sum: lowest PSNR-inv first
     assert select_initial(blurred, QualityConfig(min_initial=9, max_initial=2)) == [0, 1]  # never above max_initial
+
 
 def test_disagreement_pick_lowest_first_excluding():
     q = np.array([0.9, 0.1, 0.4, np.nan, 0.3, 0.5])

@@ -20,9 +20,31 @@ def test_rescore_bench_one_round(tmp_path, capsys):
         nib.save(nib.Nifti1Image(stack.image.astype(np.int16), affine), data / f"{kind}{i}.nii.gz")
         nib.save(nib.Nifti1Image(stack.label.astype(np.uint8), affine), data / "ground-truth" / f"{kind}{i}.nii.gz")
     out = tmp_path / "rescore.json"
-    assert main(["rescore", "--data", str(data), "--rounds", "1", "--samples", "1", "--out", str(out),
-                 "--conf", "patch_size=32", "features=4,4,8,8,16,4", "q0=1.01", "slices_per_sample=3",
-                 "--train", "max_epochs=2", "steps_per_epoch=5", "train_batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "rescore",
+                "--data",
+                str(data),
+                "--rounds",
+                "1",
+                "--samples",
+                "1",
+                "--out",
+                str(out),
+                "--conf",
+                "patch_size=32",
+                "features=4,4,8,8,16,4",
+                "q0=1.01",
+                "slices_per_sample=3",
+                "--train",
+                "max_epochs=2",
+                "steps_per_epoch=5",
+                "train_batch_size=4",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [r["round"] for r in result["rounds"]] == [1] and result["volumes"] == 3
     assert [r["annotated_slices"] for r in result["rounds"]] == [3]

@@ -75,8 +75,16 @@ def folder(tmp_path_factory) -> Path:
 def server(folder):
     # scoring only when asked (not after every Next sample): the same code, fewer subprocess runs to wait for
     pretrained = folder.parent / "pretrained.pt"  # absent at first; the model test puts unusable weights there
-    srv = LiveServer(folder, folder.parent, conf={**CONF, "pretrained_path": str(pretrained)}, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true",
-                                                           "OMP_NUM_THREADS": "1"}).start()
+    srv = LiveServer(
+        folder,
+        folder.parent,
+        conf={**CONF, "pretrained_path": str(pretrained)},
+        env={
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true",
+            "OMP_NUM_THREADS": "1",
+        },
+    ).start()
     yield srv
     srv.stop()
     print(srv.tail(20))
@@ -105,10 +113,15 @@ def stored_state(folder: Path, server) -> dict:
     """Everything a bad request must leave alone: label files, label records, annotated slices, the folder tree."""
     objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
     return {
-        "labels": {p.relative_to(folder).as_posix(): p.read_bytes() for p in (folder / "labels").rglob("*") if p.is_file()},
+        "labels": {
+            p.relative_to(folder).as_posix(): p.read_bytes() for p in (folder / "labels").rglob("*") if p.is_file()
+        },
         "records": {k: (v["labels"], v["image"]["info"].get("qunet_annotated")) for k, v in objects.items()},
-        "tree": sorted(p.relative_to(folder.parent).as_posix() for p in folder.parent.rglob("*")
-                       if p.relative_to(folder.parent).parts[0] != "app" and not p.name.startswith(("server-", ".tmp-"))),
+        "tree": sorted(
+            p.relative_to(folder.parent).as_posix()
+            for p in folder.parent.rglob("*")
+            if p.relative_to(folder.parent).parts[0] != "app" and not p.name.startswith(("server-", ".tmp-"))
+        ),
     }
 
 
@@ -165,9 +178,13 @@ def good_label(path: Path, slices) -> Path:
 def put_label(server, image, path: Path, name: str | None = None, tag: str | None = None, params=None):
     query = {"image": image, **({"tag": tag} if tag is not None else {})}
     with open(path, "rb") as f:
-        return requests.put(f"{server.url}/datastore/label", params=query, timeout=60,
-                            data={"params": params if isinstance(params, str) else json.dumps(params or {})},
-                            files={"label": (name or path.name, f)})
+        return requests.put(
+            f"{server.url}/datastore/label",
+            params=query,
+            timeout=60,
+            data={"params": params if isinstance(params, str) else json.dumps(params or {})},
+            files={"label": (name or path.name, f)},
+        )
 
 
 def test_bad_labels_are_rejected_and_change_nothing(server, folder, tmp_path):
@@ -202,10 +219,16 @@ def test_bad_labels_are_rejected_and_change_nothing(server, folder, tmp_path):
         assert r.status_code == status and words in r.json()["detail"], (image, name, tag, params, r.text)
     # a label file name with path separators names only the upload: stored as labels/final/<image id>.nii.gz
     for image_id, bad_id in (("../../escaped", "../../escaped"), ("x/../../y", "x/../../y")):
-        r = requests.put(f"{server.url}/datastore/image", params={"image": bad_id}, timeout=30,
-                         files={"file": ("img.nii.gz", (folder / "ct2.nii.gz").read_bytes())})
+        r = requests.put(
+            f"{server.url}/datastore/image",
+            params={"image": bad_id},
+            timeout=30,
+            files={"file": ("img.nii.gz", (folder / "ct2.nii.gz").read_bytes())},
+        )
         assert r.status_code == 400 and "not allowed" in r.json()["detail"], r.text
-    r = requests.put(f"{server.url}/datastore/image/info", params={"image": "ct1"}, data={"info": '{"qunet_annotated": []}'})
+    r = requests.put(
+        f"{server.url}/datastore/image/info", params={"image": "ct1"}, data={"info": '{"qunet_annotated": []}'}
+    )
     assert r.status_code == 403 and "qunet_annotated" in r.json()["detail"]
     assert stored_state(folder, server) == before, "a rejected request changed what was stored"
 
@@ -223,7 +246,13 @@ def label_formats(tmp_path: Path, image: Path, slice_index: int) -> dict[str, Pa
     drawn = sitk.GetImageFromArray(np.ascontiguousarray(label.transpose(2, 1, 0)))
     drawn.CopyInformation(reference)
     files = {}
-    for name, compress in (("l.nii", False), ("l.nrrd", True), ("l-raw.nrrd", False), ("l.mha", True), ("l-raw.mha", False)):
+    for name, compress in (
+        ("l.nii", False),
+        ("l.nrrd", True),
+        ("l-raw.nrrd", False),
+        ("l.mha", True),
+        ("l-raw.mha", False),
+    ):
         files[name] = tmp_path / name
         sitk.WriteImage(drawn, str(files[name]), useCompression=compress)
     files["NIfTI-2"] = tmp_path / "l2.nii"
@@ -244,24 +273,35 @@ def test_every_format_accepted_as_a_first_label_is_accepted_everywhere(server, f
     assert stored.name == "ct2.nii.gz"
     for name, path in label_formats(tmp_path, folder / "ct2.nii.gz", 4).items():
         image_id = f"upload-{name.replace('.', '-')}"
-        r = requests.put(f"{server.url}/datastore/image", params={"image": image_id},
-                         files={"file": (name, path.read_bytes())}, timeout=60)
+        r = requests.put(
+            f"{server.url}/datastore/image",
+            params={"image": image_id},
+            files={"file": (name, path.read_bytes())},
+            timeout=60,
+        )
         assert r.status_code == 200 and (folder / f"{image_id}.nii.gz").is_file(), (name, r.text)
         assert requests.delete(f"{server.url}/datastore/image", params={"id": image_id}, timeout=30).ok  # (the
         # module's later tests count the images)
-        r = requests.post(f"{server.url}/infer/qunet", params={"output": "json"}, timeout=120,
-                          files={"file": (name, path.read_bytes())})
+        r = requests.post(
+            f"{server.url}/infer/qunet",
+            params={"output": "json"},
+            timeout=120,
+            files={"file": (name, path.read_bytes())},
+        )
         # accepted: it reaches the model, which this server does not have yet (a refused file answers 422)
         assert r.status_code == 409 and "no trained model" in r.json()["detail"], (name, r.text[:300])
 
 
 def test_no_model_then_corrupt_and_incompatible_models(server, folder, tmp_path):
     def infer(image="ct2"):
-        return requests.post(f"{server.url}/infer/qunet", params={"image": image, "output": "image"},
-                             data={"params": "{}"}, timeout=120)
+        return requests.post(
+            f"{server.url}/infer/qunet", params={"image": image, "output": "image"}, data={"params": "{}"}, timeout=120
+        )
 
     r = infer()
-    assert r.status_code == 409 and r.json()["detail"] == "no trained model yet: train first or set --conf pretrained_path"
+    assert (
+        r.status_code == 409 and r.json()["detail"] == "no trained model yet: train first or set --conf pretrained_path"
+    )
     assert score(server, "qunet_disagreement").json() == {"skipped": "no trained model yet"}
 
     published = Path(server.app_dir, "model", "qunet.pt")
@@ -300,7 +340,9 @@ def test_no_model_then_corrupt_and_incompatible_models(server, folder, tmp_path)
 
 def test_every_slice_annotated_leaves_nothing_to_serve(server, folder, tmp_path):
     for image_id in (*GOOD, BLANK):
-        r = put_label(server, image_id, good_label(tmp_path / f"{image_id}.nii.gz", []), params={"annotated_slices": "all"})
+        r = put_label(
+            server, image_id, good_label(tmp_path / f"{image_id}.nii.gz", []), params={"annotated_slices": "all"}
+        )
         assert r.status_code == 200 and r.json()["annotated_slices"] == list(range(SHAPE[2])), r.text
     for client in ("x", "y"):
         r = requests.post(f"{server.url}/activelearning/qunet", json={"client_id": client}, timeout=30)

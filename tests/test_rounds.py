@@ -14,7 +14,15 @@ from scipy.ndimage import binary_dilation
 import qunet.policy
 from qunet.__main__ import main
 from qunet.config import ModelConfig, TrainConfig
-from qunet_bench.activelearning import METHODS, NEIGHBOUR_METHODS, Benchmark, LoopRun, RoundResult, RoundsConfig, pick_interval
+from qunet_bench.activelearning import (
+    METHODS,
+    NEIGHBOUR_METHODS,
+    Benchmark,
+    LoopRun,
+    RoundResult,
+    RoundsConfig,
+    pick_interval,
+)
 from qunet_bench.al_report import aubc, paired, rounds_table, table
 from qunet_bench.data import Case, find_pairs, load_cases
 from qunet_bench.diversity import appearance_picker
@@ -22,8 +30,14 @@ from qunet.neighbours import MARGIN
 from qunet.network import build_network
 from qunet_bench.synthetic import generate_stack
 
-TINY = RoundsConfig(rounds=2, per_round=3, seeds=1, model=ModelConfig(features=(4, 4, 8, 8, 16, 4), patch_size=32),
-                    train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2), mc_passes=2)
+TINY = RoundsConfig(
+    rounds=2,
+    per_round=3,
+    seeds=1,
+    model=ModelConfig(features=(4, 4, 8, 8, 16, 4), patch_size=32),
+    train=TrainConfig(max_epochs=1, steps_per_epoch=2, batch_size=2),
+    mc_passes=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +136,11 @@ def test_aubc_and_paired_intervals():
 
 def test_the_table_pairs_every_method_with_the_default_random_and_fixed_interval_slices():
     final = {"random": (0.4, 0.5), "interval": (0.5, 0.6), "lesion": (0.7, 0.7)}  # per seed, Dice after both rounds
-    results = [RoundResult(method, seed, 1, 2, 1, 0, dice, dice, 1.0) for method, d in final.items() for seed, dice in enumerate(d)]
+    results = [
+        RoundResult(method, seed, 1, 2, 1, 0, dice, dice, 1.0)
+        for method, d in final.items()
+        for seed, dice in enumerate(d)
+    ]
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table(results).splitlines()[2:]}
     header = table(results).splitlines()[0].split(" | ")
     lesion = dict(zip(header, rows["lesion"]))
@@ -136,8 +154,12 @@ def test_the_table_pairs_every_method_with_the_default_random_and_fixed_interval
 
 def test_each_round_pairs_the_default_pick_with_every_other_method():
     dice = {"lesion": ((0.3, 0.8), (0.5, 0.9)), "mcdropout": ((0.2, 0.9), (0.2, 0.7))}  # per seed, per round
-    results = [RoundResult(method, seed, n + 1, 2 * (n + 1), 1, 0, d, d, 10.0 * (n + 1) if method == "mcdropout" else 5.0)
-               for method, per_seed in dice.items() for seed, rounds in enumerate(per_seed) for n, d in enumerate(rounds)]
+    results = [
+        RoundResult(method, seed, n + 1, 2 * (n + 1), 1, 0, d, d, 10.0 * (n + 1) if method == "mcdropout" else 5.0)
+        for method, per_seed in dice.items()
+        for seed, rounds in enumerate(per_seed)
+        for n, d in enumerate(rounds)
+    ]
     rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ") for line in rounds_table(results).splitlines()[2:]}
     assert rows["lesion"][1:] == ["0.400 ± 0.141", "0.850 ± 0.071", "5"]  # itself: no difference
     assert rows["mcdropout"][1].startswith("0.200 ± 0.000; +0.200 [")  # (0.1 + 0.3) / 2
@@ -159,10 +181,40 @@ def test_same_seed_same_initial_weights_for_every_method():
 
 def test_cli_writes_tables_and_plot_and_the_command_to_rerun_them(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    argv = ["rounds", "--data", str(data), "--include", "[ab]*", "--rounds", "2", "--per-round", "2", "--seeds", "2",
-            "--methods", "paper", "random", "--max-epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
-            "--foreground", "0.5", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--device", "cpu", "--threads",
-            str(torch.get_num_threads()), "--out", str(out)]
+    argv = [
+        "rounds",
+        "--data",
+        str(data),
+        "--include",
+        "[ab]*",
+        "--rounds",
+        "2",
+        "--per-round",
+        "2",
+        "--seeds",
+        "2",
+        "--methods",
+        "paper",
+        "random",
+        "--max-epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "2",
+        "--foreground",
+        "0.5",
+        "--features",
+        "4,4,8,8,16,4",
+        "--patch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--threads",
+        str(torch.get_num_threads()),
+        "--out",
+        str(out),
+    ]
     monkeypatch.setattr(sys, "argv", ["qunet", *argv])  # as `python -m qunet rounds ...` sees it
     assert main(argv) == 0
     assert "AUBC - random" in capsys.readouterr().out
@@ -177,8 +229,27 @@ def test_cli_writes_tables_and_plot_and_the_command_to_rerun_them(data, tmp_path
 
 def test_a_run_into_the_same_folder_adds_what_is_missing_and_refuses_other_settings(data, tmp_path, capsys):
     out = tmp_path / "out"
-    common = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--seeds", "1", "--max-epochs", "1",
-              "--batch-size", "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+    common = [
+        "rounds",
+        "--data",
+        str(data),
+        "--rounds",
+        "2",
+        "--per-round",
+        "2",
+        "--seeds",
+        "1",
+        "--max-epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--features",
+        "4,4,8,8,16,4",
+        "--patch-size",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert main([*common, "--steps-per-epoch", "2", "--methods", "random", "--title", "Named run"]) == 0
     first = json.loads((out / "rounds.json").read_text())["results"]
     assert main([*common, "--steps-per-epoch", "2", "--methods", "lesion", "random"]) == 0
@@ -197,8 +268,25 @@ def test_a_run_into_the_same_folder_adds_what_is_missing_and_refuses_other_setti
 
 
 def test_merge_reports_parts_run_apart_on_the_seeds_every_method_finished(data, tmp_path):
-    common = ["rounds", "--data", str(data), "--rounds", "2", "--per-round", "2", "--max-epochs", "1", "--batch-size",
-              "2", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--steps-per-epoch", "2"]
+    common = [
+        "rounds",
+        "--data",
+        str(data),
+        "--rounds",
+        "2",
+        "--per-round",
+        "2",
+        "--max-epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--features",
+        "4,4,8,8,16,4",
+        "--patch-size",
+        "32",
+        "--steps-per-epoch",
+        "2",
+    ]
     assert main([*common, "--seeds", "2", "--methods", "random", "--out", str(tmp_path / "random")]) == 0
     assert main([*common, "--seeds", "1", "--methods", "lesion", "--out", str(tmp_path / "lesion")]) == 0
     random_part = json.loads((tmp_path / "random" / "rounds.json").read_text())["results"]
@@ -220,12 +308,33 @@ def test_error_proxies_report_every_score(data, tmp_path):
     from qunet_bench.proxies import SCORES
 
     out = tmp_path / "proxies"
-    argv = ["proxies", "--data", str(data), "--rounds", "1", "--per-round", "2", "--seeds", "1", "--steps-per-epoch", "2",
-            "--foreground", "0.5", "--features", "4,4,8,8,16,4", "--patch-size", "32", "--out", str(out)]
+    argv = [
+        "proxies",
+        "--data",
+        str(data),
+        "--rounds",
+        "1",
+        "--per-round",
+        "2",
+        "--seeds",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--foreground",
+        "0.5",
+        "--features",
+        "4,4,8,8,16,4",
+        "--patch-size",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     saved = json.loads((out / "proxies.json").read_text())
     assert saved["train"]["foreground"] == 0.5 and saved["train"]["steps_per_epoch"] == 2
     result = saved["results"][0]
     assert result["open"] == 18 - 2 and set(result["scores"]) == set(SCORES)
-    assert all(0 <= s["lesion_in_top"] <= 2 and (s["spearman"] != s["spearman"] or -1 <= s["spearman"] <= 1)
-               for s in result["scores"].values())
+    assert all(
+        0 <= s["lesion_in_top"] <= 2 and (s["spearman"] != s["spearman"] or -1 <= s["spearman"] <= 1)
+        for s in result["scores"].values()
+    )

@@ -21,9 +21,25 @@ import requests
 import torch
 from filelock import FileLock
 
-from hostile_files import (BOMB, CAP, MEMORY_BOUND, SHAPE, TINY, VOXELS, deflate, differential_nrrd,  # noqa: F401
-                           disk_state, live_server, mha_bytes, nifti, nifti_bytes, nrrd_bytes, peak_rss, server,
-                           setup)  # (fixtures)
+from hostile_files import (
+    BOMB,
+    CAP,
+    MEMORY_BOUND,
+    SHAPE,
+    TINY,
+    VOXELS,
+    deflate,
+    differential_nrrd,  # noqa: F401
+    disk_state,
+    live_server,
+    mha_bytes,
+    nifti,
+    nifti_bytes,
+    nrrd_bytes,
+    peak_rss,
+    server,
+    setup,
+)  # (fixtures)
 from live_server import records_on_disk, wait_for
 from qunet import build_network
 
@@ -34,23 +50,43 @@ def hostile_uploads(setup) -> dict[str, tuple[str, bytes, str]]:
     secret = str(setup["outside"] / "secret.txt")
     return {
         "NRRD naming a server file": ("l.nrrd", nrrd_bytes({"data file": secret}), "separate data file"),
-        "NRRD naming it, byte skip -1": ("l.nrrd", nrrd_bytes({"datafile": secret, "byte skip": "-1"}), "separate data file"),
+        "NRRD naming it, byte skip -1": (
+            "l.nrrd",
+            nrrd_bytes({"datafile": secret, "byte skip": "-1"}),
+            "separate data file",
+        ),
         "NRRD header named .nii.gz": ("l.nii.gz", nrrd_bytes({"data file": secret}), "separate data file"),
         "MetaImage naming a server file": ("l.mha", mha_bytes({"ElementDataFile": secret}), "separate file"),
         "MetaImage header as .mhd": ("l.mhd", mha_bytes({"ElementDataFile": "LIST"}), "separate file"),
         "NIfTI .hdr of a pair": ("l.nii.gz", nifti_bytes(magic=b"ni1"), "separate .img"),
         "NIfTI claiming 2048^3 voxels": ("l.nii.gz", nifti_bytes(claim=(2048, 2048, 2048)), "more than the limit"),
         "NIfTI decompression bomb": ("l.nii.gz", nifti_bytes(extra_zeros=BOMB), "inflates beyond"),
-        "NRRD decompression bomb": ("l.nrrd", nrrd_bytes({"encoding": "gzip"}, deflate(VOXELS, BOMB)), "inflates beyond"),
+        "NRRD decompression bomb": (
+            "l.nrrd",
+            nrrd_bytes({"encoding": "gzip"}, deflate(VOXELS, BOMB)),
+            "inflates beyond",
+        ),
         "NRRD header ended by a space-only line, a bomb behind it": (
-            "l.nrrd", differential_nrrd(nrrd_bytes({"encoding": "gzip"})[:-1], VOXELS, BOMB), "inflates beyond"),
+            "l.nrrd",
+            differential_nrrd(nrrd_bytes({"encoding": "gzip"})[:-1], VOXELS, BOMB),
+            "inflates beyond",
+        ),
         "NRRD with fewer kinds than axes": ("l.nrrd", nrrd_bytes({"kinds": "domain domain"}, VOXELS), "kinds"),
-        "NRRD with NaN directions": ("l.nrrd", nrrd_bytes({"space directions": "(nan,nan,nan) (0,-0.8,0) (0,0,4)"},
-                                                          VOXELS), "geometry"),
-        "NRRD with a zero direction": ("l.nrrd", nrrd_bytes({"space directions": "(0,0,0) (0,-0.8,0) (0,0,4)"},
-                                                            VOXELS), "geometry"),
-        "MetaImage decompression bomb": ("l.mha", mha_bytes({"CompressedData": "True"}, deflate(VOXELS, BOMB, 15)),
-                                         "inflates beyond"),
+        "NRRD with NaN directions": (
+            "l.nrrd",
+            nrrd_bytes({"space directions": "(nan,nan,nan) (0,-0.8,0) (0,0,4)"}, VOXELS),
+            "geometry",
+        ),
+        "NRRD with a zero direction": (
+            "l.nrrd",
+            nrrd_bytes({"space directions": "(0,0,0) (0,-0.8,0) (0,0,4)"}, VOXELS),
+            "geometry",
+        ),
+        "MetaImage decompression bomb": (
+            "l.mha",
+            mha_bytes({"CompressedData": "True"}, deflate(VOXELS, BOMB, 15)),
+            "inflates beyond",
+        ),
         "text": ("l.txt", b"1 2 3", "not a single-file NIfTI"),
         "empty": ("l.nii.gz", b"", "empty file"),
         "300-character suffix, not an image": ("l." + "x" * 300, b"\x00" * 100, "not a single-file NIfTI"),
@@ -79,19 +115,32 @@ def test_bodies_ids_and_fields_the_readme_bounds_answer_4xx(setup, server):
     wherever an id is taken), a params field over 64 KiB inside an upload's multipart body (413)."""
     before = disk_state(setup, server)
     for route in ("/activelearning/qunet", "/infer/qunet", "/datastore/label?image=ct1", "/train/qunet"):
-        r = requests.post(server.url + route, data=b"\xff\xfe\x00garbage", timeout=30,
-                          headers={"content-type": "multipart/form-data; boundary=zz"})
+        r = requests.post(
+            server.url + route,
+            data=b"\xff\xfe\x00garbage",
+            timeout=30,
+            headers={"content-type": "multipart/form-data; boundary=zz"},
+        )
         assert 400 <= r.status_code < 500, (route, r.status_code, r.text[:200])
     for image_id in ("..", "../ct1", "ct1\x00", "x" * 201, ""):
-        for method, route, kwargs in (("get", "/datastore/image", {}), ("get", "/datastore/image/info", {}),
-                                      ("put", "/datastore/label", {"files": {"label": ("l.nii.gz", b"x")}}),
-                                      ("get", "/datastore/label", {}), ("post", "/infer/qunet", {})):
+        for method, route, kwargs in (
+            ("get", "/datastore/image", {}),
+            ("get", "/datastore/image/info", {}),
+            ("put", "/datastore/label", {"files": {"label": ("l.nii.gz", b"x")}}),
+            ("get", "/datastore/label", {}),
+            ("post", "/infer/qunet", {}),
+        ):
             key = "label" if route == "/datastore/label" and method == "get" else "image"
             r = getattr(requests, method)(server.url + route, params={key: image_id}, timeout=30, **kwargs)
             assert r.status_code == 400 and "is not allowed" in r.json()["detail"], (image_id, route, r.text[:200])
     label = nifti_bytes()
-    r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, timeout=30,
-                     data={"params": json.dumps({"note": "x" * (70 << 10)})}, files={"label": ("l.nii.gz", label)})
+    r = requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": "ct1"},
+        timeout=30,
+        data={"params": json.dumps({"note": "x" * (70 << 10)})},
+        files={"label": ("l.nii.gz", label)},
+    )
     assert r.status_code == 413 and "more than" in r.json()["detail"], r.text[:200]
     assert disk_state(setup, server) == before
 
@@ -100,7 +149,9 @@ def test_names_checked_in_bytes_and_any_upload_name_is_harmless(setup, server, t
     image = (setup["studies"] / "ct2.nii.gz").read_bytes()
     before = disk_state(setup, server)
     for image_id in ("ñ" * 200, "x" * 201, "a/b", ".hidden"):
-        r = requests.put(f"{server.url}/datastore/image", params={"image": image_id}, files={"file": ("i.nii.gz", image)})
+        r = requests.put(
+            f"{server.url}/datastore/image", params={"image": image_id}, files={"file": ("i.nii.gz", image)}
+        )
         assert r.status_code == 400 and "not allowed" in r.json()["detail"], (image_id, r.text)
     assert disk_state(setup, server) == before
     # a label named anything (a 300-character suffix, an upper-case one) is stored as <image id><its format>
@@ -108,8 +159,13 @@ def test_names_checked_in_bytes_and_any_upload_name_is_harmless(setup, server, t
     label[10:20, 10:20, 3] = 1
     data = nifti(label, tmp_path / "l.nii.gz").read_bytes()
     for name in ("L." + "x" * 300, "L.NII.GZ", "label.txt"):
-        r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)},
-                         data={"params": json.dumps({"annotated_slices": [3]})}, timeout=60)
+        r = requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": "ct1"},
+            files={"label": (name, data)},
+            data={"params": json.dumps({"annotated_slices": [3]})},
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["annotated_slices"] == [3], (name, r.text)
     stored = sorted(p.name for p in (setup["studies"] / "labels" / "final").iterdir())
     assert stored == ["ct1.nii.gz", "ct2.nii.gz"] and os.listdir(setup["tmp"]) == before["tmp"]
@@ -121,7 +177,9 @@ def test_nothing_outside_the_studies_folder_is_listed_served_or_read(setup, serv
     assert sorted(images) == ["big", "ct1", "ct2", "detached"]  # not the symlink
     assert "final" not in images["ct2"]["labels"]  # nor the symlinked label
     assert requests.get(f"{url}/datastore/image", params={"image": "link"}, timeout=30).status_code == 404
-    assert requests.get(f"{url}/datastore/label", params={"label": "ct2", "tag": "final"}, timeout=30).status_code == 404
+    assert (
+        requests.get(f"{url}/datastore/label", params={"label": "ct2", "tag": "final"}, timeout=30).status_code == 404
+    )
     stray = setup["tmp"] / "stray.nii.gz"  # a file in the server's temporary folder that no request uploaded
     stray.write_bytes((setup["outside"] / "secret.nii.gz").read_bytes())
     try:
@@ -131,12 +189,21 @@ def test_nothing_outside_the_studies_folder_is_listed_served_or_read(setup, serv
             r = requests.post(f"{url}/infer/qunet", params={"image": image, "output": "json"}, timeout=60)
             assert r.status_code == 400 and "is not allowed" in r.json()["detail"], (image, r.text)
         # the uploaded file is the one image a request may name by path ...
-        r = requests.post(f"{url}/infer/qunet", params={"output": "json"}, timeout=120,
-                          files={"file": ("scan", (setup["studies"] / "ct2.nii.gz").read_bytes())})
+        r = requests.post(
+            f"{url}/infer/qunet",
+            params={"output": "json"},
+            timeout=120,
+            files={"file": ("scan", (setup["studies"] / "ct2.nii.gz").read_bytes())},
+        )
         assert r.status_code == 200, r.text
         # ... and params cannot point infer elsewhere
-        r = requests.post(f"{url}/infer/qunet", params={"output": "json"}, data={"params": json.dumps({"image": str(stray)})},
-                          files={"file": ("scan.nii.gz", (setup["studies"] / "ct2.nii.gz").read_bytes())}, timeout=120)
+        r = requests.post(
+            f"{url}/infer/qunet",
+            params={"output": "json"},
+            data={"params": json.dumps({"image": str(stray)})},
+            files={"file": ("scan.nii.gz", (setup["studies"] / "ct2.nii.gz").read_bytes())},
+            timeout=120,
+        )
         assert r.status_code == 404, r.text
     finally:
         stray.unlink()
@@ -144,7 +211,10 @@ def test_nothing_outside_the_studies_folder_is_listed_served_or_read(setup, serv
     # studies files are read through the same checks: over the voxel cap, or naming a file outside
     r = requests.post(f"{url}/scoring/qunet_quality?run_sync=true", timeout=300)
     assert r.status_code == 200 and r.json()["failed"] == 2, r.text
-    info = {i: requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json() for i in ("big", "detached")}
+    info = {
+        i: requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json()
+        for i in ("big", "detached")
+    }
     assert f"more than the limit of {CAP:,}" in info["big"]["qunet_error"]
     assert "separate data file" in info["detached"]["qunet_error"]
     assert "SECRET" not in server.log.read_text(errors="replace")
@@ -152,7 +222,9 @@ def test_nothing_outside_the_studies_folder_is_listed_served_or_read(setup, serv
 
 def test_app_records_cannot_be_set_by_clients(setup, server, tmp_path):
     label = nifti(np.zeros(SHAPE, np.uint8), tmp_path / "l.nii.gz").read_bytes()
-    requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": ("l.nii.gz", label)}, timeout=60)
+    requests.put(
+        f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": ("l.nii.gz", label)}, timeout=60
+    )
     before = disk_state(setup, server)
     attempts = [
         ("/datastore/label/info", {"label": "ct1", "tag": "final"}, "info", {"qunet_pending": "x"}),
@@ -165,18 +237,33 @@ def test_app_records_cannot_be_set_by_clients(setup, server, tmp_path):
     for path, query, field, info in attempts:
         r = requests.put(server.url + path, params=query, data={field: json.dumps(info)}, timeout=30)
         assert r.status_code == 403 and next(iter(info)) in r.json()["detail"], (path, info, r.text)
-    for path, kind, query in (("/datastore/label", "label", {"image": "ct1"}), ("/datastore/image", "file", {"image": "n"})):
-        r = requests.put(server.url + path, params=query, data={"params": json.dumps({"qunet_annotated": [1], "ts": 0})},
-                         files={kind: ("l.nii.gz", label if kind == "label" else (setup["studies"] / "ct2.nii.gz").read_bytes())})
+    for path, kind, query in (
+        ("/datastore/label", "label", {"image": "ct1"}),
+        ("/datastore/image", "file", {"image": "n"}),
+    ):
+        r = requests.put(
+            server.url + path,
+            params=query,
+            data={"params": json.dumps({"qunet_annotated": [1], "ts": 0})},
+            files={kind: ("l.nii.gz", label if kind == "label" else (setup["studies"] / "ct2.nii.gz").read_bytes())},
+        )
         assert r.status_code == 403 and "qunet_annotated, ts" in r.json()["detail"], r.text
     assert disk_state(setup, server) == before
 
 
 def test_unused_endpoints_off_and_the_rest_checked(setup, server):
     url, before = server.url, disk_state(setup, server)
-    for method, path in (("post", "/batch/infer/qunet"), ("post", "/batch/infer/anything"), ("get", "/batch/infer"),
-                         ("put", "/session/"), ("get", "/session/x"), ("get", "/datastore/dataset"), ("post", "/reload"),
-                         ("post", "/infer/wsi_v2/qunet"), ("get", "/proxy/dicom/qido/studies")):
+    for method, path in (
+        ("post", "/batch/infer/qunet"),
+        ("post", "/batch/infer/anything"),
+        ("get", "/batch/infer"),
+        ("put", "/session/"),
+        ("get", "/session/x"),
+        ("get", "/datastore/dataset"),
+        ("post", "/reload"),
+        ("post", "/infer/wsi_v2/qunet"),
+        ("get", "/proxy/dicom/qido/studies"),
+    ):
         r = getattr(requests, method)(url + path, timeout=30)
         assert r.status_code == 404 and r.json()["detail"], (path, r.text)
     for method in ("put", "delete"):
@@ -203,7 +290,9 @@ def test_unused_endpoints_off_and_the_rest_checked(setup, server):
 
 def test_served_slice_records_are_pruned(setup, server):
     for i in range(60):  # hold_seconds 0: every record is expired when the next one is written
-        r = requests.post(f"{server.url}/activelearning/qunet", json={"client_id": f"client-{i:03d}-" + "x" * 100}, timeout=30)
+        r = requests.post(
+            f"{server.url}/activelearning/qunet", json={"client_id": f"client-{i:03d}-" + "x" * 100}, timeout=30
+        )
         assert r.status_code == 200 and r.json()["id"] in ("ct1", "ct2"), r.text
     kept = records_on_disk(setup["studies"])
     counts = {k: len(v.get("qunet_served", {})) for k, v in kept.items()}
@@ -224,7 +313,9 @@ def test_model_uploads_checked_and_published_whole(setup, server):
     assert requests.post(f"{server.url}/infer/qunet", params={"image": "ct2", "output": "json"}, timeout=120).ok
     assert requests.delete(f"{server.url}/model/qunet", timeout=30).status_code == 200
     assert not (model_dir / "qunet.pt").exists()
-    wait_for(lambda: sorted(os.listdir(setup["tmp"])) == before["tmp"], 10, "uploads and infer results removed", poll=0.5)
+    wait_for(
+        lambda: sorted(os.listdir(setup["tmp"])) == before["tmp"], 10, "uploads and infer results removed", poll=0.5
+    )
 
 
 def test_training_dies_with_the_server_and_a_restart_cleans_up(setup, server):
@@ -259,4 +350,3 @@ def pickled(network: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({"model": network.state_dict()}, buffer)
     return buffer.getvalue()
-

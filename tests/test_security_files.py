@@ -9,8 +9,19 @@ import nibabel as nib
 import numpy as np
 import requests
 
-from hostile_files import (AFFINE, MEMORY_BOUND, SHAPE, deflate, disk_state, mha_bytes, nifti, nrrd_bytes, peak_rss,  # noqa: F401
-                           server, setup)  # (fixtures)
+from hostile_files import (
+    AFFINE,
+    MEMORY_BOUND,
+    SHAPE,
+    deflate,
+    disk_state,
+    mha_bytes,
+    nifti,
+    nrrd_bytes,
+    peak_rss,  # noqa: F401
+    server,
+    setup,
+)  # (fixtures)
 from live_server import APP
 from qunet.io import load_label, load_stack
 from qunet_bench.synthetic import generate_stack
@@ -25,17 +36,29 @@ def test_fuzzed_upload_headers(setup, server, tmp_path):
     label[5:9, 5:9, 2] = 1
     raw = np.ascontiguousarray(label.transpose(2, 1, 0)).tobytes()  # file order: x fastest
     ints = ["0", "-1", "1", "3", "2", "48", "10", "4096", "2147483647", "99999999999", "x", ""]
-    nrrd_fields = {"type": ["uint8", "int16", "float", "double", "block", "weird"], "dimension": ["2", "3", "4", "0", "-1", "x"],
-                   "sizes": ["48 48 10", "48 48", "4800 4800 1000", "0 48 10", "-1 48 10", "48 48 10 1", "a b c"],
-                   "encoding": ["raw", "gzip", "bzip2", "ascii", "hex", "none"], "endian": ["little", "big", "middle"],
-                   "byte skip": ints, "line skip": ints, "data file": ["/etc/hostname", "LIST", "x%03d.raw 1 3 1"],
-                   "space directions": ["(-0.8,0,0) (0,-0.8,0) (0,0,4)", "none", "(1,0) (0,1)", "garbage"],
-                   "space origin": ["(0,0,0)", "(1,2)", "none"]}
-    meta_fields = {"NDims": ints, "DimSize": ["48 48 10", "48 48", "4800 4800 1000", "0 0 0", "48 48 x"],
-                   "ElementType": ["MET_UCHAR", "MET_FLOAT", "MET_DOUBLE", "MET_FLOAT_ARRAY", "MET_NONE", "x"],
-                   "ElementNumberOfChannels": ints, "CompressedData": ["True", "False", "maybe"],
-                   "CompressedDataSize": ints, "HeaderSize": ints, "BinaryData": ["True", "False"],
-                   "ElementDataFile": ["LOCAL", "local", "/etc/hostname", "LIST", "x%d.raw 1 3 1"]}
+    nrrd_fields = {
+        "type": ["uint8", "int16", "float", "double", "block", "weird"],
+        "dimension": ["2", "3", "4", "0", "-1", "x"],
+        "sizes": ["48 48 10", "48 48", "4800 4800 1000", "0 48 10", "-1 48 10", "48 48 10 1", "a b c"],
+        "encoding": ["raw", "gzip", "bzip2", "ascii", "hex", "none"],
+        "endian": ["little", "big", "middle"],
+        "byte skip": ints,
+        "line skip": ints,
+        "data file": ["/etc/hostname", "LIST", "x%03d.raw 1 3 1"],
+        "space directions": ["(-0.8,0,0) (0,-0.8,0) (0,0,4)", "none", "(1,0) (0,1)", "garbage"],
+        "space origin": ["(0,0,0)", "(1,2)", "none"],
+    }
+    meta_fields = {
+        "NDims": ints,
+        "DimSize": ["48 48 10", "48 48", "4800 4800 1000", "0 0 0", "48 48 x"],
+        "ElementType": ["MET_UCHAR", "MET_FLOAT", "MET_DOUBLE", "MET_FLOAT_ARRAY", "MET_NONE", "x"],
+        "ElementNumberOfChannels": ints,
+        "CompressedData": ["True", "False", "maybe"],
+        "CompressedDataSize": ints,
+        "HeaderSize": ints,
+        "BinaryData": ["True", "False"],
+        "ElementDataFile": ["LOCAL", "local", "/etc/hostname", "LIST", "x%d.raw 1 3 1"],
+    }
     nifti_fields = {0: "<i", 40: "<h", 42: "<h", 44: "<h", 46: "<h", 48: "<h", 70: "<h", 72: "<h", 108: "<f", 112: "<f"}
     values = {"i": [0, -1, 1, 2, 3, 7, 48, 255, 348, 540, 32767, -32768], "f": [0.0, -1.0, 352.0, 1e30, float("nan")]}
 
@@ -58,21 +81,31 @@ def test_fuzzed_upload_headers(setup, server, tmp_path):
         for _ in range(changes):
             offset = rng.choice(sorted(nifti_fields))
             fmt = nifti_fields[offset]
-            block[offset: offset + struct.calcsize(fmt)] = struct.pack(fmt, rng.choice(values["f" if fmt == "<f" else "i"]))
+            block[offset : offset + struct.calcsize(fmt)] = struct.pack(
+                fmt, rng.choice(values["f" if fmt == "<f" else "i"])
+            )
         if changes and rng.random() < 0.2:
             block[344:348] = rng.choice([b"ni1\0", b"n+2\0", b"xxxx"])
         data = bytes(block) + bytes(4) + label.transpose(2, 1, 0).tobytes()
         return ("l.nii.gz", deflate(data)) if compress else ("l.nii", data)
 
-    for name, data in (("l.nii", nifti(label, tmp_path / "w.nii").read_bytes()), ("l.nrrd", nrrd_bytes({}, raw)), ("l.mha", mha_bytes({}, raw)),
-                       ("l.nrrd", nrrd_bytes({"encoding": "gzip"}, deflate(raw))),
-                       ("l.mha", mha_bytes({"CompressedData": "True"}, deflate(raw, 0, 15)))):
-        r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)}, timeout=60)
+    for name, data in (
+        ("l.nii", nifti(label, tmp_path / "w.nii").read_bytes()),
+        ("l.nrrd", nrrd_bytes({}, raw)),
+        ("l.mha", mha_bytes({}, raw)),
+        ("l.nrrd", nrrd_bytes({"encoding": "gzip"}, deflate(raw))),
+        ("l.mha", mha_bytes({"CompressedData": "True"}, deflate(raw, 0, 15))),
+    ):
+        r = requests.put(
+            f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)}, timeout=60
+        )
         assert r.status_code == 200, (name, r.text)  # every reader loaded before the peak RSS is taken
     peak, before, seen = peak_rss(server), disk_state(setup, server), {}
     for i in range(150):
         name, data = mutated()
-        r = requests.put(f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)}, timeout=60)
+        r = requests.put(
+            f"{server.url}/datastore/label", params={"image": "ct1"}, files={"label": (name, data)}, timeout=60
+        )
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (i, name, data[:400], r.text[:300])
         if r.status_code == 200:
@@ -104,8 +137,13 @@ def test_restart_ignores_pending_saves_the_app_did_not_write(tmp_path):
         nifti(np.full(SHAPE, i + 1, np.uint8), studies / "labels" / "final" / f"{name}.nii.gz")
     QUNetDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     labels = {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()}
-    for pending in ({"tmp": "ct2.nii.gz", "stale": None}, {"tmp": ".tmp-abcdefgh", "stale": "ct2.nii.gz"},
-                    {"tmp": "../../ct2.nii.gz"}, "x", {"tmp": ".tmp-abcdefgh", "stale": "../ct2.nii.gz"}):
+    for pending in (
+        {"tmp": "ct2.nii.gz", "stale": None},
+        {"tmp": ".tmp-abcdefgh", "stale": "ct2.nii.gz"},
+        {"tmp": "../../ct2.nii.gz"},
+        "x",
+        {"tmp": ".tmp-abcdefgh", "stale": "../ct2.nii.gz"},
+    ):
         store = json.loads((studies / "datastore_v2.json").read_text())
         store["objects"]["ct1"]["labels"]["final"]["info"]["qunet_pending"] = pending
         (studies / "datastore_v2.json").write_text(json.dumps(store))

@@ -45,14 +45,24 @@ def server(tmp_path_factory):
     weights = root / "pretrained.pt"
     torch.manual_seed(0)
     torch.save({"model": build_network(TINY).state_dict()}, weights)
-    conf = {"patch_size": "32", "features": ",".join(map(str, TINY)), "q0": str(SETTINGS.q0),
-            "slices_per_sample": str(SETTINGS.slices_per_sample), "budget": str(SETTINGS.budget),
-            "pretrained_path": str(weights)}
+    conf = {
+        "patch_size": "32",
+        "features": ",".join(map(str, TINY)),
+        "q0": str(SETTINGS.q0),
+        "slices_per_sample": str(SETTINGS.slices_per_sample),
+        "budget": str(SETTINGS.budget),
+        "pretrained_path": str(weights),
+    }
     env = {"OMP_NUM_THREADS": "1", "MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}
     srv = LiveServer(studies, root, conf=conf, env=env).start()
     srv.model = file_signature(weights)
-    wait_for(lambda: (q := qunet_info(srv))["pending_volumes"] == 0 and q["scoring"]["qunet_disagreement"].get("state") == "done",
-             300, "start-up scoring")
+    wait_for(
+        lambda: (
+            (q := qunet_info(srv))["pending_volumes"] == 0 and q["scoring"]["qunet_disagreement"].get("state") == "done"
+        ),
+        300,
+        "start-up scoring",
+    )
     yield srv
     srv.stop()
     print(srv.tail(20))
@@ -71,14 +81,27 @@ def volume_states(infos: dict[str, dict], model: str, client: str | None, hold: 
     """The records as the policy's input, written here from the documented record format, not taken from the app."""
     now, volumes = time.time(), []
     for image_id, info in infos.items():
-        held = {k for c, s in (info.get("qunet_served") or {}).items()
-                if c != client and not s.get("submitted") and now - s["ts"] < hold for k in s["slices"]}
+        held = {
+            k
+            for c, s in (info.get("qunet_served") or {}).items()
+            if c != client and not s.get("submitted") and now - s["ts"] < hold
+            for k in s["slices"]
+        }
         rec = info.get("qunet_disagreement") or {}
         current = rec.get("model") == model
-        volumes.append(VolumeState(image_id, info["qunet_quality"]["initial"], rec["q"] if current else None,
-                                   frozenset(info.get("qunet_annotated", [])), frozenset(held), bool(info.get("qunet_error")),
-                                   area=rec["area"] if current else None, depth=info["qunet_quality"]["slices"],
-                                   constant=frozenset(k for k, ok in enumerate(info["qunet_quality"]["valid"]) if not ok)))
+        volumes.append(
+            VolumeState(
+                image_id,
+                info["qunet_quality"]["initial"],
+                rec["q"] if current else None,
+                frozenset(info.get("qunet_annotated", [])),
+                frozenset(held),
+                bool(info.get("qunet_error")),
+                area=rec["area"] if current else None,
+                depth=info["qunet_quality"]["slices"],
+                constant=frozenset(k for k, ok in enumerate(info["qunet_quality"]["valid"]) if not ok),
+            )
+        )
     return volumes
 
 
@@ -105,8 +128,13 @@ def test_app_and_policy_pick_the_same_from_the_same_records(server):
         assert (answer["id"], answer["slices"], answer["phase"]) == (expected.image_id, expected.slices, expected.phase)
         rec = infos[expected.image_id]["qunet_disagreement"]
         assert answer["scores"] == {k: [rec[k][i] for i in expected.slices] for k in ("q", "area")}
-        assert answer["q0"] == expected.q0 and answer["budget"] == {"budget": SETTINGS.budget, "remaining": expected.remaining}
-    assert expected.remaining == SETTINGS.budget - len(answers[0]["slices"])  # alice's held slices count against the budget
+        assert answer["q0"] == expected.q0 and answer["budget"] == {
+            "budget": SETTINGS.budget,
+            "remaining": expected.remaining,
+        }
+    assert expected.remaining == SETTINGS.budget - len(
+        answers[0]["slices"]
+    )  # alice's held slices count against the budget
     assert expected.q0 < SETTINGS.q0  # more open slices than the budget left: q0 lowered to fit
 
 
@@ -116,18 +144,53 @@ def save_label(server, image_id: str, slices: list[int], client: str) -> None:
     path = Path(server.app_dir).parent / "label.nii.gz"
     nib.save(nib.Nifti1Image(label, AFFINE), path)
     with open(path, "rb") as f:
-        r = requests.put(f"{server.url}/datastore/label", params={"image": image_id}, timeout=120,
-                         data={"params": json.dumps({"client_id": client})}, files={"label": (path.name, f)})
+        r = requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": image_id},
+            timeout=120,
+            data={"params": json.dumps({"client_id": client})},
+            files={"label": (path.name, f)},
+        )
     assert r.status_code == 200, r.text
 
 
 HISTORY = [  # as the trainer writes it: held-out Dice of the previous model on the slices annotated since
-    {"ts": 1000, "model": "a", "slices": 5, "volumes": 1, "lesion_slices": 2, "heldout": {"dice": None, "slices": 0, "lesion_slices": 0},
-     "train_dice": 0.61, "loss": 0.5, "steps": 10, "seconds": 3.0},
-    {"ts": 2000, "model": "b", "slices": 10, "volumes": 2, "lesion_slices": 4, "heldout": {"dice": 0.42, "slices": 5, "lesion_slices": 2},
-     "train_dice": 0.7, "loss": 0.4, "steps": 10, "seconds": 3.0},
-    {"ts": 3000, "model": None, "slices": 20, "volumes": 3, "lesion_slices": 8, "heldout": {"dice": 0.55, "slices": 10, "lesion_slices": 4},
-     "train_dice": 0.8, "loss": 0.3, "steps": 10, "seconds": 3.0},
+    {
+        "ts": 1000,
+        "model": "a",
+        "slices": 5,
+        "volumes": 1,
+        "lesion_slices": 2,
+        "heldout": {"dice": None, "slices": 0, "lesion_slices": 0},
+        "train_dice": 0.61,
+        "loss": 0.5,
+        "steps": 10,
+        "seconds": 3.0,
+    },
+    {
+        "ts": 2000,
+        "model": "b",
+        "slices": 10,
+        "volumes": 2,
+        "lesion_slices": 4,
+        "heldout": {"dice": 0.42, "slices": 5, "lesion_slices": 2},
+        "train_dice": 0.7,
+        "loss": 0.4,
+        "steps": 10,
+        "seconds": 3.0,
+    },
+    {
+        "ts": 3000,
+        "model": None,
+        "slices": 20,
+        "volumes": 3,
+        "lesion_slices": 8,
+        "heldout": {"dice": 0.55, "slices": 10, "lesion_slices": 4},
+        "train_dice": 0.8,
+        "loss": 0.3,
+        "steps": 10,
+        "seconds": 3.0,
+    },
     "not an entry",
 ]
 
@@ -149,14 +212,18 @@ def test_status_page_shows_the_records(server, browser, tmp_path):  # noqa: F811
 
     from selenium.webdriver.common.by import By
 
-    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in browser.find_elements(By.CSS_SELECTOR, "#volumes tr")[1:]]
+    rows = [
+        [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        for tr in browser.find_elements(By.CSS_SELECTOR, "#volumes tr")[1:]
+    ]
     pick = choose(volume_states(infos, server.model, None), loop_state(server), SETTINGS)
     expected = []
     for image_id in sorted(infos):
         info, rec = infos[image_id], infos[image_id]["qunet_disagreement"]
         annotated = set(info.get("qunet_annotated", []))
-        held = {k for c, s in info.get("qunet_served", {}).items() if not s.get("submitted") for k in s["slices"]} - annotated
+        held = {
+            k for c, s in info.get("qunet_served", {}).items() if not s.get("submitted") for k in s["slices"]
+        } - annotated
         flagged = sum(q is not None and q < pick.q0 and k not in annotated for k, q in enumerate(rec["q"]))
         expected.append([image_id, str(len(annotated)), str(len(held)), str(flagged)])
     assert [row[:4] for row in rows] == expected  # the hostile id shows as text, in its place

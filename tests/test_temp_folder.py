@@ -39,8 +39,12 @@ def _own_folders(server: LiveServer) -> list[str]:
 def test_start_and_requests_leave_nothing_in_the_system_temp_folder(tmp_path):
     studies = _studies(tmp_path)
     system_tmp = tmp_path / "tmp"  # the server's TMPDIR (qunet_bench.server)
-    server = LiveServer(studies, tmp_path, conf={**CONF, "pretrained_path": str(tmp_path / "pretrained.pt")},
-                        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}).start()
+    server = LiveServer(
+        studies,
+        tmp_path,
+        conf={**CONF, "pretrained_path": str(tmp_path / "pretrained.pt")},
+        env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"},
+    ).start()
     try:
         assert os.listdir(system_tmp) == [], "the launcher's logging configuration is removed at start"
         assert _own_folders(server) == [str(server.proc.pid)]
@@ -50,21 +54,35 @@ def test_start_and_requests_leave_nothing_in_the_system_temp_folder(tmp_path):
         label[10:20, 10:20, 3] = 1
         path = nifti(label, tmp_path / "label.nii.gz")
         with open(path, "rb") as f:
-            r = requests.put(f"{url}/datastore/label", params={"image": "ct1"}, files={"label": ("l.nii.gz", f)},
-                             data={"params": '{"annotated_slices": [3]}'}, timeout=120)
+            r = requests.put(
+                f"{url}/datastore/label",
+                params={"image": "ct1"},
+                files={"label": ("l.nii.gz", f)},
+                data={"params": '{"annotated_slices": [3]}'},
+                timeout=120,
+            )
         assert r.ok, r.text
-        bad = requests.put(f"{url}/datastore/label", params={"image": "ct2"}, timeout=60,
-                           files={"label": ("l.nii.gz", b"not an image")})
+        bad = requests.put(
+            f"{url}/datastore/label",
+            params={"image": "ct2"},
+            timeout=60,
+            files={"label": ("l.nii.gz", b"not an image")},
+        )
         assert bad.status_code == 422, bad.text
-        raw = requests.put(f"{url}/datastore/label", params={"image": "ct2"}, timeout=120,
-                           files={"label": ("label.bin", label.tobytes(order="F"))})  # OHIF's, for DICOMweb only
+        raw = requests.put(
+            f"{url}/datastore/label",
+            params={"image": "ct2"},
+            timeout=120,
+            files={"label": ("label.bin", label.tobytes(order="F"))},
+        )  # OHIF's, for DICOMweb only
         assert raw.status_code == 422, raw.text
         for output in ("image", "json"):
             r = requests.post(f"{url}/infer/qunet", params={"image": "ct2", "output": output}, timeout=300)
             assert r.ok, r.text
         with open(path, "rb") as f:
-            r = requests.post(f"{url}/infer/qunet", params={"output": "image"}, files={"file": ("x.nii.gz", f)},
-                              timeout=300)
+            r = requests.post(
+                f"{url}/infer/qunet", params={"output": "image"}, files={"file": ("x.nii.gz", f)}, timeout=300
+            )
         assert r.ok, r.text
         time.sleep(1)  # MONAI Label removes an answer's file in a background task after sending it
         assert os.listdir(system_tmp) == []

@@ -4,7 +4,8 @@
 
 The work is done by the `qunet` library; this module only wires its tasks into MONAI Label, and answers a
 client's mistakes with a 4xx status and a message naming the problem (MONAI Label would answer 500). What the
-endpoints check before they reach the app is in `qunet_app.server.gate`; background processes are handled by `qunet_app.server.processes`.
+endpoints check before they reach the app is in `qunet_app.server.gate`; background processes are handled by
+`qunet_app.server.processes`.
 """
 
 import logging
@@ -85,7 +86,9 @@ class QUNetApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             if settings.MONAI_LABEL_DATASTORE.lower() not in ("", "dicomweb"):
-                logger.warning(f"{settings.MONAI_LABEL_DATASTORE} datastore: the app's label checks and slice records are off")
+                logger.warning(
+                    f"{settings.MONAI_LABEL_DATASTORE} datastore: the app's label checks and slice records are off"
+                )
                 return super().init_datastore()
             self.studies = self.studies.rstrip("/").strip()
         return open_studies(self.studies, self.qconf, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
@@ -94,8 +97,14 @@ class QUNetApp(MONAILabelApp):
         return {MODEL: QUNetInfer([p for p in (self.qconf.pretrained_path, self.published) if p], self.qconf)}
 
     def init_trainers(self) -> dict:
-        return {MODEL: QUNetTrain(self.model_dir, self.qconf, self.published,
-                                  [os.path.join(self.app_dir, "train_cohort.py"), "--locked", *self.ranks_args])}
+        return {
+            MODEL: QUNetTrain(
+                self.model_dir,
+                self.qconf,
+                self.published,
+                [os.path.join(self.app_dir, "train_cohort.py"), "--locked", *self.ranks_args],
+            )
+        }
 
     def init_strategies(self) -> dict:
         qunet = QUNetStrategy(self.qconf, self.model_path, self.model_dir)
@@ -105,8 +114,12 @@ class QUNetApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict:
         return {
             "qunet_quality": QualityScoring(self.qconf, self.model_dir),
-            "qunet_disagreement": DisagreementScoring(self.qconf, self.model_path, self.model_dir,
-                                                      ranks_command=[os.path.join(self.app_dir, "score_cohort.py"), *self.ranks_args]),
+            "qunet_disagreement": DisagreementScoring(
+                self.qconf,
+                self.model_path,
+                self.model_dir,
+                ranks_command=[os.path.join(self.app_dir, "score_cohort.py"), *self.ranks_args],
+            ),
         }
 
     # ---- requests: unknown names are 404, bad values 400, before MONAI Label turns them into 500 ----------------
@@ -151,8 +164,11 @@ class QUNetApp(MONAILabelApp):
         super().on_init_complete()
         # re-score a new model once a training leaves it in place (the training subprocess no longer asks: see
         # async_scoring), whatever MONAI_LABEL_AUTO_UPDATE_SCORING says, as the app always did after training
-        watch_model(self.model_signature, lambda: training_running() or self._training_here.is_set(),
-                    lambda: self.async_scoring("qunet_disagreement"))
+        watch_model(
+            self.model_signature,
+            lambda: training_running() or self._training_here.is_set(),
+            lambda: self.async_scoring("qunet_disagreement"),
+        )
 
     def model_signature(self) -> str | None:
         path = self.model_path()
@@ -177,7 +193,9 @@ class QUNetApp(MONAILabelApp):
         methods = [method] if method else list(self._scoring_methods)
         result = {}
         with self._scoring_lock:
-            waiting = {t["request"].get("method") for t in background_tasks("scoring") if t.get("status") == "SUBMITTED"}
+            waiting = {
+                t["request"].get("method") for t in background_tasks("scoring") if t.get("status") == "SUBMITTED"
+            }
             for m in methods:
                 result[m] = None if m in waiting or not self._has_work(m) else super().async_scoring(m)
         return result[method] if method else result

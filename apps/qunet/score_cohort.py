@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", help="model file (default: the app's published model, else conf pretrained_path)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (default: cores / local ranks)")
     p.add_argument("--methods", nargs="+", choices=("quality", "disagreement"), default=["quality", "disagreement"])
-    p.add_argument("--progress", action="store_true", help="rank 0 writes its share's progress to the app's model folder")
+    p.add_argument(
+        "--progress", action="store_true", help="rank 0 writes its share's progress to the app's model folder"
+    )
     args = p.parse_args(argv)
     if args.model and not os.path.isfile(args.model):  # never another model in its place
         p.error(f"--model {args.model}: no such file")

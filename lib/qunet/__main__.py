@@ -1,4 +1,5 @@
-"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,proxies,bench,rescore} ...` (see README and docs/)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,proxies,bench,rescore} ...` (see "
+"README and docs/)."""
 
 import argparse
 import json
@@ -15,20 +16,32 @@ def cmd_quality(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     stack = load_stack(args.stack)
     roi = load_label(args.roi, stack) if args.roi else None
-    settings = QualityConfig(median_window=args.median_window, blur_percentile=args.blur_percentile,
-                             psnr_percentile=args.psnr_percentile, epsilon0=args.epsilon0,
-                             max_initial=args.max_initial, min_initial=args.min_initial)
+    settings = QualityConfig(
+        median_window=args.median_window,
+        blur_percentile=args.blur_percentile,
+        psnr_percentile=args.psnr_percentile,
+        epsilon0=args.epsilon0,
+        max_initial=args.max_initial,
+        min_initial=args.min_initial,
+    )
     q = slice_quality(stack.array, roi, settings.median_window)
     initial = select_initial(q, settings)
-    return {"stack": args.stack, "shape": list(stack.array.shape), "slice_axis": 2, **q.to_dict(),
-            "initial": initial, "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "stack": args.stack,
+        "shape": list(stack.array.shape),
+        "slice_axis": 2,
+        **q.to_dict(),
+        "initial": initial,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
     from qunet_bench.generate import write_cohort
 
-    return write_cohort(args.out, args.cohort, args.kinds, args.count, args.seed, tuple(args.shape), args.source,
-                        args.stacks)
+    return write_cohort(
+        args.out, args.cohort, args.kinds, args.count, args.seed, tuple(args.shape), args.source, args.stacks
+    )
 
 
 def cmd_upload(args: argparse.Namespace) -> dict:
@@ -101,26 +114,53 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--median-window", type=int, default=d.median_window)
     q.add_argument("--epsilon0", type=float, default=d.epsilon0)
     q.add_argument("--max-initial", type=int, default=d.max_initial)
-    q.add_argument("--min-initial", type=int, default=d.min_initial, help="S0 filled up to this many (0: cut-offs only)")
+    q.add_argument(
+        "--min-initial", type=int, default=d.min_initial, help="S0 filled up to this many (0: cut-offs only)"
+    )
     q.add_argument("--blur-percentile", type=float, default=d.blur_percentile, help="default: the stack's mean")
     q.add_argument("--psnr-percentile", type=float, default=d.psnr_percentile, help="default: the stack's mean")
     q.set_defaults(run=cmd_quality)
-    g = sub.add_parser("generate", help="write a cohort of stacks with lesion masks: synthetic OCT-like and CT-like "
-                       "(NIfTI), or real scans with inserted lesions (docs/cohorts.md)")
+    g = sub.add_parser(
+        "generate",
+        help="write a cohort of stacks with lesion masks: synthetic OCT-like and CT-like "
+        "(NIfTI), or real scans with inserted lesions (docs/cohorts.md)",
+    )
     g.add_argument("out", help="folder; masks go to OUT/ground-truth/ with the same file names")
-    g.add_argument("--cohort", default="default", choices=["default", "prevalence", "hybrid"],
-                   help="default: lesions in one slab of 35-55%% of the slices; prevalence: 2-4 lesions of varied size "
-                   "and contrast in 5-30%% of the slices; hybrid: lesions inserted into the scans of --from")
+    g.add_argument(
+        "--cohort",
+        default="default",
+        choices=["default", "prevalence", "hybrid"],
+        help="default: lesions in one slab of 35-55%% of the slices; prevalence: 2-4 lesions of varied size "
+        "and contrast in 5-30%% of the slices; hybrid: lesions inserted into the scans of --from",
+    )
     g.add_argument("--kinds", nargs="+", default=["oct", "ct"], choices=["oct", "ct"], help="synthetic cohorts only")
-    g.add_argument("--count", type=int, default=2,
-                   help="stacks per kind (default, prevalence), or variants per source stack (hybrid)")
+    g.add_argument(
+        "--count",
+        type=int,
+        default=2,
+        help="stacks per kind (default, prevalence), or variants per source stack (hybrid)",
+    )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--shape", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"),
-                   help="synthetic cohorts only; hybrids keep their source's shape")
-    g.add_argument("--from", dest="source", metavar="DIR",
-                   help="hybrid: folder of scans (NIfTI, NRRD, MetaImage) with same-named masks in DIR/ground-truth/")
-    g.add_argument("--stacks", nargs="+", metavar="NAME",
-                   help="hybrid: only these stacks of DIR, by name without suffix (e.g. brain1 breast1 lung1)")
+    g.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[128, 128, 32],
+        metavar=("X", "Y", "Z"),
+        help="synthetic cohorts only; hybrids keep their source's shape",
+    )
+    g.add_argument(
+        "--from",
+        dest="source",
+        metavar="DIR",
+        help="hybrid: folder of scans (NIfTI, NRRD, MetaImage) with same-named masks in DIR/ground-truth/",
+    )
+    g.add_argument(
+        "--stacks",
+        nargs="+",
+        metavar="NAME",
+        help="hybrid: only these stacks of DIR, by name without suffix (e.g. brain1 breast1 lung1)",
+    )
     g.set_defaults(run=cmd_generate)
     u = sub.add_parser("upload", help="send stacks to a DICOMweb server as DICOM series (STOW-RS)")
     u.add_argument("url", help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
@@ -162,14 +202,18 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(run=cmd_contention)
     from qunet_bench.loop_bench import add_arguments as loop_arguments
 
-    lo = sub.add_parser("loop", help="the live loop at the app's defaults: the app's pick against random and evenly "
-                        "spaced slices, Dice after each Train (docs/)")
+    lo = sub.add_parser(
+        "loop",
+        help="the live loop at the app's defaults: the app's pick against random and evenly "
+        "spaced slices, Dice after each Train (docs/)",
+    )
     loop_arguments(lo)
     lo.set_defaults(run=cmd_loop)
     from qunet_bench.learner import add_arguments as learner_arguments
 
-    le = sub.add_parser("learner", help="Dice of a model trained on a few annotated slices of one stack, stack by "
-                        "stack (docs/)")
+    le = sub.add_parser(
+        "learner", help="Dice of a model trained on a few annotated slices of one stack, stack by stack (docs/)"
+    )
     learner_arguments(le)
     le.set_defaults(run=cmd_learner)
     return p

@@ -30,7 +30,9 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def heads(network: torch.nn.Module, x: torch.Tensor, patch_size: int, background: float, which: tuple[int, ...]) -> list[torch.Tensor]:
+def heads(
+    network: torch.nn.Module, x: torch.Tensor, patch_size: int, background: float, which: tuple[int, ...]
+) -> list[torch.Tensor]:
     """The selected output heads' logits for a batch of whole normalised slices (N, 1, X, Y), by sliding window."""
     per_call = GPU_WINDOWS_PER_CALL if x.device.type != "cpu" else max(1, CPU_PIXELS_PER_CALL // patch_size**2)
     inferer = SlidingWindowInferer((patch_size, patch_size), per_call, OVERLAP, mode="gaussian", cval=background)
@@ -45,7 +47,9 @@ def heads(network: torch.nn.Module, x: torch.Tensor, patch_size: int, background
     return [out] if isinstance(out, torch.Tensor) else list(out)  # MONAI returns a single output bare
 
 
-def normalised_chunks(volume: np.ndarray, slices: list[int], device: torch.device) -> Iterator[tuple[list[int], torch.Tensor, float]]:
+def normalised_chunks(
+    volume: np.ndarray, slices: list[int], device: torch.device
+) -> Iterator[tuple[list[int], torch.Tensor, float]]:
     """Normalised slices a chunk at a time: memory is bounded by the chunk, not the stack's depth."""
     intensity = Intensity.of(volume)
     for start in range(0, len(slices), CHUNK):
@@ -54,8 +58,9 @@ def normalised_chunks(volume: np.ndarray, slices: list[int], device: torch.devic
         yield chunk, x.to(device), intensity.background
 
 
-def levels_3_and_4(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None,
-                    device: torch.device | None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def levels_3_and_4(
+    network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None, device: torch.device | None
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(slice indices, level-3 logits, level-4 logits) a chunk at a time; all slices by default."""
     device = device or next(network.parameters()).device
     todo = list(range(volume.shape[2])) if slices is None else list(slices)
@@ -76,8 +81,13 @@ def _lesion_pixels(l4: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def disagreement_and_area(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
-                          device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+def disagreement_and_area(
+    network: torch.nn.Module,
+    volume: np.ndarray,
+    patch_size: int,
+    slices: list[int] | None = None,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Q per slice of a (X, Y, Z) stack and the level-4 lesion pixels per slice (any label) from one pass over levels
     3 and 4; NaN where not scored."""
     q, area = np.full(volume.shape[2], np.nan), np.full(volume.shape[2], np.nan)
@@ -87,23 +97,34 @@ def disagreement_and_area(network: torch.nn.Module, volume: np.ndarray, patch_si
     return q, area
 
 
-def disagreement_scores(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
-                        device: torch.device | None = None) -> np.ndarray:
+def disagreement_scores(
+    network: torch.nn.Module,
+    volume: np.ndarray,
+    patch_size: int,
+    slices: list[int] | None = None,
+    device: torch.device | None = None,
+) -> np.ndarray:
     """Q per slice of a (X, Y, Z) stack from one pass over levels 3 and 4; NaN where not scored."""
     return disagreement_and_area(network, volume, patch_size, slices, device)[0]
 
 
 @torch.inference_mode()
-def segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int] | None = None,
-            device: torch.device | None = None) -> np.ndarray:
+def segment(
+    network: torch.nn.Module,
+    volume: np.ndarray,
+    patch_size: int,
+    slices: list[int] | None = None,
+    device: torch.device | None = None,
+) -> np.ndarray:
     """Level-4 labels (uint8, (X, Y, n)) of the given slices (default all), in that order."""
     parts = [_labels(l4) for _, _, l4 in levels_3_and_4(network, volume, patch_size, slices, device)]
     return np.concatenate(parts, axis=2) if parts else np.zeros((*volume.shape[:2], 0), np.uint8)
 
 
 @torch.inference_mode()
-def score_and_segment(network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int],
-                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_and_segment(
+    network: torch.nn.Module, volume: np.ndarray, patch_size: int, slices: list[int], device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """From one pass, for the given slices in their order: Q, level-4 labels (X, Y, n), and lesion pixels (as
     `disagreement_and_area`)."""
     qs, labels, areas = [], [], []

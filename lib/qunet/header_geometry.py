@@ -9,7 +9,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def _affine(columns: np.ndarray, origin: np.ndarray) -> np.ndarray:
     """4x4 affine whose first three columns hold the spatial axes' steps (`columns`, 3 x N, N <= 3)."""
     affine = np.eye(4)
-    affine[:3, :columns.shape[1]] = columns
+    affine[:3, : columns.shape[1]] = columns
     affine[:3, 3] = origin
     return affine
 

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 
-METRICS = {"precision": "precision", "recall": "sensitivity", "jaccard": "threat score", "dice": "f1 score", "accuracy": "accuracy"}
+METRICS = {
+    "precision": "precision",
+    "recall": "sensitivity",
+    "jaccard": "threat score",
+    "dice": "f1 score",
+    "accuracy": "accuracy",
+}
 
 
 def _from_confusion(cm: torch.Tensor) -> dict[str, np.ndarray]:

@@ -37,9 +37,17 @@ def neighbour_targets(label: np.ndarray, annotated: list[int]) -> dict[int, int]
     return lenders
 
 
-def neighbour_slices(volume: np.ndarray, label: np.ndarray, annotated: list[int], num_labels: int, name: str,
-                     mode: str, network: torch.nn.Module | None = None, patch_size: int = 0,
-                     device: torch.device | None = None) -> list[TrainingSlice]:
+def neighbour_slices(
+    volume: np.ndarray,
+    label: np.ndarray,
+    annotated: list[int],
+    num_labels: int,
+    name: str,
+    mode: str,
+    network: torch.nn.Module | None = None,
+    patch_size: int = 0,
+    device: torch.device | None = None,
+) -> list[TrainingSlice]:
     """Training slices for the neighbours of one stack's annotated lesion slices, labelled as `mode` says; none for
     "off", nor for "model" before there is a model."""
     if mode not in MODES:
@@ -57,5 +65,6 @@ def neighbour_slices(volume: np.ndarray, label: np.ndarray, annotated: list[int]
         else:
             near = binary_dilation(lent > 0, iterations=MARGIN)
             pseudo[:, :, i] = np.where(near, found[:, :, i], 0)
-    return labelled_slices(volume, [(j, pseudo[:, :, i]) for i, j in enumerate(ks) if pseudo[:, :, i].any()],
-                           num_labels, name)
+    return labelled_slices(
+        volume, [(j, pseudo[:, :, i]) for i, j in enumerate(ks) if pseudo[:, :, i].any()], num_labels, name
+    )

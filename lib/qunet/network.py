@@ -31,7 +31,8 @@ def build_network(
 class DeepSupervisionDiceCE(DeepSupervisionLoss):
     """Dice + cross-entropy over the whole batch on all four heads, equally weighted (as the paper's code weights
     its heads); takes the network's own order, shallowest head first, or one tensor (a one-output network).
-    Over the batch, a batch of lesion-free patches still has a gradient (per-sample Dice of an empty target has none)."""
+    Over the batch, a batch of lesion-free patches still has a gradient (per-sample Dice of an empty target has
+    none)."""
 
     def __init__(self) -> None:
         super().__init__(DiceCELoss(sigmoid=True, batch=True), weight_mode="same")

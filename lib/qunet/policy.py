@@ -1,7 +1,8 @@
 """Next sample's policy: which volume to open, which of its slices to annotate, and when to stop asking.
 
 Plain data in, a pick out, no MONAI Label. `Ranking` keeps every volume's records (`VolumeState`) sorted for the
-pick, so an answer looks at the few volumes it may serve: the app's strategy (apps/qunet/qunet_app/tasks/strategy.py) keeps
+pick, so an answer looks at the few volumes it may serve: the app's strategy (apps/qunet/qunet_app/tasks/strategy.py)
+keeps
 one and updates the volumes whose records changed; `choose` builds one per answer (the benchmarks). Same code.
 
 Phases (`paper` and `spread`; a covering variant such as the default `lesion` serves the first volume in its order
@@ -34,13 +35,17 @@ INITIAL, DISAGREEMENT, SCORING = "initial", "disagreement", "scoring"
 @dataclass(frozen=True)
 class LoopState:
     has_model: bool = False
-    agreement: Sequence[float | None] = ()  # `agreement()` of each model's scores, oldest first, the current model's last
+    agreement: Sequence[
+        float | None
+    ] = ()  # `agreement()` of each model's scores, oldest first, the current model's last
 
 
 @dataclass(frozen=True)
 class Option:
     volume: VolumeState
-    slices: Slices  # open (slice, score), best first: Q or S0 rank; covering variants: distance to the nearest taken slice
+    slices: (
+        Slices  # open (slice, score), best first: Q or S0 rank; covering variants: distance to the nearest taken slice
+    )
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,11 @@ class Ranking:
         low = []
         if v.q is not None:
             candidates = v.ranked if v.ranked is not None else range(len(v.q))
-            low = [(v.q[k], v.image_id, k) for k in candidates if v.q[k] is not None and v.q[k] < q0 and k not in v.annotated]
+            low = [
+                (v.q[k], v.image_id, k)
+                for k in candidates
+                if v.q[k] is not None and v.q[k] < q0 and k not in v.annotated
+            ]
         if self._covers(v):
             opens = any(k not in v.annotated and k not in v.constant for k in range(v.depth))
         else:
@@ -199,7 +208,9 @@ class Ranking:
             taken = held.get(image_id, frozenset())
             if k not in taken:
                 low, _, _ = self._entries(self._states[image_id])
-                return Option(self._states[image_id], [(j, qj) for qj, _, j in sorted(low) if qj < q0 and j not in taken])
+                return Option(
+                    self._states[image_id], [(j, qj) for qj, _, j in sorted(low) if qj < q0 and j not in taken]
+                )
         return None
 
     def _first_initial(self, held: Mapping[str, frozenset[int]], limit: int) -> Option | None:
@@ -215,7 +226,9 @@ class Ranking:
         for image_id, taken in held.items():
             v = self._states[image_id]
             if option := self._open(v, taken, limit):
-                candidates.append(((*self.variant.initial_key(replace(v, annotated=v.annotated | taken)), image_id), option))
+                candidates.append(
+                    ((*self.variant.initial_key(replace(v, annotated=v.annotated | taken)), image_id), option)
+                )
         return min(candidates, key=lambda c: c[0])[1] if candidates else None
 
     def _open(self, v: VolumeState, held: frozenset[int], limit: int) -> Option | None:
@@ -238,10 +251,15 @@ def rescore_order(volumes: Sequence[VolumeState]) -> list[str]:
     """The order to re-score volumes for a new model, those likely to be asked for next first, from the latest Q
     each has (an earlier model's): volumes with no Q at all first (nothing is known of them, and no model has been
     asked about them), then by their lowest open Q, ascending (ties by id)."""
+
     def key(v: VolumeState) -> tuple:
         if v.q is None:
             return (0, 0.0, v.image_id)
-        return (1, min((q for k, q in enumerate(v.q) if q is not None and k not in v.annotated), default=2.0), v.image_id)
+        return (
+            1,
+            min((q for k, q in enumerate(v.q) if q is not None and k not in v.annotated), default=2.0),
+            v.image_id,
+        )
 
     return [v.image_id for v in sorted(volumes, key=key)]
 

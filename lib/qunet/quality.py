@@ -105,8 +105,10 @@ def _percentiles(sample: np.ndarray, q: tuple[float, ...]) -> list[float]:
     above = np.minimum(below + 1, n - 1)
     values = _order_statistics(_chunks(sample), sorted(set(below.tolist()) | set(above.tolist())))
     # np.quantile of the two neighbours at the same fraction runs NumPy's own interpolation
-    return [float(np.quantile(np.array([values[int(b)], values[int(a)]], np.float32), v - b))
-            for v, b, a in zip(virtual, below, above)]
+    return [
+        float(np.quantile(np.array([values[int(b)], values[int(a)]], np.float32), v - b))
+        for v, b, a in zip(virtual, below, above)
+    ]
 
 
 def scale_to_unit(volume: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -124,7 +126,8 @@ def _median_filter(unit: np.ndarray, window: int) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """scipy's binary_fill_holes with 4-connectivity, for one slice: background not 4-connected to the edge is filled."""
+    """scipy's binary_fill_holes with 4-connectivity, for one slice: background not 4-connected to the edge is "
+    "filled."""
     count, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
     if count <= 1:
         return mask

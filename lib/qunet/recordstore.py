@@ -58,8 +58,9 @@ class RecordStore:
             self._db.close()
 
     def _refresh(self) -> None:
-        rows = self._db.execute("SELECT image, key, value, version FROM records WHERE version > ? ORDER BY version",
-                                (self._seen,)).fetchall()
+        rows = self._db.execute(
+            "SELECT image, key, value, version FROM records WHERE version > ? ORDER BY version", (self._seen,)
+        ).fetchall()
         for image, key, value, version in rows:
             entry = dict(self._cache.get(image, {}))  # copied, not changed in place: a returned view stays as it was
             if value is None:
@@ -96,7 +97,9 @@ class RecordStore:
         from the records updates only those (the next call passes the version returned)."""
         with self._lock:
             self._refresh()
-            rows = self._db.execute("SELECT image FROM records WHERE version > ?", (version,)).fetchall()  # the version index
+            rows = self._db.execute(
+                "SELECT image FROM records WHERE version > ?", (version,)
+            ).fetchall()  # the version index
             return self._seen, {image for (image,) in rows}
 
     @contextlib.contextmanager
@@ -128,8 +131,10 @@ class RecordStore:
         verb = "INSERT OR IGNORE" if only_new else "INSERT OR REPLACE"
         with self.transaction():
             (version,) = self._db.execute("SELECT COALESCE(MAX(version), 0) FROM records").fetchone()
-            self._db.executemany(f"{verb} INTO records (image, key, value, version) VALUES (?, ?, ?, ?)",
-                                 [(image, key, value, version + 1) for image, key, value in rows])
+            self._db.executemany(
+                f"{verb} INTO records (image, key, value, version) VALUES (?, ?, ?, ?)",
+                [(image, key, value, version + 1) for image, key, value in rows],
+            )
 
     def update(self, image: str, values: Mapping[str, Any]) -> None:
         """Set keys of one image (a JSON null is a value; use `delete` to remove a key)."""
@@ -138,7 +143,9 @@ class RecordStore:
 
     def add_missing(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         """Keys that have no row yet, for many images at once (a migration that may run twice)."""
-        self._write([(image, k, _encode(v)) for image, values in records.items() for k, v in values.items()], only_new=True)
+        self._write(
+            [(image, k, _encode(v)) for image, values in records.items() for k, v in values.items()], only_new=True
+        )
 
     def delete(self, image: str, keys: Iterable[str] | None = None) -> None:
         """Remove some keys of an image, or all of them."""

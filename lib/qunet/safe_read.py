@@ -39,9 +39,20 @@ GZIP = b"\x1f\x8b"
 NIFTI1_SIZES = ((348).to_bytes(4, "little"), (348).to_bytes(4, "big"))
 NIFTI2_SIZES = ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
 META_KEY = re.compile(rb"\s*[A-Za-z][A-Za-z0-9_]*\s*=")
-META_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
-              "MET_UINT": "u4", "MET_LONG": "i4", "MET_ULONG": "u4", "MET_LONG_LONG": "i8", "MET_ULONG_LONG": "u8",
-              "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
+META_TYPES = {
+    "MET_CHAR": "i1",
+    "MET_UCHAR": "u1",
+    "MET_SHORT": "i2",
+    "MET_USHORT": "u2",
+    "MET_INT": "i4",
+    "MET_UINT": "u4",
+    "MET_LONG": "i4",
+    "MET_ULONG": "u4",
+    "MET_LONG_LONG": "i8",
+    "MET_ULONG_LONG": "u8",
+    "MET_FLOAT": "f4",
+    "MET_DOUBLE": "f8",
+}
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,8 @@ def _check_size(have: int, need: int) -> None:
 
 def read(path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(voxels, affine, format): the voxels in file order (fastest axis first, so a channel axis comes first),
-    scaled, in a writable array; the 4x4 voxel-to-RAS affine; the format (a key of FORMATS). What `check` accepts, decoded from the same header parse; ValueError
+    scaled, in a writable array; the 4x4 voxel-to-RAS affine; the format (a key of FORMATS). What `check` accepts,
+    decoded from the same header parse; ValueError
     for anything else. Compressed data is inflated into a buffer of the header's size, never beyond it."""
     layout = _checked_layout(path, max_voxels)
     nbytes = layout.voxels * layout.itemsize
@@ -103,7 +115,7 @@ def read(path: str | Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, str
         else:
             kept, total = _inflate(f, layout.stream_start, need + TRAILING, keep=need)
             _check_size(total, need)
-            data = memoryview(kept)[layout.data_start:]
+            data = memoryview(kept)[layout.data_start :]
     array = np.frombuffer(data, layout.dtype, layout.voxels).reshape(layout.shape, order="F")
     slope, intercept = layout.scale
     if (slope, intercept) != (1.0, 0.0):
@@ -116,11 +128,14 @@ def _checked_layout(path: str | Path, max_voxels: int) -> Layout:
     if any(n < 1 for n in layout.shape):
         raise ValueError(f"not a readable image: bad dimensions {layout.shape} in the header")
     if layout.voxels > max_voxels:
-        raise ValueError(f"the header gives {' x '.join(map(str, layout.shape))} = {layout.voxels:,} voxels, "
-                         f"more than the limit of {max_voxels:,}")
+        raise ValueError(
+            f"the header gives {' x '.join(map(str, layout.shape))} = {layout.voxels:,} voxels, "
+            f"more than the limit of {max_voxels:,}"
+        )
     if not np.isfinite(layout.affine).all() or abs(np.linalg.det(layout.affine[:3, :3])) < 1e-12:
-        raise ValueError("not a readable image: the header's geometry (spacing, directions, origin) is not finite "
-                         "or has a zero axis")
+        raise ValueError(
+            "not a readable image: the header's geometry (spacing, directions, origin) is not finite or has a zero axis"
+        )
     return layout
 
 
@@ -161,8 +176,15 @@ def _nifti(block: bytes, compressed: bool) -> Layout:
     if not size + 4 <= offset <= MAX_HEADER:
         raise ValueError(f"not a readable image: NIfTI data offset {offset} outside {size + 4}..{MAX_HEADER}")
     scale = (1.0 if slope is None else float(slope), 0.0 if intercept is None else float(intercept))
-    return Layout(".nii.gz" if compressed else ".nii", tuple(int(n) for n in shape), dtype, offset,
-                  0 if compressed else None, affine, scale)
+    return Layout(
+        ".nii.gz" if compressed else ".nii",
+        tuple(int(n) for n in shape),
+        dtype,
+        offset,
+        0 if compressed else None,
+        affine,
+        scale,
+    )
 
 
 def _nrrd_header_end(head: bytes) -> int:
@@ -189,8 +211,9 @@ def _nrrd(head: bytes) -> Layout:
         raise ValueError(f"not a readable image: bad NRRD header ({_why(e)})") from None
     named = header.get("data file", header.get("datafile"))
     if named is not None:
-        raise ValueError(f"an NRRD header naming a separate data file ({str(named)[:80]!r}): "
-                         "send one .nrrd file holding its data")
+        raise ValueError(
+            f"an NRRD header naming a separate data file ({str(named)[:80]!r}): send one .nrrd file holding its data"
+        )
     encoding = str(header.get("encoding", "")).lower()
     if encoding not in ("raw", "gzip", "gz"):
         raise ValueError(f"NRRD encoding {encoding!r} is not supported: use raw or gzip")
@@ -208,7 +231,9 @@ def _meta(head: bytes, file_size: int) -> Layout:
     while "ElementDataFile" not in fields:
         line_end = head.find(b"\n", pos)
         if line_end < 0:
-            raise ValueError(f"not a readable image: MetaImage header without ElementDataFile in its first {MAX_HEADER:,} bytes")
+            raise ValueError(
+                f"not a readable image: MetaImage header without ElementDataFile in its first {MAX_HEADER:,} bytes"
+            )
         key, sep, value = head[pos:line_end].decode("latin-1").partition("=")
         pos = line_end + 1
         if sep:
@@ -216,8 +241,10 @@ def _meta(head: bytes, file_size: int) -> Layout:
         elif key.strip():
             raise ValueError(f"not a readable image: bad MetaImage header line {key.strip()[:40]!r}")
     if fields["ElementDataFile"].lower() != "local":
-        raise ValueError(f"a MetaImage header whose data lies in a separate file ({fields['ElementDataFile'][:80]!r}): "
-                         "send one .mha file with ElementDataFile = LOCAL")
+        raise ValueError(
+            f"a MetaImage header whose data lies in a separate file ({fields['ElementDataFile'][:80]!r}): "
+            "send one .mha file with ElementDataFile = LOCAL"
+        )
     try:
         channels = int(fields.get("ElementNumberOfChannels", 1))
         dims = tuple(int(n) for n in fields["DimSize"].split())
@@ -235,7 +262,9 @@ def _meta(head: bytes, file_size: int) -> Layout:
     compressed = fields.get("CompressedData", "False").lower() == "true"
     if compressed and fields.get("CompressedDataSize", "").strip() != str(file_size - pos):
         # ITK allocates what this field says, and reads zeros without an error when it is short or missing
-        raise ValueError(f"MetaImage CompressedDataSize must be the size of the compressed data ({file_size - pos} bytes)")
+        raise ValueError(
+            f"MetaImage CompressedDataSize must be the size of the compressed data ({file_size - pos} bytes)"
+        )
     if compressed:
         return Layout(".mha", shape, dtype, 0, pos, affine)
     return Layout(".mha", shape, dtype, pos, None, affine)
@@ -264,7 +293,7 @@ def _inflate(f: BinaryIO, start: int, limit: int, keep: int) -> tuple[bytearray,
         except zlib.error as e:
             raise ValueError(f"not a readable image: corrupt compressed data ({e})") from None
         total += len(piece)
-        out += piece[:max(0, keep - len(out))]
+        out += piece[: max(0, keep - len(out))]
         pending = d.unconsumed_tail
         if d.eof:  # another gzip member may follow (readers inflate them all)
             rest = d.unused_data or f.read(CHUNK)

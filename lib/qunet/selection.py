@@ -61,7 +61,9 @@ def select_initial(quality: SliceQuality, settings: QualityConfig = QualityConfi
     return [int(valid[i]) for i in chosen]
 
 
-def select_by_disagreement(q: np.ndarray, q0: float = 0.5, exclude: Iterable[int] = (), limit: int | None = None) -> list[int]:
+def select_by_disagreement(
+    q: np.ndarray, q0: float = 0.5, exclude: Iterable[int] = (), limit: int | None = None
+) -> list[int]:
     """Algorithm 1: slices whose Q = J(L3, L4) is below q0, lowest Q first, skipping `exclude`."""
     q = np.asarray(q, dtype=float)
     excluded = set(int(i) for i in exclude)

@@ -74,16 +74,25 @@ class TrainingSlice:
         return bool(self.target.any())
 
 
-def training_slices(volume: np.ndarray, label: np.ndarray, slices: list[int], num_labels: int, name: str = "") -> list[TrainingSlice]:
+def training_slices(
+    volume: np.ndarray, label: np.ndarray, slices: list[int], num_labels: int, name: str = ""
+) -> list[TrainingSlice]:
     """The annotated slices of one stack, normalised as the whole stack is for inference."""
     return labelled_slices(volume, [(k, label[:, :, k]) for k in slices], num_labels, name)
 
 
-def labelled_slices(volume: np.ndarray, targets: list[tuple[int, np.ndarray]], num_labels: int, name: str = "") -> list[TrainingSlice]:
-    """Slices of one stack given as (slice index, (X, Y) label) pairs, normalised as the whole stack is for inference."""
+def labelled_slices(
+    volume: np.ndarray, targets: list[tuple[int, np.ndarray]], num_labels: int, name: str = ""
+) -> list[TrainingSlice]:
+    """Slices of one stack given as (slice index, (X, Y) label) pairs, normalised as the whole stack is for "
+    "inference."""
     intensity = Intensity.of(volume)
-    return [TrainingSlice(intensity.apply(volume[None, :, :, k]), label_channels(target, num_labels),
-                          intensity.background, name, k) for k, target in targets]
+    return [
+        TrainingSlice(
+            intensity.apply(volume[None, :, :, k]), label_channels(target, num_labels), intensity.background, name, k
+        )
+        for k, target in targets
+    ]
 
 
 class PatchSampler:
@@ -136,6 +145,8 @@ class PatchSampler:
 
 def _padded(s: TrainingSlice, patch_size: int) -> dict[str, torch.Tensor]:
     """The slice as tensors, padded up to the patch size: image with its lowest value, target with 0."""
-    pad = [(0, 0)] + [((patch_size - n + 1) // 2, (patch_size - n) // 2) if n < patch_size else (0, 0) for n in s.image.shape[1:]]
+    pad = [(0, 0)] + [
+        ((patch_size - n + 1) // 2, (patch_size - n) // 2) if n < patch_size else (0, 0) for n in s.image.shape[1:]
+    ]
     image = np.pad(s.image, pad, constant_values=s.background)
     return {"image": torch.from_numpy(image), "label": torch.from_numpy(np.pad(s.target, pad))}

@@ -27,8 +27,14 @@ def agreement(q_values: Sequence[float]) -> float | None:
     return statistics.median(disagreeing) if disagreeing else None
 
 
-def stop_signal(has_model: bool, agreements: Sequence[float | None], settings: SelectionConfig,
-                remaining: int | None, below: int, pending: int) -> Stop | None:
+def stop_signal(
+    has_model: bool,
+    agreements: Sequence[float | None],
+    settings: SelectionConfig,
+    remaining: int | None,
+    below: int,
+    pending: int,
+) -> Stop | None:
     """The stop to report, if any. `agreements`: `agreement()` of each model's scores, oldest first; `remaining`:
     budget left (None without one); `below`: open slices below q0 in volumes the current model scored; `pending`:
     volumes it has not scored yet."""
@@ -40,6 +46,9 @@ def stop_signal(has_model: bool, agreements: Sequence[float | None], settings: S
         return Stop("no_slice_below_q0", "no unannotated slice has Q below q0 for the current model")
     last = [a for a in agreements[-2:] if a is not None]
     if settings.stop_tolerance > 0 and len(last) == 2 and abs(last[1] - last[0]) < settings.stop_tolerance:
-        return Stop("agreement_flattened", f"the model's agreement changed by {abs(last[1] - last[0]):.3f} (< "
-                                           f"{settings.stop_tolerance}) since the previous model")
+        return Stop(
+            "agreement_flattened",
+            f"the model's agreement changed by {abs(last[1] - last[0]):.3f} (< "
+            f"{settings.stop_tolerance}) since the previous model",
+        )
     return None

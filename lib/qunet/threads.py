@@ -3,7 +3,8 @@
 torch's OpenMP threads meet at the end of every parallel region, and the U-net++'s layers are many small regions:
 when another process takes one of the cores, the thread on that core gets a time slice now and then, and the
 others wait for it at every region (spinning on their own cores): fewer threads than cores then run faster
-(measured in docs/contention.md). So every process that computes (the server's infer, scoring and training subprocesses, torchrun ranks) measures,
+(measured in docs/contention.md). So every process that computes (the server's infer, scoring and training
+subprocesses, torchrun ranks) measures,
 every few seconds, how much CPU time the other processes took on its cores, and runs as many threads as there are
 cores left (at least one), up to its cap (a torchrun rank's cap is its share of the cores, so ranks do not shrink
 each other); two of the app's processes that compute at once each see the other and share the cores.

@@ -42,15 +42,23 @@ def augmentation() -> Compose:
     patch; nearest-neighbour for the target so lesion borders stay binary. The wide scale range is what lets a
     nodule annotated on one slice be found on its neighbours, where it is smaller (docs/method.md)."""
     keys = ("image", "label")
-    return Compose([
-        RandAffined(keys, prob=0.5, rotate_range=math.radians(15), scale_range=(0.3, 0.3),
-                    mode=("bilinear", "nearest"), padding_mode="border"),
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandGaussianNoised("image", prob=0.15, std=0.1),
-        RandScaleIntensityd("image", prob=0.15, factors=0.25),
-        RandAdjustContrastd("image", prob=0.15, gamma=(0.7, 1.5)),
-    ])
+    return Compose(
+        [
+            RandAffined(
+                keys,
+                prob=0.5,
+                rotate_range=math.radians(15),
+                scale_range=(0.3, 0.3),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandGaussianNoised("image", prob=0.15, std=0.1),
+            RandScaleIntensityd("image", prob=0.15, factors=0.25),
+            RandAdjustContrastd("image", prob=0.15, gamma=(0.7, 1.5)),
+        ]
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -74,8 +82,10 @@ def _batch(sampler: PatchSampler, size: int, transform: Compose | None) -> tuple
     if transform is not None:
         patches = [transform(p) for p in patches]
     # plain tensors: MONAI's MetaTensor would track metadata through every layer, forward and backward (10x slower)
-    return (torch.stack([p["image"] for p in patches]).as_subclass(torch.Tensor),
-            torch.stack([p["label"] for p in patches]).as_subclass(torch.Tensor))
+    return (
+        torch.stack([p["image"] for p in patches]).as_subclass(torch.Tensor),
+        torch.stack([p["label"] for p in patches]).as_subclass(torch.Tensor),
+    )
 
 
 def _ranks() -> tuple[int, int]:
@@ -142,7 +152,10 @@ def train(
         for _ in range(config.steps_per_epoch):
             share_cores()  # as many threads as cores other processes leave free (qunet.threads)
             x, y = _batch(sampler, config.batch_size, transform)  # the whole batch, alike on every rank
-            x, y = x[rank * share:(rank + 1) * share].to(device=device, memory_format=torch.channels_last), y.to(device)
+            x, y = (
+                x[rank * share : (rank + 1) * share].to(device=device, memory_format=torch.channels_last),
+                y.to(device),
+            )
             optimiser.zero_grad(set_to_none=True)
             heads = model(x)
             if ranks > 1:
@@ -159,8 +172,13 @@ def train(
             stopped = should_stop() if ranks == 1 else _any_rank(should_stop(), device)
             if stopped:
                 break
-        stats = EpochStats(epoch + 1, config.max_epochs, total / done,
-                           overlap / size if size else 1.0, round(time.perf_counter() - start, 2))
+        stats = EpochStats(
+            epoch + 1,
+            config.max_epochs,
+            total / done,
+            overlap / size if size else 1.0,
+            round(time.perf_counter() - start, 2),
+        )
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)

@@ -49,7 +49,9 @@ class VolumeState:
 @dataclass(frozen=True)
 class Variant:
     initial_key: Callable[[VolumeState], tuple]  # before a model: the smallest key opens first (ties: id order)
-    order: Callable[[Slices, Set[int], int], Slices]  # (open slices, annotated slices, limit): the first `limit` are served
+    order: Callable[
+        [Slices, Set[int], int], Slices
+    ]  # (open slices, annotated slices, limit): the first `limit` are served
     # covering variants serve any slice of the volume, spread over its axis (`covering`), with or without a model;
     # `prefer` (slice -> lower is better) decides within a stratum. Others serve S0, then the lowest Q below q0.
     prefer: Callable[[VolumeState], Mapping[int, float]] | None = None
@@ -89,8 +91,14 @@ def spaced(slices: Slices, annotated: Set[int], limit: int) -> Slices:
     return chosen + rest
 
 
-def covering(depth: int, taken: Set[int], preferred: Mapping[int, float], limit: int, excluded: Set[int] = frozenset(),
-             ends_last: bool = False) -> Slices:
+def covering(
+    depth: int,
+    taken: Set[int],
+    preferred: Mapping[int, float],
+    limit: int,
+    excluded: Set[int] = frozenset(),
+    ends_last: bool = False,
+) -> Slices:
     """Up to `limit` open slices spread over the slice axis: each the farthest from the taken ones and those chosen
     before it, so the first is the middle, then the ends, the quarters, and so on. Within a stratum (the slices at
     least three quarters as far as the farthest) the most `preferred` wins (the lowest value: the S0 rank, or minus

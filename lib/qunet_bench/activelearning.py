@@ -5,7 +5,8 @@ truth, train (round 1 from the seed's initial weights, later rounds continuing f
 app's trainer does), re-score, and measure voxel Dice on every slice not annotated yet. Every method annotates the
 same number of slices each round (equal cost) and starts from the same weights for a seed:
 
-- `lesion` (the app's default), `paper`, `spread`, `middles`, `interior`: the app's Next sample policy (qunet.policy.choose, the very code
+- `lesion` (the app's default), `paper`, `spread`, `middles`, `interior`: the app's Next sample policy
+(qunet.policy.choose, the very code
   the app's strategy calls) with each of its variants (qunet.variants.VARIANTS); asked repeatedly, as annotators
   would, until the round's slices are reached (slices it served are held: not served again, and counted in the
   volume order as the app counts submitted ones, so it moves on as after a submit); when it has nothing more
@@ -43,8 +44,20 @@ from qunet_bench.data import Case, per_stack_picks, training_set
 from qunet_bench.diversity import appearance_picker
 from qunet_bench.uncertainty import mc_dropout_scores
 
-METHODS = ("paper", "spread", "random", "interval", "mcdropout", "lesion-random", "lesion", "middles", "lesion+copy",
-           "lesion+model", "interior", "appearance")  # appended: a method's index seeds its random draws
+METHODS = (
+    "paper",
+    "spread",
+    "random",
+    "interval",
+    "mcdropout",
+    "lesion-random",
+    "lesion",
+    "middles",
+    "lesion+copy",
+    "lesion+model",
+    "interior",
+    "appearance",
+)  # appended: a method's index seeds its random draws
 # `lesion`'s picks, trained also on pseudo-labels of the annotated lesion slices' neighbours (qunet.neighbours)
 NEIGHBOUR_METHODS = {"lesion+copy": "copy", "lesion+model": "model"}
 
@@ -106,10 +119,13 @@ def pick_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tu
 
 def pick_interval(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
     """Fixed-interval slices: stacks in proportion to depth; in each, the slice farthest from its annotated ones."""
+
     def farthest(case: Case, taken: list[int]) -> int:
         # before any slice: the middle; then the slice farthest from every taken one (lowest index on ties)
-        return max((k for k in range(case.depth) if k not in taken),
-                   key=lambda k: (min((abs(k - t) for t in taken), default=case.depth - abs(2 * k - case.depth)), -k))
+        return max(
+            (k for k in range(case.depth) if k not in taken),
+            key=lambda k: (min((abs(k - t) for t in taken), default=case.depth - abs(2 * k - case.depth)), -k),
+        )
 
     return per_stack_picks(run.cases, run.annotated, n, farthest), 0
 
@@ -123,13 +139,20 @@ def pick_lesion_random(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[
 def pick_mcdropout(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
     if not run.uncertainty:  # no model yet: MONAI Label's cold start is random
         return _random(run, n, rng), 0
-    ranked = sorted(((-float(u), name, k) for name, scores in run.uncertainty.items() for k, u in enumerate(scores)
-                     if u == u and k not in run.annotated[name]))
+    ranked = sorted(
+        (
+            (-float(u), name, k)
+            for name, scores in run.uncertainty.items()
+            for k, u in enumerate(scores)
+            if u == u and k not in run.annotated[name]
+        )
+    )
     return [(name, k) for _, name, k in ranked[:n]], 0
 
 
-def policy_picker(variant: str, initial: dict[str, list[int]], constant: dict[str, frozenset[int]],
-                  selection: SelectionConfig) -> Picker:
+def policy_picker(
+    variant: str, initial: dict[str, list[int]], constant: dict[str, frozenset[int]], selection: SelectionConfig
+) -> Picker:
     """The app's Next sample policy, asked repeatedly by one annotator until the round's slices are reached."""
 
     def pick(run: LoopRun, n: int, rng: np.random.Generator) -> tuple[list[tuple[str, int]], int]:
@@ -138,11 +161,19 @@ def policy_picker(variant: str, initial: dict[str, list[int]], constant: dict[st
         loop = LoopState(has_model=run.network is not None)
         while len(chosen) < n:
             held = {c.name: {k for name, k in chosen if name == c.name} for c in run.cases}
-            volumes = [VolumeState(c.name, initial[c.name], _q_list(run.q.get(c.name)) if loop.has_model else None,
-                                   frozenset(run.annotated[c.name]), frozenset(held[c.name]),
-                                   area=_q_list(run.area.get(c.name)) if loop.has_model else None, depth=c.depth,
-                                   constant=constant[c.name])
-                       for c in run.cases]
+            volumes = [
+                VolumeState(
+                    c.name,
+                    initial[c.name],
+                    _q_list(run.q.get(c.name)) if loop.has_model else None,
+                    frozenset(run.annotated[c.name]),
+                    frozenset(held[c.name]),
+                    area=_q_list(run.area.get(c.name)) if loop.has_model else None,
+                    depth=c.depth,
+                    constant=constant[c.name],
+                )
+                for c in run.cases
+            ]
             answer = policy.choose(volumes, loop, settings)
             if not answer.slices:
                 break
@@ -164,9 +195,15 @@ class Benchmark:
         self.initial = {name: select_initial(q, config.quality) for name, q in quality.items()}
         constant = {name: frozenset(np.flatnonzero(~q.valid).tolist()) for name, q in quality.items()}
         self.pickers: dict[str, Picker] = {
-            **{variant: policy_picker(variant, self.initial, constant, config.selection) for variant in policy.VARIANTS},
-            "random": pick_random, "interval": pick_interval, "mcdropout": pick_mcdropout,
-            "lesion-random": pick_lesion_random, "appearance": appearance_picker(cases)}
+            **{
+                variant: policy_picker(variant, self.initial, constant, config.selection) for variant in policy.VARIANTS
+            },
+            "random": pick_random,
+            "interval": pick_interval,
+            "mcdropout": pick_mcdropout,
+            "lesion-random": pick_lesion_random,
+            "appearance": appearance_picker(cases),
+        }
         for method in NEIGHBOUR_METHODS:
             self.pickers[method] = self.pickers["lesion"]
 
@@ -183,8 +220,14 @@ class Benchmark:
             picks, filled = self.pickers[method](run, c.per_round, rng)
             for name, k in picks:
                 run.annotated[name].add(k)
-            train(network, self._training_set(run, NEIGHBOUR_METHODS.get(method, "off")), c.train,
-                  c.model.patch_size, seed=seed * 1000 + r, device=self.device)
+            train(
+                network,
+                self._training_set(run, NEIGHBOUR_METHODS.get(method, "off")),
+                c.train,
+                c.model.patch_size,
+                seed=seed * 1000 + r,
+                device=self.device,
+            )
             run.network = prepare(network, self.device)
             yield run, r, picks, filled, start
 
@@ -193,11 +236,24 @@ class Benchmark:
         round's model labels them in "model" mode)."""
         annotated = {n: sorted(v) for n, v in run.annotated.items()}
         return training_set(self.cases, annotated) + [
-            s for c in self.cases for s in neighbour_slices(c.volume, c.truth.astype(np.uint8), annotated[c.name], 1,
-                                                            c.name, neighbours, run.network, self.config.model.patch_size,
-                                                            self.device)]
+            s
+            for c in self.cases
+            for s in neighbour_slices(
+                c.volume,
+                c.truth.astype(np.uint8),
+                annotated[c.name],
+                1,
+                c.name,
+                neighbours,
+                run.network,
+                self.config.model.patch_size,
+                self.device,
+            )
+        ]
 
-    def run(self, method: str, seed: int, progress: Callable[[RoundResult], None] = lambda r: None) -> list[RoundResult]:
+    def run(
+        self, method: str, seed: int, progress: Callable[[RoundResult], None] = lambda r: None
+    ) -> list[RoundResult]:
         results = []
         for run, r, picks, filled, start in self.loop(method, seed):
             result = self._score(run, method, seed, r, filled, start)
@@ -211,7 +267,9 @@ class Benchmark:
         counts = np.zeros((2, 3), np.int64)
         for case in self.cases:
             todo = [k for k in range(case.depth) if k not in run.annotated[case.name]]
-            q, found, area = score_and_segment(run.network, case.volume, self.config.model.patch_size, todo, self.device)
+            q, found, area = score_and_segment(
+                run.network, case.volume, self.config.model.patch_size, todo, self.device
+            )
             run.q[case.name] = np.full(case.depth, np.nan)
             run.q[case.name][todo] = q
             run.area[case.name] = np.full(case.depth, np.nan)
@@ -223,10 +281,29 @@ class Benchmark:
                 counts[row] += [(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
             if method == "mcdropout":
                 scores = np.full(case.depth, np.nan)
-                scores[todo] = mc_dropout_scores(run.network, case.volume, todo, self.config.mc_passes, False,
-                                                 self.config.model.patch_size, self.device, seed)
+                scores[todo] = mc_dropout_scores(
+                    run.network,
+                    case.volume,
+                    todo,
+                    self.config.mc_passes,
+                    False,
+                    self.config.model.patch_size,
+                    self.device,
+                    seed,
+                )
                 run.uncertainty[case.name] = scores
         dice = [2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0 for tp, fp, fn in counts]
-        lesion_annotated = sum(int(c.truth[:, :, sorted(run.annotated[c.name])].any(axis=(0, 1)).sum()) for c in self.cases)
-        return RoundResult(method, seed, r + 1, sum(map(len, run.annotated.values())), lesion_annotated, filled,
-                           round(dice[0], 4), round(dice[1], 4), round(time.perf_counter() - start, 1))
+        lesion_annotated = sum(
+            int(c.truth[:, :, sorted(run.annotated[c.name])].any(axis=(0, 1)).sum()) for c in self.cases
+        )
+        return RoundResult(
+            method,
+            seed,
+            r + 1,
+            sum(map(len, run.annotated.values())),
+            lesion_annotated,
+            filled,
+            round(dice[0], 4),
+            round(dice[1], 4),
+            round(time.perf_counter() - start, 1),
+        )

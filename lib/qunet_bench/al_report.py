@@ -35,8 +35,10 @@ def per_seed(results: list, key: str = "dice") -> dict[str, dict[int, dict[str, 
     for method in dict.fromkeys(r.method for r in results):
         for seed in sorted({r.seed for r in results if r.method == method}):
             runs = _by(results, method, seed)
-            out.setdefault(method, {})[seed] = {"aubc": aubc([r.annotated for r in runs], [getattr(r, key) for r in runs]),
-                                                "final": getattr(runs[-1], key)}
+            out.setdefault(method, {})[seed] = {
+                "aubc": aubc([r.annotated for r in runs], [getattr(r, key) for r in runs]),
+                "final": getattr(runs[-1], key),
+            }
     return out
 
 
@@ -66,8 +68,14 @@ DEFAULT = SelectionConfig().pick  # the app's default pick: every other method i
 def table(results: list, key: str = "dice") -> str:
     seeds = per_seed(results, key)
     baselines = [b for b in (DEFAULT, *BASELINES) if b in seeds]
-    head = ["method", "AUBC", "final Dice", *(f"{k} - {b} [95 % CI]" for b in baselines for k in ("AUBC", "final")),
-            "lesion slices annotated", "filled"]
+    head = [
+        "method",
+        "AUBC",
+        "final Dice",
+        *(f"{k} - {b} [95 % CI]" for b in baselines for k in ("AUBC", "final")),
+        "lesion slices annotated",
+        "filled",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, by_seed in seeds.items():
         row = [method]
@@ -78,7 +86,9 @@ def table(results: list, key: str = "dice") -> str:
                 if method == b:
                     row.append("–")
                     continue
-                row.append(difference(*paired({s: v[k] for s, v in by_seed.items()}, {s: v[k] for s, v in seeds[b].items()})))
+                row.append(
+                    difference(*paired({s: v[k] for s, v in by_seed.items()}, {s: v[k] for s, v in seeds[b].items()}))
+                )
         last = [_by(results, method, s)[-1] for s in by_seed]
         row.append(f"{np.mean([r.lesion_annotated for r in last]):.1f} of {last[0].annotated}")
         row.append(str(sum(r.filled for r in results if r.method == method)))
@@ -90,8 +100,12 @@ def rounds_table(results: list, key: str = "dice") -> str:
     """Dice after each round (mean ± SD over seeds), the default pick minus each other method per seed [95 % CI],
     and the mean seconds per round (training, scoring and Dice: MC dropout's extra passes show here)."""
     rounds = sorted({r.round for r in results})
-    lines = ["| method | " + " | ".join(f"round {n}: Dice; `{DEFAULT}` - method [95 % CI]" for n in rounds)
-             + " | seconds per round |", "|" + "---|" * (len(rounds) + 2)]
+    lines = [
+        "| method | "
+        + " | ".join(f"round {n}: Dice; `{DEFAULT}` - method [95 % CI]" for n in rounds)
+        + " | seconds per round |",
+        "|" + "---|" * (len(rounds) + 2),
+    ]
     for method in dict.fromkeys(r.method for r in results):
         row = [method]
         for n in rounds:
@@ -113,13 +127,22 @@ def plot(results: list, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, name in zip(axes, ("dice", "dice_lesion_slices"), ("all unannotated slices", "unannotated lesion slices")):
+    for ax, key, name in zip(
+        axes, ("dice", "dice_lesion_slices"), ("all unannotated slices", "unannotated lesion slices")
+    ):
         for method in dict.fromkeys(r.method for r in results):
             rounds = sorted({r.round for r in results if r.method == method})
             x = [np.mean([r.annotated for r in results if r.method == method and r.round == n]) for n in rounds]
             ys = [[getattr(r, key) for r in results if r.method == method and r.round == n] for n in rounds]
-            ax.errorbar(x, [np.mean(y) for y in ys], [np.std(y) for y in ys], marker="o", capsize=3, label=method,
-                        linestyle="--" if method == "lesion-random" else "-")
+            ax.errorbar(
+                x,
+                [np.mean(y) for y in ys],
+                [np.std(y) for y in ys],
+                marker="o",
+                capsize=3,
+                label=method,
+                linestyle="--" if method == "lesion-random" else "-",
+            )
         ax.set_xlabel("annotated slices")
         ax.set_ylabel(f"voxel Dice, {name}")
         ax.set_ylim(0, 1)
@@ -133,15 +156,33 @@ def plot(results: list, path: Path, title: str) -> None:
 
 def report(results: list, cases: Sequence[Case], out: Path, title: str, commands: Sequence[str]) -> str:
     total = sum(c.depth for c in cases)
-    text = "\n".join([
-        f"# {title}", "", *(f"Command: `{c}`" for c in commands if c), "",
-        f"Stacks: {', '.join(f'{c.name} ({c.depth} slices, lesion in {len(c.lesion_slices)})' for c in cases)}; "
-        f"{total} slices. Seeds: {len({r.seed for r in results})}.", "",
-        "Voxel Dice on every slice not annotated yet, after each round; mean ± SD over seeds. `lesion-random` reads "
-        "the ground truth (a reference, not a method an annotation tool can use).", "",
-        "## All unannotated slices", "", table(results), "",
-        "## Unannotated slices holding lesion", "", table(results, "dice_lesion_slices"), "",
-        "## Each round, all unannotated slices", "", rounds_table(results), ""])
+    text = "\n".join(
+        [
+            f"# {title}",
+            "",
+            *(f"Command: `{c}`" for c in commands if c),
+            "",
+            f"Stacks: {', '.join(f'{c.name} ({c.depth} slices, lesion in {len(c.lesion_slices)})' for c in cases)}; "
+            f"{total} slices. Seeds: {len({r.seed for r in results})}.",
+            "",
+            "Voxel Dice on every slice not annotated yet, after each round; mean ± SD over seeds. `lesion-random` "
+            "reads "
+            "the ground truth (a reference, not a method an annotation tool can use).",
+            "",
+            "## All unannotated slices",
+            "",
+            table(results),
+            "",
+            "## Unannotated slices holding lesion",
+            "",
+            table(results, "dice_lesion_slices"),
+            "",
+            "## Each round, all unannotated slices",
+            "",
+            rounds_table(results),
+            "",
+        ]
+    )
     (out / "table.md").write_text(text)
     plot(results, out / "rounds.png", title)
     return text

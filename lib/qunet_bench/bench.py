@@ -55,10 +55,15 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
@@ -93,8 +98,9 @@ def windows_per_slice(size: int, patch: int) -> int:
     return per_axis**2
 
 
-def scoring_bench(features=None, patch_size: int | None = None, size: int = 512, slices: int = 8, rounds: int = 3,
-                  seed: int = 0) -> dict:
+def scoring_bench(
+    features=None, patch_size: int | None = None, size: int = 512, slices: int = 8, rounds: int = 3, seed: int = 0
+) -> dict:
     """disagreement_scores over `slices` slices of size x size at native resolution (sliding windows of the patch
     size), against the fp32 matmul rate measured in the same rounds (best time of each, interleaved: on a shared
     machine every figure comes from its least disturbed moment)."""
@@ -119,11 +125,19 @@ def scoring_bench(features=None, patch_size: int | None = None, size: int = 512,
         disagreement_scores(network, volume, patch_size)
         best["scoring"] = min(best["scoring"], (time.perf_counter() - t) / slices)
     matmul = 2 * 2048**3 / best["matmul"] / 1e9
-    return {"features": list(features), "patch_size": patch_size, "slice_size": size, "slices": slices,
-            "rounds": rounds, "windows_per_slice": windows_per_slice(size, patch_size),
-            "gflop_per_slice": _sig(flops / 1e9), "slices_per_s": _sig(1 / best["scoring"]),
-            "gflops": _sig(flops / best["scoring"] / 1e9), "matmul_gflops_same_rounds": _sig(matmul),
-            "fraction_of_matmul": _sig(flops / best["scoring"] / 1e9 / matmul)}
+    return {
+        "features": list(features),
+        "patch_size": patch_size,
+        "slice_size": size,
+        "slices": slices,
+        "rounds": rounds,
+        "windows_per_slice": windows_per_slice(size, patch_size),
+        "gflop_per_slice": _sig(flops / 1e9),
+        "slices_per_s": _sig(1 / best["scoring"]),
+        "gflops": _sig(flops / best["scoring"] / 1e9),
+        "matmul_gflops_same_rounds": _sig(matmul),
+        "fraction_of_matmul": _sig(flops / best["scoring"] / 1e9 / matmul),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- quality
@@ -143,8 +157,12 @@ def quality_bench(shape=(512, 512, 48), repeats: int = 3) -> dict:
     volume = quality_volume(shape)
     window = QualityConfig.median_window
     seconds = _best(lambda: slice_quality(volume, median_window=window), repeats)
-    return {"shape": list(shape), "median_window": window, "seconds": round(seconds, 3),
-            "slices_per_s": round(shape[2] / seconds, 1)}
+    return {
+        "shape": list(shape),
+        "median_window": window,
+        "seconds": round(seconds, 3),
+        "slices_per_s": round(shape[2] / seconds, 1),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -166,7 +184,10 @@ def targets(result: dict) -> dict:
     s = result.get("scoring")
     if s:
         frac = s["fraction_of_matmul"]  # against the matmul rate measured in the same rounds
-        out["scoring >= 60% of matmul GFLOP/s"] = {"value": round(frac, 3), "met": frac >= TARGETS["scoring_fraction_of_matmul"]}
+        out["scoring >= 60% of matmul GFLOP/s"] = {
+            "value": round(frac, 3),
+            "met": frac >= TARGETS["scoring_fraction_of_matmul"],
+        }
     if result.get("quality"):
         v = result["quality"]["slices_per_s"]
         out["quality >= 50 slices/s at 512x512"] = {"value": v, "met": v >= TARGETS["quality_slices_per_s_512"]}
@@ -176,12 +197,16 @@ def targets(result: dict) -> dict:
         out[f"Next sample p95 < {limit:.0f} ms ({n['volumes']} volumes)"] = {"value": worst, "met": worst < limit}
     if result.get("ranks"):
         r = result["ranks"]
-        out[f"scoring with {r['ranks']} ranks >= 1.7x one rank (one thread each)"] = {"value": r["speedup"],
-                                                                                  "met": r["speedup"] >= 1.7}
+        out[f"scoring with {r['ranks']} ranks >= 1.7x one rank (one thread each)"] = {
+            "value": r["speedup"],
+            "met": r["speedup"] >= 1.7,
+        }
     for r in result.get("scale", {}).get("runs", []):
         limit, value = next_sample_limit(r["volumes"]), r["next_sample_in_process"]["p95_ms"]
         out[f"Next sample p95 < {limit:.0f} ms in process ({r['volumes']} volumes of synthetic records)"] = {
-            "value": value, "met": value < limit}
+            "value": value,
+            "met": value < limit,
+        }
     mem = result.get("memory", {}).get("runs")
     if mem:
         for kind in ("quality", "disagreement"):
@@ -191,38 +216,50 @@ def targets(result: dict) -> dict:
                 # bounded: the deeper volume needs at most a batch-sized margin (here 5% of the volume) more
                 grow = big["extra_mb"] - small["extra_mb"]
                 out[f"{kind} scoring memory bounded (extra MB at depth {small['shape'][2]} vs {big['shape'][2]})"] = {
-                    "value": [small["extra_mb"], big["extra_mb"]], "met": grow <= 0.05 * big["volume_mb"]}
+                    "value": [small["extra_mb"], big["extra_mb"]],
+                    "met": grow <= 0.05 * big["volume_mb"],
+                }
     return out
 
 
 def render(result: dict) -> str:
-    lines = [f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
-             f"{result['machine']['torch']} ({result['machine']['torch_threads']} threads), load "
-             f"{result['machine']['load_average_1min']}"]
+    lines = [
+        f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+        f"{result['machine']['torch']} ({result['machine']['torch_threads']} threads), load "
+        f"{result['machine']['load_average_1min']}"
+    ]
     if "matmul" in result:
         lines.append(f"matmul fp32 {result['matmul']['n']}^3: {result['matmul']['gflops']} GFLOP/s")
     if "scoring" in result:
         s = result["scoring"]
-        lines.append(f"scoring ({s['slice_size']}px slices, {s['windows_per_slice']} windows of {s['patch_size']}px, features "
-                     f"{s['features']}, {s['gflop_per_slice']} GFLOP/slice): {s['slices_per_s']} slices/s = {s['gflops']} "
-                     f"GFLOP/s ({s['fraction_of_matmul'] * 100:.0f}% of the {s['matmul_gflops_same_rounds']} GFLOP/s matmul "
-                     f"of the same rounds)")
+        lines.append(
+            f"scoring ({s['slice_size']}px slices, {s['windows_per_slice']} windows of {s['patch_size']}px, features "
+            f"{s['features']}, {s['gflop_per_slice']} GFLOP/slice): {s['slices_per_s']} slices/s = {s['gflops']} "
+            f"GFLOP/s ({s['fraction_of_matmul'] * 100:.0f}% of the {s['matmul_gflops_same_rounds']} GFLOP/s matmul "
+            f"of the same rounds)"
+        )
     if "quality" in result:
         q = result["quality"]
         lines.append(f"quality metrics {q['shape']}: {q['slices_per_s']} slices/s")
     if "next_sample" in result:
         n = result["next_sample"]
         for phase in ("initial", "disagreement"):
-            lines.append(f"Next sample ({n['volumes']} volumes, {phase} phase): p50 {n[phase]['p50_ms']} ms, "
-                         f"p95 {n[phase]['p95_ms']} ms over {n[phase]['requests']} requests")
-        lines.append(f"  labels saved: every {n['initial']['requests'] // max(n['initial']['labels_saved'], 1)}th "
-                     f"answer; auto-update scoring {'on' if n['auto_update_scoring'] else 'off'}; start to the first "
-                     f"answer {n['unscored_start_to_first_answer_seconds']} s unscored, "
-                     f"{n['startup_to_first_answer_seconds']} s scored (restart); scoring by the server: quality "
-                     f"{n['quality_scoring_seconds']} s, disagreement {n['disagreement_scoring_seconds']} s")
+            lines.append(
+                f"Next sample ({n['volumes']} volumes, {phase} phase): p50 {n[phase]['p50_ms']} ms, "
+                f"p95 {n[phase]['p95_ms']} ms over {n[phase]['requests']} requests"
+            )
+        lines.append(
+            f"  labels saved: every {n['initial']['requests'] // max(n['initial']['labels_saved'], 1)}th "
+            f"answer; auto-update scoring {'on' if n['auto_update_scoring'] else 'off'}; start to the first "
+            f"answer {n['unscored_start_to_first_answer_seconds']} s unscored, "
+            f"{n['startup_to_first_answer_seconds']} s scored (restart); scoring by the server: quality "
+            f"{n['quality_scoring_seconds']} s, disagreement {n['disagreement_scoring_seconds']} s"
+        )
     if "memory" in result and "runs" in result["memory"]:
         for r in result["memory"]["runs"]:
-            lines.append(f"memory {r['kind']} {r['shape']}: volume {r['volume_mb']} MB, peak beyond it {r['extra_mb']} MB")
+            lines.append(
+                f"memory {r['kind']} {r['shape']}: volume {r['volume_mb']} MB, peak beyond it {r['extra_mb']} MB"
+            )
     if "scale" in result:
         from qunet_bench.scale_bench import render as render_scale
 
@@ -239,8 +276,9 @@ def render(result: dict) -> str:
 SECTIONS = ("matmul", "scoring", "quality", "next_sample", "memory", "scale", "ranks")
 
 
-def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_count: int = 30,
-        auto_scoring: bool = True) -> dict:
+def run(
+    sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_count: int = 30, auto_scoring: bool = True
+) -> dict:
     """All sections; `quick` shrinks every size (for tests: the figures then mean nothing)."""
     result: dict = {"machine": machine(), "quick": quick}
     if "matmul" in sections:
@@ -256,7 +294,9 @@ def run(sections=SECTIONS, quick: bool = False, volumes: int = 1000, requests_co
     if "memory" in sections:
         from qunet_bench.memory_bench import memory_bench
 
-        result["memory"] = memory_bench((4, 12), 64, 32, (4, 4, 8, 8, 16, 4), in_process=True) if quick else memory_bench()
+        result["memory"] = (
+            memory_bench((4, 12), 64, 32, (4, 4, 8, 8, 16, 4), in_process=True) if quick else memory_bench()
+        )
     if "scale" in sections:
         from qunet_bench.scale_bench import scale_bench
 
@@ -274,9 +314,13 @@ def add_arguments(p) -> None:
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these parts")
     p.add_argument("--volumes", type=int, default=1000, help="scored volumes in the Next sample datastore")
     p.add_argument("--requests", type=int, default=30, help="Next sample requests timed per phase")
-    p.add_argument("--no-auto-scoring", dest="auto_scoring", action="store_false",
-                   help="turn MONAI Label's auto-update scoring off (on by default, as for users: after every Next "
-                   "sample the app asks whether a scoring run has work)")
+    p.add_argument(
+        "--no-auto-scoring",
+        dest="auto_scoring",
+        action="store_false",
+        help="turn MONAI Label's auto-update scoring off (on by default, as for users: after every Next "
+        "sample the app asks whether a scoring run has work)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check that everything runs")
 

@@ -5,6 +5,7 @@
   5-30 % of its slices (drawn per stack), of varied size (from a few pixels across) and contrast (some faint).
 - `hybrid`: synthetic lesions with known masks inserted into real scans (qunet_bench.hybrid).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,14 @@ PREVALENCE = (0.05, 0.30)  # fraction of a stack's slices that hold a lesion
 LESIONS = (2, 4)  # lesions per prevalence stack, inclusive
 
 
-def plan_spans(rng: np.random.Generator, nz: int, count: int, taken: np.ndarray | None = None,
-               allowed: np.ndarray | None = None, min_new: int = 0) -> list[tuple[int, int]]:
+def plan_spans(
+    rng: np.random.Generator,
+    nz: int,
+    count: int,
+    taken: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+    min_new: int = 0,
+) -> list[tuple[int, int]]:
     """(first slice, length) of `count` lesions, so that together with the `taken` slices (lesions already
     there) they cover a fraction of the nz slices drawn from PREVALENCE, when the `allowed` slices permit,
     and at least `min_new` slices that were not taken.
@@ -51,11 +58,14 @@ def plan_spans(rng: np.random.Generator, nz: int, count: int, taken: np.ndarray 
     spans = []
     for length in lengths:
         for n in range(int(length), 0, -1):  # shorter when no gap of this length is left
-            free = [s for s in range(nz - n + 1) if allowed[s:s + n].all() and not taken[s:s + n].any()
-                    and not used[max(s - 1, 0):s + n + 1].any()]
+            free = [
+                s
+                for s in range(nz - n + 1)
+                if allowed[s : s + n].all() and not taken[s : s + n].any() and not used[max(s - 1, 0) : s + n + 1].any()
+            ]
             if free:
                 start = int(rng.choice(free))
-                used[start:start + n] = True
+                used[start : start + n] = True
                 spans.append((start, n))
                 break
     hosts = spans + _runs(taken)
@@ -90,8 +100,10 @@ class _Placed:
         self.items: list[tuple[int, int, float, float, float]] = []
 
     def clear(self, start: int, length: int, p: float, q: float, r: float) -> bool:
-        return all(not (start <= e + 1 and s <= start + length) or math.hypot(p - op, q - oq) > r + orad + 2
-                   for s, e, op, oq, orad in self.items)
+        return all(
+            not (start <= e + 1 and s <= start + length) or math.hypot(p - op, q - oq) > r + orad + 2
+            for s, e, op, oq, orad in self.items
+        )
 
     def add(self, start: int, length: int, p: float, q: float, r: float) -> None:
         self.items.append((start, start + length - 1, p, q, r))
@@ -109,8 +121,9 @@ def prevalence_stack(kind: str, seed: int, shape: tuple[int, int, int] = (128, 1
     return finish(kind, image, label, rng)
 
 
-def _oct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
-                 spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _oct_lesions(
+    rng: np.random.Generator, shape: tuple[int, int, int], spans: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
     nx, _, nz = shape
     a = oct_anatomy(rng, shape)
     label, placed = np.zeros(shape, bool), _Placed()
@@ -123,13 +136,22 @@ def _oct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
             if placed.clear(start, length, column, d0 * a.thick, max(rx_px, rd_px)):
                 break
         placed.add(start, length, column, d0 * a.thick, max(rx_px, rd_px))
-        paint_cyst(a, label, float(a.x[column, 0, 0]), d0, rx_px * 2 / (nx - 1), rd_px / a.thick,
-                   blob_profile(rng, nz, start, length), rng.uniform(0.3, 0.85))  # some cysts faint
+        paint_cyst(
+            a,
+            label,
+            float(a.x[column, 0, 0]),
+            d0,
+            rx_px * 2 / (nx - 1),
+            rd_px / a.thick,
+            blob_profile(rng, nz, start, length),
+            rng.uniform(0.3, 0.85),
+        )  # some cysts faint
     return speckle(rng, a.clean), label.astype(np.uint8)
 
 
-def _ct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
-                spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _ct_lesions(
+    rng: np.random.Generator, shape: tuple[int, int, int], spans: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
     nx, ny, nz = shape
     a = ct_anatomy(rng, shape)
     label, placed = np.zeros(shape, bool), _Placed()
@@ -138,7 +160,7 @@ def _ct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
     for start, length in spans:
         ru_px, rv_px = log_uniform(rng, 1.5, 0.5 * lung_px), log_uniform(rng, 1.5, 0.5 * lung_px)
         reach = 1.2 * 1.18 * max(ru_px, rv_px)  # labelled out to profile 0.5, size factor up to 1.2
-        lung_run = a.lung[:, :, start:start + length].all(axis=2)
+        lung_run = a.lung[:, :, start : start + length].all(axis=2)
         inside = ndimage.binary_erosion(lung_run)
         candidates = np.argwhere(inside if inside.any() else lung_run)
         if not candidates.size:  # no pixel is lung in every slice of the run (tiny shapes): drop it
@@ -148,8 +170,17 @@ def _ct_lesions(rng: np.random.Generator, shape: tuple[int, int, int],
             if placed.clear(start, length, i, j, reach):
                 break
         placed.add(start, length, i, j, reach)
-        paint_opacity(a, label, texture, float(a.u[i, 0, 0]), float(a.v[0, j, 0]), ru_px * 2 / (nx - 1),
-                      rv_px * 2 / (ny - 1), blob_profile(rng, nz, start, length), log_uniform(rng, 80.0, 500.0))
+        paint_opacity(
+            a,
+            label,
+            texture,
+            float(a.u[i, 0, 0]),
+            float(a.v[0, j, 0]),
+            ru_px * 2 / (nx - 1),
+            rv_px * 2 / (ny - 1),
+            blob_profile(rng, nz, start, length),
+            log_uniform(rng, 80.0, 500.0),
+        )
     return a.image, label.astype(np.uint8)
 
 
@@ -157,5 +188,7 @@ def summarize(name: str, mask: np.ndarray) -> str:
     """One line: lesion slices, voxel fraction and connected lesion regions of a (X, Y, Z) mask."""
     present = (mask > 0).any(axis=(0, 1))
     regions = ndimage.label(mask > 0)[1]
-    return (f"{name}: lesions in {int(present.sum())}/{present.size} slices ({100 * present.mean():.0f} %), "
-            f"{100 * float((mask > 0).mean()):.3f} % of voxels, {regions} connected regions")
+    return (
+        f"{name}: lesions in {int(present.sum())}/{present.size} slices ({100 * present.mean():.0f} %), "
+        f"{100 * float((mask > 0).mean()):.3f} % of voxels, {regions} connected regions"
+    )

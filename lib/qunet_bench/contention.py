@@ -43,8 +43,11 @@ def _measure(server: Server, steps: int) -> dict:
     """Train (timed by the trainer), then the re-score of every volume the server starts by itself for the new model
     (timed from Train's end to the end of that disagreement run, as an annotator waits for it)."""
     before = server.last_task("scoring").get("id")
-    r = requests.post(f"{server.url}/train/qunet?run_sync=true", timeout=7200,
-                      json={"max_epochs": 1, "steps_per_epoch": steps, "pretrained": False, "seed": 0})
+    r = requests.post(
+        f"{server.url}/train/qunet?run_sync=true",
+        timeout=7200,
+        json={"max_epochs": 1, "steps_per_epoch": steps, "pretrained": False, "seed": 0},
+    )
     r.raise_for_status()
     trained = time.perf_counter()
     history = json.loads((Path(server.app_dir) / "model" / "history.json").read_text())
@@ -71,13 +74,22 @@ def run(args: argparse.Namespace) -> dict:
                     hog.kill()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"quiet": quiet, "busy": busy, "busy_processes": args.busy, "steps": args.steps, "stack": args.stack,
-              "annotated_slices": slices, "cores": len(os.sched_getaffinity(0)),
-              "ratio": {k: round(busy[k] / quiet[k], 2) for k in ("train_seconds", "rescore_seconds")}}
-    print(f"Train ({args.steps} updates): quiet {quiet['train_seconds']} s, beside {args.busy} busy process(es) "
-          f"{busy['train_seconds']} s (x{result['ratio']['train_seconds']}); the re-score of sample-data after it: "
-          f"quiet {quiet['rescore_seconds']} s, busy {busy['rescore_seconds']} s "
-          f"(x{result['ratio']['rescore_seconds']})")
+    result = {
+        "quiet": quiet,
+        "busy": busy,
+        "busy_processes": args.busy,
+        "steps": args.steps,
+        "stack": args.stack,
+        "annotated_slices": slices,
+        "cores": len(os.sched_getaffinity(0)),
+        "ratio": {k: round(busy[k] / quiet[k], 2) for k in ("train_seconds", "rescore_seconds")},
+    }
+    print(
+        f"Train ({args.steps} updates): quiet {quiet['train_seconds']} s, beside {args.busy} busy process(es) "
+        f"{busy['train_seconds']} s (x{result['ratio']['train_seconds']}); the re-score of sample-data after it: "
+        f"quiet {quiet['rescore_seconds']} s, busy {busy['rescore_seconds']} s "
+        f"(x{result['ratio']['rescore_seconds']})"
+    )
     return result
 
 

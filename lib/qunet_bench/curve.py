@@ -42,8 +42,15 @@ class Point:
     train_seconds: float
 
 
-def run_point(cases: list[Case], count: int, seed: int, model: ModelConfig, settings: TrainConfig,
-              device: torch.device, per_stack: bool = False) -> Point:
+def run_point(
+    cases: list[Case],
+    count: int,
+    seed: int,
+    model: ModelConfig,
+    settings: TrainConfig,
+    device: torch.device,
+    per_stack: bool = False,
+) -> Point:
     picks = stratified_draw(cases, count, np.random.default_rng([seed, count]), per_stack)
     seed_everything(seed)  # same seed, same initial weights at every count
     network = build_network(model.features, 1)
@@ -61,8 +68,13 @@ def _median(values: list[float]) -> float:
 
 def table(points: list[Point], cases: list[Case]) -> str:
     """Median over seeds (min-max in brackets) for each count: pooled, then each stack's lesion-slice Dice."""
-    head = ["annotated", "train s", "Dice unseen", "Dice unseen lesion slices",
-            *[f"{c.name}: lesion slices" for c in cases]]
+    head = [
+        "annotated",
+        "train s",
+        "Dice unseen",
+        "Dice unseen lesion slices",
+        *[f"{c.name}: lesion slices" for c in cases],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for count in sorted({p.count for p in points}):
         runs = [p for p in points if p.count == count]
@@ -71,9 +83,15 @@ def table(points: list[Point], cases: list[Case]) -> str:
             ok = [v for v in values if v == v]
             return f"{_median(ok):.2f} [{min(ok):.2f}-{max(ok):.2f}]" if ok else "–"
 
-        row = [str(count), f"{_median([p.train_seconds for p in runs]):.0f}", cell([p.pooled["dice"] for p in runs]),
-               cell([p.pooled["dice_lesion_slices"] for p in runs])]
-        row += [cell([p.per_stack.get(c.name, {}).get("dice_lesion_slices", float("nan")) for p in runs]) for c in cases]
+        row = [
+            str(count),
+            f"{_median([p.train_seconds for p in runs]):.0f}",
+            cell([p.pooled["dice"] for p in runs]),
+            cell([p.pooled["dice_lesion_slices"] for p in runs]),
+        ]
+        row += [
+            cell([p.per_stack.get(c.name, {}).get("dice_lesion_slices", float("nan")) for p in runs]) for c in cases
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -86,10 +104,19 @@ def plot(points: list[Point], cases: list[Case], path: Path, title: str) -> None
 
     counts = sorted({p.count for p in points})
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series = [("pooled, all unseen slices", lambda p: p.pooled["dice"], "k", "-"),
-              ("pooled, unseen lesion slices", lambda p: p.pooled["dice_lesion_slices"], "k", "--")]
-    series += [(f"{c.name}, lesion slices", lambda p, n=c.name: p.per_stack.get(n, {}).get("dice_lesion_slices",
-                float("nan")), None, ":") for c in cases]
+    series = [
+        ("pooled, all unseen slices", lambda p: p.pooled["dice"], "k", "-"),
+        ("pooled, unseen lesion slices", lambda p: p.pooled["dice_lesion_slices"], "k", "--"),
+    ]
+    series += [
+        (
+            f"{c.name}, lesion slices",
+            lambda p, n=c.name: p.per_stack.get(n, {}).get("dice_lesion_slices", float("nan")),
+            None,
+            ":",
+        )
+        for c in cases
+    ]
     for label, value, color, style in series:
         ys = [_median([value(p) for p in points if p.count == n]) for n in counts]
         ax.plot(counts, ys, style, marker="o", color=color, label=label)
@@ -109,25 +136,58 @@ def plot(points: list[Point], cases: list[Case], path: Path, title: str) -> None
 
 def report(points: list[Point], cases: list[Case], out: Path, title: str, command: str, settings: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    depth = {c.name: f"{c.volume.shape[0]}x{c.volume.shape[1]}x{c.depth}, lesion in {len(c.lesion_slices)}"
-             for c in cases}
-    text = "\n".join([
-        f"# {title}", "", f"Command: `{command}`", "",
-        "Stacks: " + "; ".join(f"{n} ({d})" for n, d in depth.items()) + ".", "",
-        f"Machine: {settings['device']}, torch {torch.__version__}. Settings: {settings['model']}; {settings['train']}.", "",
-        "Voxel Dice of a fresh model on the slices it was not trained on, median over seeds [min-max]; "
-        "`train s`: training time of one point.", "",
-        table(points, cases), ""])
+    depth = {
+        c.name: f"{c.volume.shape[0]}x{c.volume.shape[1]}x{c.depth}, lesion in {len(c.lesion_slices)}" for c in cases
+    }
+    text = "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Command: `{command}`",
+            "",
+            "Stacks: " + "; ".join(f"{n} ({d})" for n, d in depth.items()) + ".",
+            "",
+            f"Machine: {settings['device']}, torch {torch.__version__}. Settings: {settings['model']}; "
+            f"{settings['train']}.",
+            "",
+            "Voxel Dice of a fresh model on the slices it was not trained on, median over seeds [min-max]; "
+            "`train s`: training time of one point.",
+            "",
+            table(points, cases),
+            "",
+        ]
+    )
     (out / "table.md").write_text(text)
     with open(out / "points.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["count", "seed", "stack", "dice", "dice_lesion_slices", "test_slices", "test_lesion_slices",
-                    "train_seconds", "annotated"])
+        w.writerow(
+            [
+                "count",
+                "seed",
+                "stack",
+                "dice",
+                "dice_lesion_slices",
+                "test_slices",
+                "test_lesion_slices",
+                "train_seconds",
+                "annotated",
+            ]
+        )
         for p in points:
             for name, r in [("all", p.pooled), *p.per_stack.items()]:
-                w.writerow([p.count, p.seed, name, round(r["dice"], 4), round(r["dice_lesion_slices"], 4),
-                            r.get("test_slices", ""), r.get("test_lesion_slices", ""), p.train_seconds,
-                            " ".join(map(str, p.picks.get(name, [])))])
+                w.writerow(
+                    [
+                        p.count,
+                        p.seed,
+                        name,
+                        round(r["dice"], 4),
+                        round(r["dice_lesion_slices"], 4),
+                        r.get("test_slices", ""),
+                        r.get("test_lesion_slices", ""),
+                        p.train_seconds,
+                        " ".join(map(str, p.picks.get(name, []))),
+                    ]
+                )
     plot(points, cases, out / "curve.png", title)
     (out / "settings.json").write_text(json.dumps({"command": command, **settings}, indent=1))
     return text
@@ -139,7 +199,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--counts", type=positive, nargs="+", default=[5, 10, 20, 40], help="annotated slices per cohort")
     p.add_argument("--per-stack", action="store_true", help="counts are per stack (each leaving a slice unseen)")
     p.add_argument("--seeds", type=positive, default=3)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="recipe size: cpu (minutes) or gpu (paper-size)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu", help="recipe size: cpu (minutes) or gpu (paper-size)"
+    )
     p.add_argument("--features", type=widths, help="override the preset's widths")
     p.add_argument("--patch-size", type=positive)
     p.add_argument("--max-epochs", type=positive, help="override the preset's epochs (of steps-per-epoch updates)")
@@ -155,19 +217,40 @@ def main(args: argparse.Namespace) -> None:
     device = machine(args)
     model, settings = PRESETS[args.preset]
     model = replace(model, **{k: getattr(args, k) for k in ("features", "patch_size") if getattr(args, k)})
-    settings = replace(settings, **{k: getattr(args, k) for k in ("max_epochs", "steps_per_epoch", "batch_size", "foreground")
-                                    if getattr(args, k) is not None})
+    settings = replace(
+        settings,
+        **{
+            k: getattr(args, k)
+            for k in ("max_epochs", "steps_per_epoch", "batch_size", "foreground")
+            if getattr(args, k) is not None
+        },
+    )
     cases = load_cases(find_pairs(args.data, include=args.include))
     points = []
     for count in args.counts:
         for seed in range(args.seeds):
             point = run_point(cases, count, seed, model, settings, device, args.per_stack)
-            print(f"{count} slices, seed {seed}: Dice unseen {point.pooled['dice']:.3f}, lesion slices "
-                  f"{point.pooled['dice_lesion_slices']:.3f} ({point.train_seconds:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{count} slices, seed {seed}: Dice unseen {point.pooled['dice']:.3f}, lesion slices "
+                f"{point.pooled['dice_lesion_slices']:.3f} ({point.train_seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             points.append(point)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    )
     command = recorded_command("curve")
     title = args.title or f"Learning curve on {', '.join(c.name for c in cases)}"
-    print(report(points, cases, Path(args.out), title, command,
-                 {"device": device_name, "model": asdict(model), "train": asdict(settings)}))
+    print(
+        report(
+            points,
+            cases,
+            Path(args.out),
+            title,
+            command,
+            {"device": device_name, "model": asdict(model), "train": asdict(settings)},
+        )
+    )

@@ -39,7 +39,10 @@ class Case:
 
 
 def find_pairs(
-    data: str | Path, labels: str | Path | None = None, include: Sequence[str] = (), label_replace: tuple[str, str] | None = None
+    data: str | Path,
+    labels: str | Path | None = None,
+    include: Sequence[str] = (),
+    label_replace: tuple[str, str] | None = None,
 ) -> list[tuple[Path, Path]]:
     """(image, label) paths: images in `data` (not recursive) matching any `include` glob, labels of the same
     file name in `labels` (default data/ground-truth), or with `label_replace` = (old, new) applied to the name."""
@@ -82,8 +85,9 @@ def proportional_shares(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-def per_stack_picks(cases: Sequence[Case], annotated: Mapping[str, Set[int]], n: int,
-                    next_slice: Callable[[Case, list[int]], int]) -> list[tuple[str, int]]:
+def per_stack_picks(
+    cases: Sequence[Case], annotated: Mapping[str, Set[int]], n: int, next_slice: Callable[[Case, list[int]], int]
+) -> list[tuple[str, int]]:
     """`n` new slices, each stack's share in proportion to its depth; within a stack `next_slice(case, taken)` names
     each one, `taken` holding its annotated slices and those picked before it."""
     chosen = []
@@ -95,12 +99,16 @@ def per_stack_picks(cases: Sequence[Case], annotated: Mapping[str, Set[int]], n:
     return chosen
 
 
-def stratified_draw(cases: Sequence[Case], total: int, rng: np.random.Generator, per_stack: bool = False) -> dict[str, list[int]]:
+def stratified_draw(
+    cases: Sequence[Case], total: int, rng: np.random.Generator, per_stack: bool = False
+) -> dict[str, list[int]]:
     """`total` annotated slices over a cohort (`per_stack`: in every stack, leaving one unseen), each stack's share
     in proportion to its depth, and within a stack its lesion slices in proportion (at least one while another
     lesion slice stays unseen for testing)."""
     picks = {}
-    shares = [min(total, c.depth - 1) for c in cases] if per_stack else proportional_shares(total, [c.depth for c in cases])
+    shares = (
+        [min(total, c.depth - 1) for c in cases] if per_stack else proportional_shares(total, [c.depth for c in cases])
+    )
     for case, n in zip(cases, shares):
         lesion = case.lesion_slices
         other = [k for k in range(case.depth) if k not in set(lesion)]
@@ -132,15 +140,21 @@ def _dice(tp: int, fp: int, fn: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(network: torch.nn.Module, cases: Sequence[Case], trained: dict[str, list[int]], patch_size: int,
-             device: torch.device) -> Evaluation:
+def evaluate(
+    network: torch.nn.Module,
+    cases: Sequence[Case],
+    trained: dict[str, list[int]],
+    patch_size: int,
+    device: torch.device,
+) -> Evaluation:
     per_stack, totals = {}, np.zeros((2, 3), np.int64)
     for case in cases:
         test = [k for k in range(case.depth) if k not in set(trained.get(case.name, []))]
         if not test:
             continue
-        counts, per_stack[case.name] = test_counts(segment(network, case.volume, patch_size, test, device) > 0,
-                                                   case.truth[:, :, test])
+        counts, per_stack[case.name] = test_counts(
+            segment(network, case.volume, patch_size, test, device) > 0, case.truth[:, :, test]
+        )
         totals += counts
     return Evaluation(per_stack, pooled_dice(totals))
 
@@ -149,11 +163,20 @@ def test_counts(found: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, dict]
     """True positives, false positives and false negatives (rows: all test slices, the test slices with lesion) of
     a segmentation of a stack's test slices (X, Y, n), and the stack's figures."""
     lesion = truth.any(axis=(0, 1))
-    counts = np.array([[(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
-                       for f, t in ((found, truth), (found[:, :, lesion], truth[:, :, lesion]))], np.int64)
+    counts = np.array(
+        [
+            [(f & t).sum(), (f & ~t).sum(), (~f & t).sum()]
+            for f, t in ((found, truth), (found[:, :, lesion], truth[:, :, lesion]))
+        ],
+        np.int64,
+    )
     on_lesion = _dice(*counts[1]) if lesion.any() else float("nan")
-    return counts, {"dice": _dice(*counts[0]), "dice_lesion_slices": on_lesion, "test_slices": int(truth.shape[2]),
-                    "test_lesion_slices": int(lesion.sum())}
+    return counts, {
+        "dice": _dice(*counts[0]),
+        "dice_lesion_slices": on_lesion,
+        "test_slices": int(truth.shape[2]),
+        "test_lesion_slices": int(lesion.sum()),
+    }
 
 
 def pooled_dice(totals: np.ndarray) -> dict[str, float]:

@@ -23,17 +23,24 @@ class Annotating(Protocol):
     cases: Sequence[Case]
     annotated: Mapping[str, Set[int]]
 
+
 THUMB = 16
 
 
 def thumbnails(volume: np.ndarray) -> np.ndarray:
     """(Z, THUMB * THUMB) float32: every slice normalised and shrunk by area averaging."""
     intensity = Intensity.of(volume)
-    return np.stack([cv2.resize(intensity.apply(volume[:, :, k]), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
-                     for k in range(volume.shape[2])])
+    return np.stack(
+        [
+            cv2.resize(intensity.apply(volume[:, :, k]), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+            for k in range(volume.shape[2])
+        ]
+    )
 
 
-def appearance_picker(cases: list[Case]) -> Callable[[Annotating, int, np.random.Generator], tuple[list[tuple[str, int]], int]]:
+def appearance_picker(
+    cases: list[Case],
+) -> Callable[[Annotating, int, np.random.Generator], tuple[list[tuple[str, int]], int]]:
     features = {c.name: thumbnails(c.volume) for c in cases}
 
     def farthest_look(case: Case, taken: list[int]) -> int:

@@ -11,9 +11,16 @@ from qunet_bench.hybrid import write_hybrids
 from qunet_bench.synthetic import KINDS, write_dataset
 
 
-def write_cohort(out_dir: str | Path, cohort: str = "default", kinds: Sequence[str] = KINDS, count: int = 2,
-                 seed: int = 0, shape: tuple[int, int, int] = (128, 128, 32), source: str | Path | None = None,
-                 stacks: Sequence[str] | None = None) -> dict:
+def write_cohort(
+    out_dir: str | Path,
+    cohort: str = "default",
+    kinds: Sequence[str] = KINDS,
+    count: int = 2,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (128, 128, 32),
+    source: str | Path | None = None,
+    stacks: Sequence[str] | None = None,
+) -> dict:
     """Write one cohort (images in out_dir, masks in out_dir/ground-truth/); return what was written.
 
     `count` is per kind for the synthetic cohorts and per source stack for `hybrid`, which reads every stack
@@ -33,6 +40,5 @@ def write_cohort(out_dir: str | Path, cohort: str = "default", kinds: Sequence[s
             written = write_dataset(out_dir, kinds, count, seed, shape, prevalence_stack, "-p")
         else:
             written = write_dataset(out_dir, kinds, count, seed, shape)
-        summary = [summarize(p.name, np.asarray(nib.load(p.parent / "ground-truth" / p.name).dataobj))
-                   for p in written]
+        summary = [summarize(p.name, np.asarray(nib.load(p.parent / "ground-truth" / p.name).dataobj)) for p in written]
     return {"cohort": cohort, "written": [str(p) for p in written], "summary": summary}

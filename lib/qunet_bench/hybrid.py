@@ -9,6 +9,7 @@ surroundings (hyper- or hypo-intense, at least 3 local noise std); the scan's ow
 the edge is soft. Voxels outside the inserted masks keep their values; the hybrid's mask is the scan's own mask
 OR the inserted ones. Arrays follow qunet.io's convention: (X, Y, Z), slice k is [:, :, k].
 """
+
 from __future__ import annotations
 
 import zlib
@@ -52,6 +53,7 @@ class Hybrid:
 @dataclass
 class _Scan:
     """What placing and shading a lesion needs to know about a scan."""
+
     work: np.ndarray  # float32 copy of the image
     smooth: np.ndarray  # in-plane smoothed: the anatomy without the fine noise
     organ: np.ndarray  # bool: where lesions may go
@@ -69,8 +71,14 @@ def insert_lesions(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]
     inserted, count = np.zeros(image.shape, bool), 0
     out = scan.work.copy()
     area = scan.organ.sum(axis=(0, 1))
-    spans = plan_spans(rng, image.shape[2], int(rng.integers(INSERTED[0], INSERTED[1] + 1)),
-                       own.any(axis=(0, 1)), area >= ORGAN_SHARE * area.max(), min_new=2)
+    spans = plan_spans(
+        rng,
+        image.shape[2],
+        int(rng.integers(INSERTED[0], INSERTED[1] + 1)),
+        own.any(axis=(0, 1)),
+        area >= ORGAN_SHARE * area.max(),
+        min_new=2,
+    )
     for start, length in spans:
         radius = min(log_uniform(rng, *RADIUS_MM) / float(np.mean(spacing[:2])), min(image.shape[:2]) / 8)
         free = scan.organ & ~_near(own | inserted)
@@ -109,12 +117,16 @@ def _survey(image: np.ndarray, own: np.ndarray) -> _Scan:
 
 def _box(blob: np.ndarray, spot: tuple[int, int], start: int) -> tuple[slice, slice, slice]:
     half = blob.shape[0] // 2
-    return (slice(spot[0] - half, spot[0] + half + 1), slice(spot[1] - half, spot[1] + half + 1),
-            slice(start, start + blob.shape[2]))
+    return (
+        slice(spot[0] - half, spot[0] + half + 1),
+        slice(spot[1] - half, spot[1] + half + 1),
+        slice(start, start + blob.shape[2]),
+    )
 
 
-def _shade(rng: np.random.Generator, out: np.ndarray, blob: np.ndarray, spot: tuple[int, int], start: int,
-           scan: _Scan) -> None:
+def _shade(
+    rng: np.random.Generator, out: np.ndarray, blob: np.ndarray, spot: tuple[int, int], start: int, scan: _Scan
+) -> None:
     """Blend the lesion into `out`: its smooth anatomy replaced by the local level plus a contrast step."""
     box = _box(blob, spot, start)
     inside = blob > 0
@@ -141,8 +153,12 @@ def _organ(smooth: np.ndarray, body: np.ndarray, ring: np.ndarray, tissue: tuple
     holes (vessels, ventricles) filled slice by slice. The brain, not the face; both lungs, not the chest wall."""
     like = (smooth >= tissue[0]) & (smooth <= tissue[1]) & body
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    like = np.stack([cv2.morphologyEx(like[:, :, k].view(np.uint8), cv2.MORPH_OPEN, disc)
-                     for k in range(like.shape[2])], axis=2) > 0
+    like = (
+        np.stack(
+            [cv2.morphologyEx(like[:, :, k].view(np.uint8), cv2.MORPH_OPEN, disc) for k in range(like.shape[2])], axis=2
+        )
+        > 0
+    )
     regions, _ = ndimage.label(like)
     sizes = np.bincount(regions.ravel())
     sizes[0] = 0
@@ -178,14 +194,15 @@ def _blob(rng: np.random.Generator, radius: float, length: int) -> np.ndarray:
     return np.clip((border - r) * radius * size / EDGE_PX, 0, 1).astype(np.float32)
 
 
-def _place(rng: np.random.Generator, blob: np.ndarray, start: int, free: np.ndarray, scan: _Scan,
-           tries: int = 40) -> tuple[int, int] | None:
+def _place(
+    rng: np.random.Generator, blob: np.ndarray, start: int, free: np.ndarray, scan: _Scan, tries: int = 40
+) -> tuple[int, int] | None:
     """Centre pixel where the blob and its ring lie in `free` in all its slices, over homogeneous tissue at the
     scan's tissue level; None if none of `tries` random candidates qualifies."""
     half, length = blob.shape[0] // 2, blob.shape[2]
     foot = _grow(blob > 0, MARGIN_PX).any(axis=2)
     foot = (foot | foot[::-1, ::-1]).astype(np.uint8)  # symmetric, so erosion needs no reflection
-    room = free[:, :, start:start + length].all(axis=2).astype(np.uint8)
+    room = free[:, :, start : start + length].all(axis=2).astype(np.uint8)
     ok = cv2.erode(room, foot, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
     centre = scan.smooth[:, :, start + length // 2]
     ok &= (centre >= scan.tissue[0]) & (centre <= scan.tissue[1])
@@ -202,8 +219,10 @@ def _place(rng: np.random.Generator, blob: np.ndarray, start: int, free: np.ndar
 
 def _noise_std(values: np.ndarray, region: np.ndarray) -> float:
     """Noise std from in-plane neighbour differences inside `region` (median absolute deviation, robust to edges)."""
-    diffs = [(np.diff(values, axis=ax) / np.sqrt(2))[region[1:] & region[:-1] if ax == 0 else
-                                                   region[:, 1:] & region[:, :-1]] for ax in (0, 1)]
+    diffs = [
+        (np.diff(values, axis=ax) / np.sqrt(2))[region[1:] & region[:-1] if ax == 0 else region[:, 1:] & region[:, :-1]]
+        for ax in (0, 1)
+    ]
     d = np.concatenate(diffs)
     return float(1.4826 * np.median(np.abs(d - np.median(d)))) if d.size else 0.0
 
@@ -213,12 +232,16 @@ def labelled_stacks(folder: str | Path) -> list[tuple[Path, Path]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
-    return [(p, folder / "ground-truth" / p.name) for p in sorted(folder.iterdir())
-            if p.is_file() and p.name.endswith(IMAGE_SUFFIXES) and (folder / "ground-truth" / p.name).is_file()]
+    return [
+        (p, folder / "ground-truth" / p.name)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name.endswith(IMAGE_SUFFIXES) and (folder / "ground-truth" / p.name).is_file()
+    ]
 
 
-def write_hybrids(source: str | Path, out_dir: str | Path, count: int, seed: int,
-                  stacks: Sequence[str] | None = None) -> tuple[list[Path], list[str]]:
+def write_hybrids(
+    source: str | Path, out_dir: str | Path, count: int, seed: int, stacks: Sequence[str] | None = None
+) -> tuple[list[Path], list[str]]:
     """Write `count` hybrids of each labelled stack of `source` (or of those named in `stacks`) as
     `<name>-h<i>` in the source's format and geometry, masks in out_dir/ground-truth/; return paths, summaries."""
     pairs = labelled_stacks(source)
@@ -237,7 +260,7 @@ def write_hybrids(source: str | Path, out_dir: str | Path, count: int, seed: int
         _check_pair(image, mask, image_path)
         array, labels = sitk.GetArrayFromImage(image).T, sitk.GetArrayFromImage(mask).T  # (X, Y, Z)
         name = stack_id(image_path)
-        suffix = image_path.name[len(name):]
+        suffix = image_path.name[len(name) :]
         for i in range(count):
             file_seed = int(np.random.SeedSequence([seed, zlib.crc32(name.encode()), i]).generate_state(1)[0])
             hybrid = insert_lesions(array, labels, image.GetSpacing(), file_seed)
@@ -252,9 +275,12 @@ def write_hybrids(source: str | Path, out_dir: str | Path, count: int, seed: int
 def _check_pair(image: sitk.Image, mask: sitk.Image, path: Path) -> None:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: need a single-channel 3D stack")
-    same = (image.GetSize() == mask.GetSize() and np.allclose(image.GetSpacing(), mask.GetSpacing(), atol=1e-3)
-            and np.allclose(image.GetOrigin(), mask.GetOrigin(), atol=1e-3)
-            and np.allclose(image.GetDirection(), mask.GetDirection(), atol=1e-3))
+    same = (
+        image.GetSize() == mask.GetSize()
+        and np.allclose(image.GetSpacing(), mask.GetSpacing(), atol=1e-3)
+        and np.allclose(image.GetOrigin(), mask.GetOrigin(), atol=1e-3)
+        and np.allclose(image.GetDirection(), mask.GetDirection(), atol=1e-3)
+    )
     if not same:
         raise ValueError(f"{path}: its mask in ground-truth/ is not on the image's grid")
 

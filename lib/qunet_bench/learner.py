@@ -37,7 +37,7 @@ def annotated_slices(case: Case, total: int, lesion_slices: int = 0) -> list[int
     lesion = case.lesion_slices
     if lesion_slices:
         middle = len(lesion) // 2
-        chosen = lesion[max(0, middle - lesion_slices // 2):][:lesion_slices]
+        chosen = lesion[max(0, middle - lesion_slices // 2) :][:lesion_slices]
     else:
         chosen = lesion[::2]
     if len(lesion) > 1 and len(chosen) == len(lesion):
@@ -48,8 +48,15 @@ def annotated_slices(case: Case, total: int, lesion_slices: int = 0) -> list[int
     return sorted(set(chosen) | set(spaced))
 
 
-def run(case: Case, seed: int, model: ModelConfig, settings: TrainConfig, total: int, lesion_slices: int,
-        device: torch.device) -> dict:
+def run(
+    case: Case,
+    seed: int,
+    model: ModelConfig,
+    settings: TrainConfig,
+    total: int,
+    lesion_slices: int,
+    device: torch.device,
+) -> dict:
     picks = annotated_slices(case, total, lesion_slices)
     seed_everything(seed)
     network = build_network(model.features, 1)
@@ -62,9 +69,15 @@ def run(case: Case, seed: int, model: ModelConfig, settings: TrainConfig, total:
     for mode in MODES:  # every post-processing of the same segmentation
         kept = postprocess(found, mode) > 0
         figures[mode] = test_counts(kept[:, :, test], case.truth[:, :, test])[1]
-    return {"stack": case.name, "seed": seed, "annotated": picks,
-            "annotated_lesion": [k for k in picks if k in set(case.lesion_slices)],
-            **figures["off"], "postprocessed": figures, "train_seconds": round(seconds, 1)}
+    return {
+        "stack": case.name,
+        "seed": seed,
+        "annotated": picks,
+        "annotated_lesion": [k for k in picks if k in set(case.lesion_slices)],
+        **figures["off"],
+        "postprocessed": figures,
+        "train_seconds": round(seconds, 1),
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,8 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on")
     p.add_argument("--annotated", type=positive, default=15, help="annotated slices per stack")
-    p.add_argument("--lesion-slices", type=int, default=0, help="annotate only this many middle lesion slices "
-                   "(default: every other one)")
+    p.add_argument(
+        "--lesion-slices",
+        type=int,
+        default=0,
+        help="annotate only this many middle lesion slices (default: every other one)",
+    )
     p.add_argument("--features", type=widths, help="override the app's widths")
     p.add_argument("--patch-size", type=positive)
     p.add_argument("--max-epochs", type=positive)
@@ -88,20 +105,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     device = machine(args)
     model = replace(ModelConfig(), **{k: getattr(args, k) for k in ("features", "patch_size") if getattr(args, k)})
-    settings = replace(TrainConfig(), **{k: getattr(args, k) for k in
-                                         ("max_epochs", "steps_per_epoch", "batch_size", "foreground")
-                                         if getattr(args, k) is not None})
+    settings = replace(
+        TrainConfig(),
+        **{
+            k: getattr(args, k)
+            for k in ("max_epochs", "steps_per_epoch", "batch_size", "foreground")
+            if getattr(args, k) is not None
+        },
+    )
     runs = []
     for case in load_cases(find_pairs(args.data, include=args.include)):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs.append(run(case, seed, model, settings, args.annotated, args.lesion_slices, device))
             r = runs[-1]
             largest = r["postprocessed"]["largest"]
-            print(f"{case.name} seed {seed}: Dice {r['dice']:.3f}, lesion slices {r['dice_lesion_slices']:.3f}; "
-                  f"largest component {largest['dice']:.3f}, {largest['dice_lesion_slices']:.3f} "
-                  f"({len(r['annotated_lesion'])} of {len(r['annotated'])} annotated on lesion, "
-                  f"{r['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{case.name} seed {seed}: Dice {r['dice']:.3f}, lesion slices {r['dice_lesion_slices']:.3f}; "
+                f"largest component {largest['dice']:.3f}, {largest['dice_lesion_slices']:.3f} "
+                f"({len(r['annotated_lesion'])} of {len(r['annotated'])} annotated on lesion, "
+                f"{r['train_seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": recorded_command("learner"), "model": asdict(model),
-                               "train": asdict(settings), "runs": runs}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"command": recorded_command("learner"), "model": asdict(model), "train": asdict(settings), "runs": runs},
+            indent=1,
+        )
+    )

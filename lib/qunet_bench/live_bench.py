@@ -34,12 +34,18 @@ def _save_label(session, url: str, image_id: str, slices: list[int], shape, work
     path = work / "label.nii.gz"
     nib.save(nib.Nifti1Image(label, np.diag([0.7, 0.7, 5.0, 1.0])), path)
     with open(path, "rb") as f:
-        session.put(f"{url}/datastore/label", params={"image": image_id}, timeout=60, files={"label": (path.name, f)},
-                    data={"params": json.dumps({"annotated_slices": slices})}).raise_for_status()
+        session.put(
+            f"{url}/datastore/label",
+            params={"image": image_id},
+            timeout=60,
+            files={"label": (path.name, f)},
+            data={"params": json.dumps({"annotated_slices": slices})},
+        ).raise_for_status()
 
 
-def _latencies(session, url: str, requests_count: int, client: str, label_every: int = 0, shape=None,
-               work: Path | None = None) -> tuple[dict, dict]:
+def _latencies(
+    session, url: str, requests_count: int, client: str, label_every: int = 0, shape=None, work: Path | None = None
+) -> tuple[dict, dict]:
     """Next sample timed `requests_count` times; every `label_every`-th answer is then submitted as a label (not
     timed: the next answer pays for the ranking's update)."""
     times, last = [], {}
@@ -52,14 +58,26 @@ def _latencies(session, url: str, requests_count: int, client: str, label_every:
         if label_every and i % label_every == label_every - 1 and last.get("id"):
             _save_label(session, url, last["id"], last["slices"], shape, work)
     ms = np.array(times) * 1000
-    return ({"requests": requests_count, "labels_saved": requests_count // label_every if label_every else 0,
-             "p50_ms": round(float(np.percentile(ms, 50)), 1),
-             "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)},
-            {"phase": last.get("phase"), "id": last.get("id"), "slices": last.get("slices")})
+    return (
+        {
+            "requests": requests_count,
+            "labels_saved": requests_count // label_every if label_every else 0,
+            "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "max_ms": round(float(ms.max()), 1),
+        },
+        {"phase": last.get("phase"), "id": last.get("id"), "slices": last.get("slices")},
+    )
 
 
-def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16, 16, 8), auto_scoring: bool = True,
-                      workdir: str | None = None, label_every: int = 5) -> dict:
+def next_sample_bench(
+    volumes: int = 1000,
+    requests_count: int = 100,
+    shape=(16, 16, 8),
+    auto_scoring: bool = True,
+    workdir: str | None = None,
+    label_every: int = 5,
+) -> dict:
     """Latency of POST /activelearning/qunet over `volumes` volumes scored by the server itself, in both phases of the
     strategy, the server started as README starts it (MONAI Label's auto-update scoring on unless `auto_scoring` is
     False), with a label saved after every `label_every`-th answer; and a restart's time to its first answer."""
@@ -77,16 +95,21 @@ def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16,
         torch.manual_seed(0)
         torch.save({"model": build_network(tuple(int(f) for f in features.split(","))).state_dict()}, parked)
         conf = {"patch_size": "32", "features": features, "q0": "1.01", "pretrained_path": str(model)}
-        out: dict = {"volumes": volumes, "volume_shape": list(shape), "auto_update_scoring": auto_scoring,
-                     "write_seconds": round(time.perf_counter() - t, 1)}
+        out: dict = {
+            "volumes": volumes,
+            "volume_shape": list(shape),
+            "auto_update_scoring": auto_scoring,
+            "write_seconds": round(time.perf_counter() - t, 1),
+        }
         env = {} if auto_scoring else {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
         timed = dict(label_every=label_every, shape=shape, work=root)
         server = Server(root / "studies", root, conf, env)
         with requests.Session() as session:
             t = time.perf_counter()
             with server:  # no model yet: the initial phase
-                session.post(f"{server.url}/activelearning/qunet", json={"client_id": "first"},
-                             timeout=600).raise_for_status()
+                session.post(
+                    f"{server.url}/activelearning/qunet", json={"client_id": "first"}, timeout=600
+                ).raise_for_status()
                 out["unscored_start_to_first_answer_seconds"] = round(time.perf_counter() - t, 1)
                 if not auto_scoring:
                     session.post(f"{server.url}/scoring/qunet_quality", timeout=60).raise_for_status()
@@ -97,11 +120,14 @@ def next_sample_bench(volumes: int = 1000, requests_count: int = 100, shape=(16,
                 os.rename(parked, model)  # a model appears: the server re-scores by itself
                 server.wait_for_task("scoring", after=before, method="qunet_disagreement")
                 out["disagreement_scoring_seconds"] = round(time.perf_counter() - t, 1)
-                out["disagreement"], out["disagreement_answer"] = _latencies(session, server.url, requests_count, "b",
-                                                                             **timed)
+                out["disagreement"], out["disagreement_answer"] = _latencies(
+                    session, server.url, requests_count, "b", **timed
+                )
             t = time.perf_counter()
             with server:  # a restart on the scored volumes
-                session.post(f"{server.url}/activelearning/qunet", json={"client_id": "c"}, timeout=600).raise_for_status()
+                session.post(
+                    f"{server.url}/activelearning/qunet", json={"client_id": "c"}, timeout=600
+                ).raise_for_status()
                 out["startup_to_first_answer_seconds"] = round(time.perf_counter() - t, 1)
     return out
 

@@ -43,9 +43,13 @@ def submit_truth(server: Server, case: Case, slices: list[int], work: Path) -> N
     path = work / f"label-{case.name}.nii.gz"
     nib.save(nib.Nifti1Image(label, case.affine), path)
     with open(path, "rb") as f:
-        r = requests.put(f"{server.url}/datastore/label", params={"image": case.name}, timeout=600,
-                         data={"params": json.dumps({"annotated_slices": slices, "client_id": "annotator"})},
-                         files={"label": (path.name, f)})
+        r = requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": case.name},
+            timeout=600,
+            data={"params": json.dumps({"annotated_slices": slices, "client_id": "annotator"})},
+            files={"label": (path.name, f)},
+        )
     r.raise_for_status()
 
 
@@ -54,7 +58,9 @@ def _app_round(server: Server, run: LoopRun, n: int, work: Path) -> int:
     cases = {c.name: c for c in run.cases}
     done = 0
     while done < n:
-        sample = requests.post(f"{server.url}/activelearning/qunet", json={"client_id": "annotator"}, timeout=600).json()
+        sample = requests.post(
+            f"{server.url}/activelearning/qunet", json={"client_id": "annotator"}, timeout=600
+        ).json()
         new = [k for k in sample.get("slices") or [] if k not in run.annotated.get(sample.get("id"), ())][: n - done]
         if not new:
             return n - done
@@ -71,8 +77,12 @@ def _evaluate(server: Server, run: LoopRun, work: Path) -> dict:
     per_stack: dict[str, dict] = {}
     for case in run.cases:
         test = [k for k in range(case.depth) if k not in run.annotated[case.name]]
-        r = requests.post(f"{server.url}/infer/qunet", params={"image": case.name, "output": "image"},
-                          data={"params": "{}"}, timeout=3600)
+        r = requests.post(
+            f"{server.url}/infer/qunet",
+            params={"image": case.name, "output": "image"},
+            data={"params": "{}"},
+            timeout=3600,
+        )
         r.raise_for_status()
         answer = work / "infer"
         answer.write_bytes(r.content)
@@ -85,11 +95,16 @@ def _evaluate(server: Server, run: LoopRun, work: Path) -> dict:
                 per_stack[case.name] = figures
             else:
                 per_stack[case.name][mode] = figures
-    return {**pooled_dice(totals["off"]), "stacks": per_stack,
-            "postprocessed": {mode: pooled_dice(t) for mode, t in totals.items()}}
+    return {
+        **pooled_dice(totals["off"]),
+        "stacks": per_stack,
+        "postprocessed": {mode: pooled_dice(t) for mode, t in totals.items()},
+    }
 
 
-def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case], images: dict[str, Path]) -> list[dict]:
+def run_loop(
+    method: str, seed: int, args: argparse.Namespace, cases: list[Case], images: dict[str, Path]
+) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix=f"qunet-loop-{method}-{seed}-", dir=args.workdir))
     (root / "studies").mkdir()
     for image in images.values():
@@ -107,8 +122,9 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
                     picks = (pick_random if method == "random" else pick_interval)(run, args.per_round, rng)[0]
                     for name in sorted({name for name, _ in picks}):
                         run.annotated[name] |= {k for n, k in picks if n == name}
-                        submit_truth(server, next(c for c in cases if c.name == name), sorted(run.annotated[name]),
-                                     root)
+                        submit_truth(
+                            server, next(c for c in cases if c.name == name), sorted(run.annotated[name]), root
+                        )
                 before = server.last_task("scoring").get("id"), server.last_task("train").get("id")
                 trained = time.perf_counter()
                 requests.post(f"{server.url}/train/qunet", json={"seed": seed}, timeout=600).raise_for_status()
@@ -117,16 +133,32 @@ def run_loop(method: str, seed: int, args: argparse.Namespace, cases: list[Case]
                 server.wait_for_task("scoring", after=before[0], method="qunet_disagreement")  # the server's re-score
                 found = _evaluate(server, run, root)
                 annotated = {name: sorted(ks) for name, ks in run.annotated.items()}
-                results.append({"method": method, "seed": seed, "round": r, "unserved": unserved,
-                                "annotated": sum(map(len, annotated.values())),
-                                "lesion_annotated": sum(len(set(ks) & set(c.lesion_slices))
-                                                        for c in cases for n, ks in annotated.items() if n == c.name),
-                                "picked": annotated, "seconds": round(time.perf_counter() - start, 1),
-                                "train_seconds": round(trained, 1), **found})
-                print(f"{method} seed {seed} round {r}: {results[-1]['annotated']} slices "
-                      f"({results[-1]['lesion_annotated']} with lesion), Dice {found['dice']:.3f}, on lesion slices "
-                      f"{found['dice_lesion_slices']:.3f} (round {results[-1]['seconds']} s, Train {results[-1]['train_seconds']} s)",
-                      flush=True)
+                results.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "round": r,
+                        "unserved": unserved,
+                        "annotated": sum(map(len, annotated.values())),
+                        "lesion_annotated": sum(
+                            len(set(ks) & set(c.lesion_slices))
+                            for c in cases
+                            for n, ks in annotated.items()
+                            if n == c.name
+                        ),
+                        "picked": annotated,
+                        "seconds": round(time.perf_counter() - start, 1),
+                        "train_seconds": round(trained, 1),
+                        **found,
+                    }
+                )
+                print(
+                    f"{method} seed {seed} round {r}: {results[-1]['annotated']} slices "
+                    f"({results[-1]['lesion_annotated']} with lesion), Dice {found['dice']:.3f}, on lesion slices "
+                    f"{found['dice_lesion_slices']:.3f} (round {results[-1]['seconds']} s, Train "
+                    f"{results[-1]['train_seconds']} s)",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results
@@ -140,8 +172,11 @@ def summary(results: list[dict], postprocessed: str | None = None) -> dict:
     aubc: dict[str, dict[int, float]] = {}
     for m in {r["method"] for r in results}:
         for s in {r["seed"] for r in results if r["method"] == m}:
-            dice = [r["postprocessed"][postprocessed]["dice"] if postprocessed else r["dice"]
-                    for r in results if r["method"] == m and r["seed"] == s]
+            dice = [
+                r["postprocessed"][postprocessed]["dice"] if postprocessed else r["dice"]
+                for r in results
+                if r["method"] == m and r["seed"] == s
+            ]
             aubc.setdefault(m, {})[s] = float(np.mean(dice))
     out = {"aubc": {m: {"mean": float(np.mean(list(v.values()))), "seeds": v} for m, v in aubc.items()}}
     for base in ("random", "interval"):
@@ -173,7 +208,15 @@ def main(args: argparse.Namespace) -> None:
             results += run_loop(method, seed, args, cases, images)
             if args.out:  # written as it goes: a long run keeps what it finished
                 settings = {k: v for k, v in vars(args).items() if k != "run"}  # (run: the sub-command)
-                Path(args.out).write_text(json.dumps({"rounds": results, "summary": summary(results),
-                                                      "summary_largest": summary(results, "largest"),
-                                                      "settings": settings}, indent=1))
+                Path(args.out).write_text(
+                    json.dumps(
+                        {
+                            "rounds": results,
+                            "summary": summary(results),
+                            "summary_largest": summary(results, "largest"),
+                            "settings": settings,
+                        },
+                        indent=1,
+                    )
+                )
     print(json.dumps(summary(results), indent=1))

@@ -44,13 +44,20 @@ def memory_probe(kind: str, shape: tuple[int, int, int], patch_size: int, featur
         disagreement_scores(network, volume, patch_size)
     else:
         slice_quality(volume)
-    return {"kind": kind, "shape": list(shape), "volume_mb": round(volume.nbytes / 2**20, 1),
-            "rss_before_mb": round(start, 1), "peak_mb": round(_hwm_mb(), 1),
-            "extra_mb": round(_hwm_mb() - start, 1), "seconds": round(time.perf_counter() - t, 2)}
+    return {
+        "kind": kind,
+        "shape": list(shape),
+        "volume_mb": round(volume.nbytes / 2**20, 1),
+        "rss_before_mb": round(start, 1),
+        "peak_mb": round(_hwm_mb(), 1),
+        "extra_mb": round(_hwm_mb() - start, 1),
+        "seconds": round(time.perf_counter() - t, 2),
+    }
 
 
-def memory_bench(depths=(100, 600), size: int = 512, patch_size: int = 96, features=(8, 16, 32, 64, 128, 8),
-                 in_process: bool = False) -> dict:
+def memory_bench(
+    depths=(100, 600), size: int = 512, patch_size: int = 96, features=(8, 16, 32, 64, 128, 8), in_process: bool = False
+) -> dict:
     """Peak memory beyond the volume while scoring (quality and disagreement), per depth, each in a fresh process
     (`in_process`: in this one, for quick checks)."""
     if not Path("/proc/self/clear_refs").exists():
@@ -61,8 +68,10 @@ def memory_bench(depths=(100, 600), size: int = 512, patch_size: int = 96, featu
             if in_process:
                 out["runs"].append(memory_probe(kind, (size, size, depth), patch_size, tuple(features)))
                 continue
-            code = (f"import json; from qunet_bench.memory_bench import memory_probe; print(json.dumps(memory_probe("
-                    f"{kind!r}, ({size}, {size}, {depth}), {patch_size}, {tuple(features)!r})))")
+            code = (
+                f"import json; from qunet_bench.memory_bench import memory_probe; print(json.dumps(memory_probe("
+                f"{kind!r}, ({size}, {size}, {depth}), {patch_size}, {tuple(features)!r})))"
+            )
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
             if r.returncode:
                 raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")

@@ -51,8 +51,14 @@ def slice_rows(network: torch.nn.Module, run: LoopRun, patch_size: int, device: 
             truth = torch.from_numpy(np.moveaxis(case.truth[:, :, chunk], 2, 0)).to(device)
             error = ((l4 > 0) ^ truth).flatten(1).sum(1).cpu().numpy()
             for i, k in enumerate(chunk):
-                rows.append({"slice": (case.name, k), "error": int(error[i]), "lesion": bool(case.truth[:, :, k].any()),
-                             **{name: float(s[i]) for name, s in scores.items()}})
+                rows.append(
+                    {
+                        "slice": (case.name, k),
+                        "error": int(error[i]),
+                        "lesion": bool(case.truth[:, :, k].any()),
+                        **{name: float(s[i]) for name, s in scores.items()},
+                    }
+                )
     return rows
 
 
@@ -62,8 +68,10 @@ def summary(rows: list[dict], top: int) -> dict[str, dict[str, float]]:
     for name in SCORES:
         values = np.array([r[name] for r in rows])
         best = np.argsort(-values, kind="stable")[:top]
-        out[name] = {"spearman": round(float(spearmanr(values, error).correlation), 2),
-                     "lesion_in_top": int(sum(rows[i]["lesion"] for i in best))}
+        out[name] = {
+            "spearman": round(float(spearmanr(values, error).correlation), 2),
+            "lesion_in_top": int(sum(rows[i]["lesion"] for i in best)),
+        }
     return out
 
 
@@ -74,8 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-round", type=positive, default=4)
     p.add_argument("--seeds", type=positive, default=2)
     p.add_argument("--steps-per-epoch", type=positive, default=RoundsConfig().train.steps_per_epoch)
-    p.add_argument("--foreground", type=share, default=RoundsConfig().train.foreground,
-                   help="share of training patches centred on an annotated lesion pixel")
+    p.add_argument(
+        "--foreground",
+        type=share,
+        default=RoundsConfig().train.foreground,
+        help="share of training patches centred on an annotated lesion pixel",
+    )
     p.add_argument("--features", type=widths, default=RoundsConfig().model.features)
     p.add_argument("--patch-size", type=positive, default=RoundsConfig().model.patch_size)
     p.add_argument("--out", required=True)
@@ -84,9 +96,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     d = RoundsConfig()
-    config = replace(d, rounds=args.rounds, per_round=args.per_round,
-                     train=replace(d.train, steps_per_epoch=args.steps_per_epoch, foreground=args.foreground),
-                     model=replace(d.model, features=args.features, patch_size=args.patch_size))
+    config = replace(
+        d,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        train=replace(d.train, steps_per_epoch=args.steps_per_epoch, foreground=args.foreground),
+        model=replace(d.model, features=args.features, patch_size=args.patch_size),
+    )
     device = machine(args)
     cases = load_cases(find_pairs(args.data, include=args.include))
     bench = Benchmark(cases, config, device)
@@ -94,19 +110,33 @@ def main(args: argparse.Namespace) -> None:
     for seed in range(args.seeds):
         for run, r, _, _, _ in bench.loop("random", seed):  # the random method of `python -m qunet rounds`
             rows = slice_rows(run.network, run, config.model.patch_size, device)
-            results.append({"seed": seed, "round": r + 1, "open": len(rows), "lesion": sum(x["lesion"] for x in rows),
-                            "scores": summary(rows, args.per_round)})
+            results.append(
+                {
+                    "seed": seed,
+                    "round": r + 1,
+                    "open": len(rows),
+                    "lesion": sum(x["lesion"] for x in rows),
+                    "scores": summary(rows, args.per_round),
+                }
+            )
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     lines = ["| seed | round | " + " | ".join(SCORES) + " |", "|---|---|" + "---|" * len(SCORES)]
     for res in results:
-        lines.append(f"| {res['seed']} | {res['round']} | " + " | ".join(
-            f"{s['spearman']:+.2f} ({s['lesion_in_top']} of {args.per_round})" for s in res["scores"].values()) + " |")
+        lines.append(
+            f"| {res['seed']} | {res['round']} | "
+            + " | ".join(
+                f"{s['spearman']:+.2f} ({s['lesion_in_top']} of {args.per_round})" for s in res["scores"].values()
+            )
+            + " |"
+        )
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = recorded_command("proxies")
     saved = {"command": command, "train": asdict(config.train), "model": asdict(config.model), "results": results}
     (out / "proxies.json").write_text(json.dumps(saved, indent=1, default=str))
-    (out / "table.md").write_text(f"Command: `{command}`\n\nSpearman's rho of each score with the slice's error "
-                                  f"(lesion slices among its top {args.per_round}):\n\n{table}\n")
+    (out / "table.md").write_text(
+        f"Command: `{command}`\n\nSpearman's rho of each score with the slice's error "
+        f"(lesion slices among its top {args.per_round}):\n\n{table}\n"
+    )
     print(table)

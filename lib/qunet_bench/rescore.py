@@ -1,4 +1,5 @@
-"""How soon after *Train* the annotator gets a disagreement-phase sample: `python -m qunet rescore [--out rescore.json]`.
+"""How soon after *Train* the annotator gets a disagreement-phase sample: `python -m qunet rescore [--out "
+"rescore.json]`.
 
 Against a real `monailabel start_server` over a copy of the stacks (default: the repository's sample-data, labels
 from its ground-truth/ folder), a simulated annotator runs R rounds of the app's loop: Next sample, a label drawn
@@ -50,8 +51,13 @@ def _annotate(session, server: Server, truth: dict[str, Path], studies: Path, wo
         image = next(p for p in _images(studies) if stack_id(p) == sample["id"])
         label = _draw(image, truth[sample["id"]], sample["slices"], workdir / f"label-{i}.nii.gz")
         with open(label, "rb") as f:
-            r = session.put(f"{server.url}/datastore/label", params={"image": sample["id"]}, timeout=600,
-                            data={"params": json.dumps({"client_id": CLIENT})}, files={"label": (label.name, f)})
+            r = session.put(
+                f"{server.url}/datastore/label",
+                params={"image": sample["id"]},
+                timeout=600,
+                data={"params": json.dumps({"client_id": CLIENT})},
+                files={"label": (label.name, f)},
+            )
         r.raise_for_status()
         annotated += len(sample["slices"])
     return annotated
@@ -85,14 +91,27 @@ def _after_training(session, server: Server, done: float, poll: float, timeout: 
             everything = now
         time.sleep(poll)
     progress = session.get(f"{server.url}/info/", timeout=60).json()["qunet"]["scoring"]["qunet_disagreement"]
-    return {"seconds_to_first_disagreement_sample": None if first is None else round(first, 2),
-            "seconds_to_rescore_all": None if everything is None else round(everything, 2),
-            "phases": phases, "volumes": progress.get("volumes_total"), "scored": progress.get("scored"),
-            "slices_per_second": progress.get("slices_per_second"), "order": progress.get("order")}
+    return {
+        "seconds_to_first_disagreement_sample": None if first is None else round(first, 2),
+        "seconds_to_rescore_all": None if everything is None else round(everything, 2),
+        "phases": phases,
+        "volumes": progress.get("volumes_total"),
+        "scored": progress.get("scored"),
+        "slices_per_second": progress.get("slices_per_second"),
+        "order": progress.get("order"),
+    }
 
 
-def run(data: Path = SAMPLES, rounds: int = 2, samples: int = 2, conf: dict | None = None, train: dict | None = None,
-        poll: float = 0.2, timeout: float = 3600, workdir: str | None = None) -> dict:
+def run(
+    data: Path = SAMPLES,
+    rounds: int = 2,
+    samples: int = 2,
+    conf: dict | None = None,
+    train: dict | None = None,
+    poll: float = 0.2,
+    timeout: float = 3600,
+    workdir: str | None = None,
+) -> dict:
     import requests
 
     truth_dir = data / "ground-truth"
@@ -113,8 +132,13 @@ def run(data: Path = SAMPLES, rounds: int = 2, samples: int = 2, conf: dict | No
             for r in range(rounds):
                 annotated += _annotate(session, server, truth, studies, root, samples)
                 done = _train(session, server, train or {}, timeout)
-                out["rounds"].append({"round": r + 1, "annotated_slices": annotated,
-                                      **_after_training(session, server, done, poll, timeout)})
+                out["rounds"].append(
+                    {
+                        "round": r + 1,
+                        "annotated_slices": annotated,
+                        **_after_training(session, server, done, poll, timeout),
+                    }
+                )
             out["failed_to_trigger_logged"] = "Failed To Trigger" in server.log.read_text(errors="replace")
     return out
 
@@ -122,10 +146,12 @@ def run(data: Path = SAMPLES, rounds: int = 2, samples: int = 2, conf: dict | No
 def render(result: dict) -> str:
     lines = [f"{result['volumes']} volumes from {result['data']}, conf {result['conf']}, train {result['train']}"]
     for r in result["rounds"]:
-        lines.append(f"round {r['round']} ({r['annotated_slices']} slices annotated): Train done -> first "
-                     f"disagreement-phase Next sample {r['seconds_to_first_disagreement_sample']} s; -> all "
-                     f"{r['volumes']} volumes re-scored {r['seconds_to_rescore_all']} s "
-                     f"({r['slices_per_second']} slices/s while scoring)")
+        lines.append(
+            f"round {r['round']} ({r['annotated_slices']} slices annotated): Train done -> first "
+            f"disagreement-phase Next sample {r['seconds_to_first_disagreement_sample']} s; -> all "
+            f"{r['volumes']} volumes re-scored {r['seconds_to_rescore_all']} s "
+            f"({r['slices_per_second']} slices/s while scoring)"
+        )
     return "\n".join(lines)
 
 
@@ -137,10 +163,14 @@ def _pairs(values: list[str]) -> dict[str, str]:
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, default=SAMPLES, help="stacks, with full labels in DATA/ground-truth/")
     p.add_argument("--out", default="rescore.json", help="JSON file for the figures")
-    p.add_argument("--rounds", type=positive, default=2, help="Train rounds (the first has no earlier scores to order by)")
+    p.add_argument(
+        "--rounds", type=positive, default=2, help="Train rounds (the first has no earlier scores to order by)"
+    )
     p.add_argument("--samples", type=positive, default=2, help="Next sample answers annotated before each Train")
     p.add_argument("--conf", nargs="*", default=[], metavar="KEY=VALUE", help="app settings (--conf of the server)")
-    p.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="train request settings, e.g. max_epochs=5")
+    p.add_argument(
+        "--train", nargs="*", default=[], metavar="KEY=VALUE", help="train request settings, e.g. max_epochs=5"
+    )
     p.add_argument("--poll", type=float, default=0.2, help="seconds between Next sample requests after Train")
 
 

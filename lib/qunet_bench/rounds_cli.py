@@ -25,22 +25,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder of stacks; full labels in DATA/ground-truth/")
     p.add_argument("--include", nargs="+", default=[], metavar="GLOB")
     p.add_argument("--rounds", type=positive, default=d.rounds)
-    p.add_argument("--per-round", type=positive, default=d.per_round, help="slices annotated each round by every method")
+    p.add_argument(
+        "--per-round", type=positive, default=d.per_round, help="slices annotated each round by every method"
+    )
     p.add_argument("--seeds", type=positive, default=d.seeds)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
     p.add_argument("--max-epochs", type=positive, default=d.train.max_epochs, help="training per round, in epochs")
     p.add_argument("--steps-per-epoch", type=positive, default=d.train.steps_per_epoch)
     p.add_argument("--batch-size", type=positive, default=d.train.batch_size)
-    p.add_argument("--foreground", type=share, default=d.train.foreground, help="share of training patches centred on "
-                   "an annotated lesion pixel")
+    p.add_argument(
+        "--foreground",
+        type=share,
+        default=d.train.foreground,
+        help="share of training patches centred on an annotated lesion pixel",
+    )
     p.add_argument("--features", type=widths, default=d.model.features)
     p.add_argument("--patch-size", type=positive, default=d.model.patch_size)
     p.add_argument("--out", required=True)
-    p.add_argument("--title", default="", help="of the table and plot (default: the title of the folder's earlier "
-                                                "runs, else the stacks' names)")
-    p.add_argument("--merge", nargs="+", default=[], metavar="DIR", help="run nothing: report into --out the results "
-                   "of these folders' runs of the same settings (e.g. one process per method), on the seeds every "
-                   "method finished")
+    p.add_argument(
+        "--title",
+        default="",
+        help="of the table and plot (default: the title of the folder's earlier runs, else the stacks' names)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="run nothing: report into --out the results "
+        "of these folders' runs of the same settings (e.g. one process per method), on the seeds every "
+        "method finished",
+    )
     add_machine_arguments(p)
 
 
@@ -90,26 +105,47 @@ def merged(folders: list[str], config: RoundsConfig) -> tuple[list[RoundResult],
 
 def save(out: Path, title: str, commands: list[str], config: RoundsConfig, results: list[RoundResult]) -> None:
     """rounds.json, replaced whole (a run killed while writing leaves the previous file, not half of one)."""
-    held = {**asdict(config), "methods": list(dict.fromkeys(r.method for r in results)),
-            "seeds": len({r.seed for r in results})}
+    held = {
+        **asdict(config),
+        "methods": list(dict.fromkeys(r.method for r in results)),
+        "seeds": len({r.seed for r in results}),
+    }
     part = out / "rounds.json.part"
-    part.write_text(json.dumps({"title": title, "commands": commands, "config": held,
-                                "results": [asdict(r) for r in results]}, indent=1, default=str))
+    part.write_text(
+        json.dumps(
+            {"title": title, "commands": commands, "config": held, "results": [asdict(r) for r in results]},
+            indent=1,
+            default=str,
+        )
+    )
     os.replace(part, out / "rounds.json")
 
 
 def main(args: argparse.Namespace) -> None:
     device = machine(args)
     d = RoundsConfig()
-    config = replace(d, rounds=args.rounds, per_round=args.per_round, seeds=args.seeds, methods=tuple(args.methods),
-                     model=replace(d.model, features=args.features, patch_size=args.patch_size),
-                     train=replace(d.train, max_epochs=args.max_epochs, steps_per_epoch=args.steps_per_epoch,
-                                   batch_size=args.batch_size, foreground=args.foreground))
+    config = replace(
+        d,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        seeds=args.seeds,
+        methods=tuple(args.methods),
+        model=replace(d.model, features=args.features, patch_size=args.patch_size),
+        train=replace(
+            d.train,
+            max_epochs=args.max_epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            batch_size=args.batch_size,
+            foreground=args.foreground,
+        ),
+    )
     cases = load_cases(find_pairs(args.data, include=args.include))
     command = recorded_command("rounds")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, commands, title = merged(args.merge, config) if args.merge else earlier_results(out / "rounds.json", config)
+    results, commands, title = (
+        merged(args.merge, config) if args.merge else earlier_results(out / "rounds.json", config)
+    )
     title = args.title or title or f"Active-learning rounds on {', '.join(c.name for c in cases)}"
     commands = [*commands, command] if command and command not in commands else commands
     if args.merge:
@@ -122,10 +158,17 @@ def main(args: argparse.Namespace) -> None:
         for method in config.methods:
             if (method, seed) in done:
                 continue
-            results += bench.run(method, seed, lambda r: print(
-                f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
-                f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} ({r.seconds:.0f} s)",
-                file=sys.stderr, flush=True))
+            results += bench.run(
+                method,
+                seed,
+                lambda r: print(
+                    f"seed {r.seed} {r.method} round {r.round}: {r.annotated} slices ({r.lesion_annotated} lesion, "
+                    f"{r.filled} filled), Dice {r.dice:.3f} / lesion slices {r.dice_lesion_slices:.3f} "
+                    f"({r.seconds:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                ),
+            )
         save(out, title, commands, config, results)  # after every seed: an interrupted run keeps the seeds it finished
         table = report(results, cases, out, title, commands)
     print(table)

@@ -25,17 +25,27 @@ def synthetic_records(count: int, depth: int, seed: int = 0) -> dict[str, dict]:
     for i in range(count):
         q = np.round(rng.beta(5, 1, depth), 5)
         out[f"vol{i:06d}"] = {
-            QUALITY: {"signature": f"s{i}", "initial": rng.choice(depth, 5, replace=False).tolist(),
-                      **{m: np.round(rng.random(depth), 5).tolist() for m in ("blurriness", "psnr_inv", "cov", "mean")}},
-            DISAGREEMENT: {"model": "m", "q0": 0.5, "q": q.tolist(), "flagged": np.argsort(q)[: int((q < 0.5).sum())].tolist(),
-                           "area": np.round(rng.exponential(20, depth) * (rng.random(depth) < 0.2)).tolist()},
+            QUALITY: {
+                "signature": f"s{i}",
+                "initial": rng.choice(depth, 5, replace=False).tolist(),
+                **{m: np.round(rng.random(depth), 5).tolist() for m in ("blurriness", "psnr_inv", "cov", "mean")},
+            },
+            DISAGREEMENT: {
+                "model": "m",
+                "q0": 0.5,
+                "q": q.tolist(),
+                "flagged": np.argsort(q)[: int((q < 0.5).sum())].tolist(),
+                "area": np.round(rng.exponential(20, depth) * (rng.random(depth) < 0.2)).tolist(),
+            },
         }
     return out
 
 
 def volume_state(image_id: str, r: dict) -> VolumeState:
     rec = r[DISAGREEMENT]
-    return VolumeState(image_id, r[QUALITY]["initial"], rec["q"], ranked=rec["flagged"], area=rec["area"], depth=len(rec["q"]))
+    return VolumeState(
+        image_id, r[QUALITY]["initial"], rec["q"], ranked=rec["flagged"], area=rec["area"], depth=len(rec["q"])
+    )
 
 
 def _percentiles(seconds: list[float]) -> dict:
@@ -54,7 +64,9 @@ def scale_bench(counts=(1000, 10000, 100000), depth: int = 64, requests: int = 3
             fill = time.perf_counter() - t
             t = time.perf_counter()
             version = reader.version()
-            ranking = Ranking(SelectionConfig(), (volume_state(i, r) for i, r in reader.all().items()))  # a fresh process
+            ranking = Ranking(
+                SelectionConfig(), (volume_state(i, r) for i, r in reader.all().items())
+            )  # a fresh process
             startup = time.perf_counter() - t
             loop = LoopState(has_model=True)
             refresh, pick, write = [], [], []
@@ -72,17 +84,32 @@ def scale_bench(counts=(1000, 10000, 100000), depth: int = 64, requests: int = 3
                 pick.append(t2 - t1)
                 write.append(t3 - t2)
             total = [a + b + c for a, b, c in zip(refresh, pick, write)]
-            runs.append({"volumes": count, "slices_per_volume": depth, "records_mb": round(sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20, 3),
-                         "fill_seconds": round(fill, 1), "read_and_rank_seconds": round(startup, 2),
-                         "refresh": _percentiles(refresh), "policy": _percentiles(pick), "write": _percentiles(write),
-                         "next_sample_in_process": _percentiles(total), "requests": requests})
+            runs.append(
+                {
+                    "volumes": count,
+                    "slices_per_volume": depth,
+                    "records_mb": round(sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20, 3),
+                    "fill_seconds": round(fill, 1),
+                    "read_and_rank_seconds": round(startup, 2),
+                    "refresh": _percentiles(refresh),
+                    "policy": _percentiles(pick),
+                    "write": _percentiles(write),
+                    "next_sample_in_process": _percentiles(total),
+                    "requests": requests,
+                }
+            )
             writer.close()
             reader.close()
     return {"runs": runs}
 
 
 def render(result: dict) -> list[str]:
-    return [f"records + policy, {r['volumes']} volumes x {r['slices_per_volume']} slices ({r['records_mb']} MB): Next "
-            f"sample in process p50 {r['next_sample_in_process']['p50_ms']} ms, p95 {r['next_sample_in_process']['p95_ms']} "
-            f"ms (ranking update p95 {r['refresh']['p95_ms']} ms, pick p95 {r['policy']['p95_ms']} ms, record write p95 "
-            f"{r['write']['p95_ms']} ms); a fresh process reads every record and ranks them in {r['read_and_rank_seconds']} s" for r in result["runs"]]
+    return [
+        f"records + policy, {r['volumes']} volumes x {r['slices_per_volume']} slices ({r['records_mb']} MB): Next "
+        f"sample in process p50 {r['next_sample_in_process']['p50_ms']} ms, p95 "
+        f"{r['next_sample_in_process']['p95_ms']} "
+        f"ms (ranking update p95 {r['refresh']['p95_ms']} ms, pick p95 {r['policy']['p95_ms']} ms, record write p95 "
+        f"{r['write']['p95_ms']} ms); a fresh process reads every record and ranks them in "
+        f"{r['read_and_rank_seconds']} s"
+        for r in result["runs"]
+    ]

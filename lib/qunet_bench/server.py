@@ -32,8 +32,9 @@ class Server:
     model folder), its log `workdir/server-<port>.log`, its temporary files in `workdir/tmp`. `studies`: a folder
     or a DICOMweb URL; `env` is added to this process's environment, less its MONAI_LABEL_* settings."""
 
-    def __init__(self, studies: Path | str, workdir: Path, conf: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, studies: Path | str, workdir: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.studies, self.conf, self.env = studies, conf or {}, env or {}
         self.app_dir = workdir / "app"
         if not self.app_dir.exists():
@@ -46,17 +47,42 @@ class Server:
     def start(self, timeout: float = 300) -> "Server":
         import requests
 
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir),
-               "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(self.app_dir),
+            "--studies",
+            str(self.studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
         tmp = self.app_dir.parent / "tmp"  # what the server leaves in its temporary folder stays with the run
         tmp.mkdir(exist_ok=True)
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}  # in-process tests set them
-        env = {**inherited, "TMPDIR": str(tmp), "MONAI_LABEL_TRACKING_ENABLED": "false",
-               "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions"), **self.env}
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.app_dir.parent, start_new_session=True)
+        inherited = {
+            k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")
+        }  # in-process tests set them
+        env = {
+            **inherited,
+            "TMPDIR": str(tmp),
+            "MONAI_LABEL_TRACKING_ENABLED": "false",
+            "MONAI_LABEL_SESSION_PATH": str(self.app_dir / "sessions"),
+            **self.env,
+        }
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.app_dir.parent,
+            start_new_session=True,
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -86,15 +112,19 @@ class Server:
         r = requests.get(f"{self.url}/{kind}/", timeout=60)
         return r.json() if r.ok and r.content else {}
 
-    def wait_for_task(self, kind: str, after: str | None = None, method: str | None = None,
-                      timeout: float = 7200) -> dict:
+    def wait_for_task(
+        self, kind: str, after: str | None = None, method: str | None = None, timeout: float = 7200
+    ) -> dict:
         """Until the newest `kind` run (another than the run `after`; of scoring `method` if given) has ended; that
         run. RuntimeError if it did not end DONE."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             task = self.last_task(kind)
-            if ((after is None or task.get("id") != after) and task.get("status") not in (None, "SUBMITTED", "RUNNING")
-                    and (method is None or task.get("request", {}).get("method") == method)):
+            if (
+                (after is None or task.get("id") != after)
+                and task.get("status") not in (None, "SUBMITTED", "RUNNING")
+                and (method is None or task.get("request", {}).get("method") == method)
+            ):
                 if task["status"] != "DONE":
                     raise RuntimeError(f"{kind} run ended {task['status']}: {task.get('details', [])[-3:]}")
                 return task

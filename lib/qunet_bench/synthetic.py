@@ -5,6 +5,7 @@ so the image-quality metrics (blurriness, PSNR-inv, near-duplicate removal) and 
 U-net++ pipeline can be exercised without the real data. Arrays are (X, Y, Z): slice k is
 image[:, :, k]; for OCT, X is lateral and Y is depth, so the layers run along X.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,10 +78,15 @@ def finish(kind: str, image: np.ndarray, label: np.ndarray, rng: np.random.Gener
     return stack
 
 
-def write_dataset(out_dir: str | Path, kinds: Sequence[str] = KINDS, count: int = 2, seed: int = 0,
-                  shape: tuple[int, int, int] = (128, 128, 32),
-                  make: Callable[[str, int, tuple[int, int, int]], SyntheticStack] = generate_stack,
-                  tag: str = "") -> list[Path]:
+def write_dataset(
+    out_dir: str | Path,
+    kinds: Sequence[str] = KINDS,
+    count: int = 2,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (128, 128, 32),
+    make: Callable[[str, int, tuple[int, int, int]], SyntheticStack] = generate_stack,
+    tag: str = "",
+) -> list[Path]:
     """Write `<kind><tag><i>.nii.gz` images made by `make(kind, seed, shape)` and same-named labels in
     `ground-truth/`; return the image paths."""
     for kind in kinds:
@@ -155,15 +161,17 @@ def oct_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> OctAna
     k = np.arange(nz)
     # Retina sagging in the middle like the posterior eye wall; curvature drifts across slices.
     curv = rng.uniform(0.06, 0.12) + rng.uniform(0.02, 0.05) * np.sin(
-        2 * np.pi * rng.uniform(0.3, 1.0) * k / nz + rng.uniform(0, 2 * np.pi))
+        2 * np.pi * rng.uniform(0.3, 1.0) * k / nz + rng.uniform(0, 2 * np.pi)
+    )
     top = ny * (rng.uniform(0.12, 0.2) + rng.uniform(-0.04, 0.04) * x + curv * (1 - x**2))
     thick = ny * rng.uniform(0.32, 0.4)
     depth = (y - top) / thick  # 0 at the inner surface, 1 at the RPE
     return OctAnatomy(np.interp(depth, _OCT_DEPTH, _OCT_LEVEL).astype(np.float32), x, depth, thick)
 
 
-def paint_cyst(a: OctAnatomy, label: np.ndarray, x0: float, d0: float, rx: float, rd: float,
-               size: np.ndarray, darkness: float) -> None:
+def paint_cyst(
+    a: OctAnatomy, label: np.ndarray, x0: float, d0: float, rx: float, rd: float, size: np.ndarray, darkness: float
+) -> None:
     """Dark fluid blob with a soft rim centred at lateral x0, depth d0; radii in x and depth units."""
     r = np.sqrt(_radius2(a.x - x0, a.depth - d0, rx, rd, size))
     label |= r <= 1
@@ -203,8 +211,15 @@ def ct_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> CtAnato
     img[(u / 0.07) ** 2 + ((v - 0.72 * ay) / 0.08) ** 2 <= 1] = 300.0  # vertebral body
 
     grow = 0.8 + 0.2 * np.sin(np.pi * (k + 0.5) / nz)  # lungs widest mid-stack
-    lungs = [(side * ax * rng.uniform(0.4, 0.46), rng.uniform(-0.08, 0.02),
-              ax * rng.uniform(0.26, 0.3), ay * rng.uniform(0.6, 0.7)) for side in (-1, 1)]
+    lungs = [
+        (
+            side * ax * rng.uniform(0.4, 0.46),
+            rng.uniform(-0.08, 0.02),
+            ax * rng.uniform(0.26, 0.3),
+            ay * rng.uniform(0.6, 0.7),
+        )
+        for side in (-1, 1)
+    ]
     # Lobulated outline: the ellipse radius is wobbled by a smooth field; the heart dents the lungs.
     wobble = 1 + 0.08 * smooth_noise(rng, shape, (6.0, 6.0, 2.0))
     lung = np.zeros(shape, dtype=bool)
@@ -218,8 +233,17 @@ def ct_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> CtAnato
     return CtAnatomy(np.where(lung, parenchyma, img), lung, lungs, u, v)
 
 
-def paint_opacity(a: CtAnatomy, label: np.ndarray, texture: np.ndarray, cx: float, cy: float, ru: float,
-                  rv: float, size: np.ndarray, hu: float) -> None:
+def paint_opacity(
+    a: CtAnatomy,
+    label: np.ndarray,
+    texture: np.ndarray,
+    cx: float,
+    cy: float,
+    ru: float,
+    rv: float,
+    size: np.ndarray,
+    hu: float,
+) -> None:
     """Ground-glass opacity: a textured Gaussian bump of `hu` at the core, confined to the lungs."""
     profile = np.exp(-_radius2(a.u - cx, a.v - cy, ru, rv, size) / 2)
     a.image += a.lung * hu * profile * texture
@@ -251,7 +275,7 @@ def _degrade(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, spa
     blur = np.zeros(nz)
     blur[order[:n_blur]] = rng.uniform(1.5, 4.0, n_blur)
     contrast = np.ones(nz)
-    contrast[order[n_blur:n_blur + n_flat]] = rng.uniform(0.3, 0.6, n_flat)
+    contrast[order[n_blur : n_blur + n_flat]] = rng.uniform(0.3, 0.6, n_flat)
     noise = rng.uniform(0.005, 0.03, nz)
 
     mean = image.mean(axis=(0, 1))

@@ -65,7 +65,9 @@ class ExperimentConfig(QualityConfig):  # the quality and S0 settings, plus:
     extra_fractions: tuple[float, ...] = ()
     q0: float = SelectionConfig.q0
     sm_limit: int | None = None  # at most this many Sm slices per stack; None = all with Q < q0 (Algorithm 1)
-    s0_roi: str = "auto"  # "auto": the app's automatic foreground ROI; "label": the ground truth, as the paper's notebook
+    s0_roi: str = (
+        "auto"  # "auto": the app's automatic foreground ROI; "label": the ground truth, as the paper's notebook
+    )
     mc_passes: int = 5
     mc_dropout: float = 0.2
     mc_score: str = "entropy"  # or "variance"
@@ -93,8 +95,12 @@ class ExperimentConfig(QualityConfig):  # the quality and S0 settings, plus:
 
 def initial_sets(cases: Sequence[Case], config: ExperimentConfig) -> dict[str, list[int]]:
     """S0 of every stack, as the app picks it (or with the ground truth as ROI, as the paper's notebook did)."""
-    return {c.name: select_initial(slice_quality(c.volume, c.truth if config.s0_roi == "label" else None,
-                                                 config.median_window), config) for c in cases}
+    return {
+        c.name: select_initial(
+            slice_quality(c.volume, c.truth if config.s0_roi == "label" else None, config.median_window), config
+        )
+        for c in cases
+    }
 
 
 def build_model(kind: str, config: ExperimentConfig, seed: int, dropout: float = 0.0) -> torch.nn.Module:
@@ -117,18 +123,24 @@ def evaluate(network, cases: list[Case], train_sets: dict[str, list[int]], confi
             continue
         pred, truth = segment(network, case.volume, config.patch_size, test, device) > 0, case.truth[:, :, test]
         values = slice_metrics(pred, truth)
-        per_stack[case.name] = {**{k: float(v.mean()) for k, v in values.items()},
-                                "dice_voxels": stack_metrics(pred, truth)["dice"]}
+        per_stack[case.name] = {
+            **{k: float(v.mean()) for k, v in values.items()},
+            "dice_voxels": stack_metrics(pred, truth)["dice"],
+        }
         for k, v in values.items():
             pooled_slices[k].append(v)
         counts += [(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()]
     pooled = {k: float(np.concatenate(v).mean()) if v else float("nan") for k, v in pooled_slices.items()}
     tp, fp, fn = counts
-    pooled["dice_voxels"] = float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else (1.0 if per_stack else float("nan"))
+    pooled["dice_voxels"] = (
+        float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) else (1.0 if per_stack else float("nan"))
+    )
     return test_sets, per_stack, pooled
 
 
-def random_subsets(cases: list[Case], counts: dict[str, int], rng: np.random.Generator, exclude=None) -> dict[str, list[int]]:
+def random_subsets(
+    cases: list[Case], counts: dict[str, int], rng: np.random.Generator, exclude=None
+) -> dict[str, list[int]]:
     out = {}
     for case in cases:
         pool = [k for k in range(case.depth) if k not in set((exclude or {}).get(case.name, ()))]
@@ -140,7 +152,9 @@ def random_subsets(cases: list[Case], counts: dict[str, int], rng: np.random.Gen
 class Runner:
     """Trains and evaluates the methods of one experiment; `progress(method)` is called after each trained model."""
 
-    def __init__(self, cases: list[Case], config: ExperimentConfig, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, cases: list[Case], config: ExperimentConfig, progress: Callable[[str], None] | None = None
+    ) -> None:
         self.cases = cases
         self.config = config
         self.s0 = initial_sets(cases, config)
@@ -149,16 +163,30 @@ class Runner:
 
     def fit(self, network, train_sets: dict[str, list[int]], stages: int, seed: int):
         settings = replace(self.config.train, max_epochs=self.config.train.max_epochs * stages)
-        train(network, training_set(self.cases, train_sets), settings, self.config.patch_size, seed=seed,
-              device=self.device)
+        train(
+            network,
+            training_set(self.cases, train_sets),
+            settings,
+            self.config.patch_size,
+            seed=seed,
+            device=self.device,
+        )
         return network
 
     def result(self, network, seed: int, method: str, train_sets: dict[str, list[int]], start: float) -> Result:
         test, per_stack, pooled = evaluate(network, self.cases, train_sets, self.config, self.device)
         self.progress(method)
         lesion = {c.name: int(c.truth[:, :, train_sets[c.name]].any(axis=(0, 1)).sum()) for c in self.cases}
-        return Result(seed, method, {k: list(v) for k, v in train_sets.items()}, test, per_stack, pooled,
-                      round(time.perf_counter() - start, 2), lesion)
+        return Result(
+            seed,
+            method,
+            {k: list(v) for k, v in train_sets.items()},
+            test,
+            per_stack,
+            pooled,
+            round(time.perf_counter() - start, 2),
+            lesion,
+        )
 
     def random_fraction(self, seed: int, fraction: float, kind: str, method: str) -> Result:
         start = time.perf_counter()
@@ -206,8 +234,9 @@ class Runner:
         sets = {}
         for case in self.cases:
             todo = [k for k in range(case.depth) if k not in set(s0[case.name])]
-            scores = mc_dropout_scores(net, case.volume, todo, c.mc_passes, c.mc_score == "variance", c.patch_size,
-                                       self.device, seed)
+            scores = mc_dropout_scores(
+                net, case.volume, todo, c.mc_passes, c.mc_score == "variance", c.patch_size, self.device, seed
+            )
             order = sorted(range(len(todo)), key=lambda i: (-scores[i], todo[i]))  # most uncertain first
             sets[case.name] = sorted(s0[case.name] + [todo[i] for i in order[: sm_counts[case.name]]])
         net = self.fit(net, sets, 1, seed + 10_000)
@@ -238,8 +267,14 @@ class Runner:
         return results
 
 
-def run_experiment(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig, out: str | Path, title: str = "",
-                   command: str = "", show_progress: bool = True) -> dict:
+def run_experiment(
+    pairs: Sequence[tuple[Path, Path]],
+    config: ExperimentConfig,
+    out: str | Path,
+    title: str = "",
+    command: str = "",
+    show_progress: bool = True,
+) -> dict:
     """Load the stacks, run every seed, write table.md, table.csv, runs.csv, dice_vs_fraction.png and settings.json."""
     start = time.perf_counter()
     cases = load_cases(pairs)
@@ -248,8 +283,13 @@ def run_experiment(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig,
     if show_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=runner.models_per_seed() * config.seeds, unit="model", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(
+            total=runner.models_per_seed() * config.seeds,
+            unit="model",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         runner.progress = lambda method: (bar.set_description(method), bar.update(1))
     results: list[Result] = []
     try:
@@ -259,5 +299,4 @@ def run_experiment(pairs: Sequence[tuple[Path, Path]], config: ExperimentConfig,
         if bar is not None:
             bar.close()
     title = title or f"QU-net++ experiment on {', '.join(c.name for c in cases)}"
-    return report(results, cases, runner.s0, config, Path(out), title, command,
-                  time.perf_counter() - start)
+    return report(results, cases, runner.s0, config, Path(out), title, command, time.perf_counter() - start)

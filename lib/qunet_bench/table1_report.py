@@ -16,7 +16,14 @@ from qunet.network import default_device
 from qunet_bench.data import Case
 
 METRIC_NAMES = tuple(METRICS)  # precision, recall, jaccard, dice, accuracy
-TABLE_COLUMNS = {"precision": "Pr", "recall": "Re", "jaccard": "J", "dice": "D", "accuracy": "Acc", "dice_voxels": "D vox"}
+TABLE_COLUMNS = {
+    "precision": "Pr",
+    "recall": "Re",
+    "jaccard": "J",
+    "dice": "D",
+    "accuracy": "Acc",
+    "dice_voxels": "D vox",
+}
 LABEL = {
     "random25-unet": ("Random 25%", "U-net"),
     "random25-unetpp": ("Random 25%", "U-net++"),
@@ -27,7 +34,6 @@ LABEL = {
     "mcdropout-stage1": ("S0, dropout net (MC stage 1)", "U-net++ (dropout)"),
     "mcdropout-equal": ("MC dropout, same count as QU-net++", "U-net++ (dropout)"),
 }
-
 
 
 @dataclass
@@ -79,10 +85,19 @@ def summarise(results: list[Result], cases: list[Case]) -> list[dict]:
             n_lesion = [r.n_lesion if stack == "all" else r.lesion.get(stack, 0) for r in runs]
             depth = total if stack == "all" else next(c.depth for c in cases if c.name == stack)
             label, model = method_label(method)
-            row = {"stack": stack, "method": method, "label": label, "model": model, "seeds": len(runs),
-                   "n_train": float(np.mean(n_train)), "n_train_sd": _sd(n_train), "n_test": float(np.mean(n_test)),
-                   "n_test_sd": _sd(n_test), "n_train_lesion": float(np.mean(n_lesion)),
-                   "fraction": float(np.mean(n_train)) / depth}
+            row = {
+                "stack": stack,
+                "method": method,
+                "label": label,
+                "model": model,
+                "seeds": len(runs),
+                "n_train": float(np.mean(n_train)),
+                "n_train_sd": _sd(n_train),
+                "n_test": float(np.mean(n_test)),
+                "n_test_sd": _sd(n_test),
+                "n_train_lesion": float(np.mean(n_lesion)),
+                "fraction": float(np.mean(n_train)) / depth,
+            }
             for k in TABLE_COLUMNS:
                 row[k] = float(np.mean([v[k] for v in values]))
                 row[f"{k}_sd"] = _sd([v[k] for v in values])
@@ -102,9 +117,15 @@ def markdown_table(rows: list[dict], stack: str = "all") -> str:
     head = ["Method", "Model", "#train/#test", "#train with lesion", *TABLE_COLUMNS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in (r for r in rows if r["stack"] == stack):
-        cells = [r["label"], r["model"], f"{_count(r['n_train'], r['n_train_sd'])}/{_count(r['n_test'], r['n_test_sd'])}",
-                 f"{r['n_train_lesion']:.1f}"]
-        cells += ["–" if r[k] != r[k] else f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" for k in TABLE_COLUMNS]  # – : no test slice
+        cells = [
+            r["label"],
+            r["model"],
+            f"{_count(r['n_train'], r['n_train_sd'])}/{_count(r['n_test'], r['n_test_sd'])}",
+            f"{r['n_train_lesion']:.1f}",
+        ]
+        cells += [
+            "–" if r[k] != r[k] else f"{r[k]:.2f} ± {r[k + '_sd']:.2f}" for k in TABLE_COLUMNS
+        ]  # – : no test slice
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -138,10 +159,19 @@ def run_rows(results: list[Result]) -> list[dict]:
             n_train = r.n_train if stack == "all" else len(r.train[stack])
             n_test = r.n_test if stack == "all" else len(r.test[stack])
             n_lesion = r.n_lesion if stack == "all" else r.lesion.get(stack, 0)
-            rows.append({"seed": r.seed, "method": r.method, "stack": stack, "n_train": n_train, "n_test": n_test,
-                         "n_train_lesion": n_lesion,
-                         **{k: round(values[k], 5) for k in TABLE_COLUMNS}, "seconds": r.seconds,
-                         "train_slices": train_slices})
+            rows.append(
+                {
+                    "seed": r.seed,
+                    "method": r.method,
+                    "stack": stack,
+                    "n_train": n_train,
+                    "n_test": n_test,
+                    "n_train_lesion": n_lesion,
+                    **{k: round(values[k], 5) for k in TABLE_COLUMNS},
+                    "seconds": r.seconds,
+                    "train_slices": train_slices,
+                }
+            )
     return rows
 
 
@@ -154,24 +184,51 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     allrows = {r["method"]: r for r in rows if r["stack"] == "all"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"qunet": ("s0", "tab:red", "o", "QU-net++ (S0 → S0+Sm)"),
-              "random-equal": ("random-equal-stage1", "tab:gray", "s", "random, equal count"),
-              "mcdropout-equal": ("mcdropout-stage1", "tab:blue", "^", "MC dropout, equal count")}
+    styles = {
+        "qunet": ("s0", "tab:red", "o", "QU-net++ (S0 → S0+Sm)"),
+        "random-equal": ("random-equal-stage1", "tab:gray", "s", "random, equal count"),
+        "mcdropout-equal": ("mcdropout-stage1", "tab:blue", "^", "MC dropout, equal count"),
+    }
     for ax, key, name in zip(axes, ("dice", "dice_voxels"), ("Dice (mean over test slices)", "Dice (all test voxels)")):
-        randoms = sorted((r for m, r in allrows.items() if m == "random25-unetpp" or m.startswith("random-unetpp@")),
-                         key=lambda r: r["fraction"])
+        randoms = sorted(
+            (r for m, r in allrows.items() if m == "random25-unetpp" or m.startswith("random-unetpp@")),
+            key=lambda r: r["fraction"],
+        )
         if randoms:
-            ax.errorbar([r["fraction"] for r in randoms], [r[key] for r in randoms], [r[key + "_sd"] for r in randoms],
-                        color="tab:green", marker="D", capsize=3, label="random U-net++")
+            ax.errorbar(
+                [r["fraction"] for r in randoms],
+                [r[key] for r in randoms],
+                [r[key + "_sd"] for r in randoms],
+                color="tab:green",
+                marker="D",
+                capsize=3,
+                label="random U-net++",
+            )
         if "random25-unet" in allrows:
             r = allrows["random25-unet"]
-            ax.errorbar([r["fraction"]], [r[key]], [r[key + "_sd"]], color="tab:olive", marker="v", capsize=3,
-                        linestyle="none", label="random U-net")
+            ax.errorbar(
+                [r["fraction"]],
+                [r[key]],
+                [r[key + "_sd"]],
+                color="tab:olive",
+                marker="v",
+                capsize=3,
+                linestyle="none",
+                label="random U-net",
+            )
         for method, (first, color, marker, label) in styles.items():
             pts = [allrows[m] for m in (first, method) if m in allrows]
             if method in allrows:
-                ax.errorbar([p["fraction"] for p in pts], [p[key] for p in pts], [p[key + "_sd"] for p in pts],
-                            color=color, marker=marker, capsize=3, label=label, alpha=0.9)
+                ax.errorbar(
+                    [p["fraction"] for p in pts],
+                    [p[key] for p in pts],
+                    [p[key + "_sd"] for p in pts],
+                    color=color,
+                    marker=marker,
+                    capsize=3,
+                    label=label,
+                    alpha=0.9,
+                )
         ax.set_xlabel("fraction of slices annotated")
         ax.set_ylabel(name)
         ax.set_ylim(0, 1)
@@ -183,41 +240,76 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(results: list[Result], cases: list[Case], s0: dict[str, list[int]], config, out: Path, title: str,
-           command: str, seconds: float) -> dict:
+def report(
+    results: list[Result],
+    cases: list[Case],
+    s0: dict[str, list[int]],
+    config,
+    out: Path,
+    title: str,
+    command: str,
+    seconds: float,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(results, cases)
     sm = [r for r in results if r.method == "qunet"]
     depth = {c.name: c.depth for c in cases}
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     lines = [
-        f"# {title}", "",
-        f"Command: `{command}`", "",
-        f"Stacks: {', '.join(f'{c.name} ({c.volume.shape[0]}x{c.volume.shape[1]}x{c.depth}, S0 {len(s0[c.name])})' for c in cases)}; "
-        f"{sum(depth.values())} slices. Seeds: {config.seeds}. Device: {_device_name(config)}. Run time: {seconds / 60:.1f} min.", "",
-        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "methods"), "",
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Stacks: "
+        + "; ".join(f"{c.name} ({'x'.join(map(str, c.volume.shape))}, S0 {len(s0[c.name])})" for c in cases)
+        + "; "
+        f"{sum(depth.values())} slices. Seeds: {config.seeds}. Device: {_device_name(config)}. Run time: "
+        f"{seconds / 60:.1f} min.",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "methods"),
+        "",
         "Pooled over all stacks: metrics averaged over every test slice (the paper's per-image means; a slice with",
-        "nothing predicted and nothing there scores 1), D vox = Dice over all test voxels together. Mean ± SD over seeds;",
-        "each model is tested on the slices it was not trained on.", "",
-        markdown_table(rows), "",
+        "nothing predicted and nothing there scores 1), D vox = Dice over all test voxels together. Mean ± SD over "
+        "seeds;",
+        "each model is tested on the slices it was not trained on.",
+        "",
+        markdown_table(rows),
+        "",
     ]
     if sm:
         counts = [r.n_train for r in sm]
-        lines += [f"QU-net++ annotated {np.mean(counts):.1f} slices on average (min {min(counts)}, max {max(counts)}) "
-                  f"= {np.mean(counts) / sum(depth.values()) * 100:.1f}% of {sum(depth.values())}; "
-                  f"|S0| = {sum(len(v) for v in s0.values())}.", ""]
+        lines += [
+            f"QU-net++ annotated {np.mean(counts):.1f} slices on average (min {min(counts)}, max {max(counts)}) "
+            f"= {np.mean(counts) / sum(depth.values()) * 100:.1f}% of {sum(depth.values())}; "
+            f"|S0| = {sum(len(v) for v in s0.values())}.",
+            "",
+        ]
     lines += ["Per stack (Dice, mean over seeds):", "", per_stack_dice_table(rows, cases), ""]
     text = "\n".join(lines)
     (out / "table.md").write_text(text)
     write_csv(out / "table.csv", rows)
     write_csv(out / "runs.csv", run_rows(results))
     plot(rows, out / "dice_vs_fraction.png", title)
-    (out / "settings.json").write_text(json.dumps({
-        "command": command, "settings": settings, "seconds": round(seconds, 1), "device": _device_name(config),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "stacks": {c.name: {"shape": list(c.volume.shape), "s0": s0[c.name]} for c in cases}}, indent=1))
-    return {"table": text, "rows": rows, "files": [str(out / n) for n in ("table.md", "table.csv", "runs.csv",
-                                                                          "dice_vs_fraction.png", "settings.json")]}
+    (out / "settings.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "settings": settings,
+                "seconds": round(seconds, 1),
+                "device": _device_name(config),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "stacks": {c.name: {"shape": list(c.volume.shape), "s0": s0[c.name]} for c in cases},
+            },
+            indent=1,
+        )
+    )
+    return {
+        "table": text,
+        "rows": rows,
+        "files": [str(out / n) for n in ("table.md", "table.csv", "runs.csv", "dice_vs_fraction.png", "settings.json")],
+    }
 
 
 def _device_name(config) -> str:
@@ -225,5 +317,3 @@ def _device_name(config) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-

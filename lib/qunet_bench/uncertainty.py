@@ -36,8 +36,16 @@ def epistemic_slice_scores(probs: np.ndarray, use_variance: bool = False) -> np.
 
 
 @torch.inference_mode()
-def mc_dropout_scores(network: torch.nn.Module, volume: np.ndarray, slices: list[int], passes: int, use_variance: bool,
-                      patch_size: int, device: torch.device, seed: int) -> np.ndarray:
+def mc_dropout_scores(
+    network: torch.nn.Module,
+    volume: np.ndarray,
+    slices: list[int],
+    passes: int,
+    use_variance: bool,
+    patch_size: int,
+    device: torch.device,
+    seed: int,
+) -> np.ndarray:
     """Uncertainty of each given slice from `passes` stochastic level-4 predictions (dropout on), in the order given."""
     enable_dropout_only(network)
     torch.manual_seed(seed)

@@ -13,10 +13,22 @@ MODEL = "qunet"  # the app's model: the name of its tasks, and model/qunet.pt, t
 MONAI_LABEL_KEYS = ("server_mode",)  # --conf keys MONAI Label itself reads
 # the numeric settings' allowed values, (lowest, highest) inclusive; None: no bound
 RANGES: dict[str, tuple[float, float | None]] = {
-    "median_window": (1, None), "blur_percentile": (0, 100), "psnr_percentile": (0, 100), "epsilon0": (0, None),
-    "max_initial": (0, None), "min_initial": (0, None), "q0": (0, None), "slices_per_sample": (1, None),
-    "auto_train_after": (0, None), "hold_seconds": (0, None), "max_voxels": (1, None), "budget": (0, None),
-    "stop_tolerance": (0, None), "max_epochs": (1, None), "steps_per_epoch": (1, None), "cores": (0, None),
+    "median_window": (1, None),
+    "blur_percentile": (0, 100),
+    "psnr_percentile": (0, 100),
+    "epsilon0": (0, None),
+    "max_initial": (0, None),
+    "min_initial": (0, None),
+    "q0": (0, None),
+    "slices_per_sample": (1, None),
+    "auto_train_after": (0, None),
+    "hold_seconds": (0, None),
+    "max_voxels": (1, None),
+    "budget": (0, None),
+    "stop_tolerance": (0, None),
+    "max_epochs": (1, None),
+    "steps_per_epoch": (1, None),
+    "cores": (0, None),
 }
 logger = logging.getLogger(__name__)
 
@@ -78,8 +90,14 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "AppConf":
-        parsers = {"labels": _names, "allow_model_upload": _bool, "features": _int_list, "pretrained_path": str,
-                   "blur_percentile": _optional_float, "psnr_percentile": _optional_float}
+        parsers = {
+            "labels": _names,
+            "allow_model_upload": _bool,
+            "features": _int_list,
+            "pretrained_path": str,
+            "blur_percentile": _optional_float,
+            "psnr_percentile": _optional_float,
+        }
         values = {}
         for f in fields(cls):
             if f.name in conf:
@@ -103,9 +121,13 @@ class AppConf(QualityConfig):  # the quality and S0 settings, plus:
         if result.pick not in VARIANTS:
             raise ValueError(f"--conf pick must be one of {', '.join(VARIANTS)}, got {result.pick!r}")
         if result.neighbour_labels not in MODES:
-            raise ValueError(f"--conf neighbour_labels must be one of {', '.join(MODES)}, got {result.neighbour_labels!r}")
+            raise ValueError(
+                f"--conf neighbour_labels must be one of {', '.join(MODES)}, got {result.neighbour_labels!r}"
+            )
         if result.postprocess not in POSTPROCESS_MODES:
-            raise ValueError(f"--conf postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {result.postprocess!r}")
+            raise ValueError(
+                f"--conf postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {result.postprocess!r}"
+            )
         if result.patch_size < 16 or result.patch_size % 16:
             raise ValueError(f"--conf patch_size must be a multiple of 16 (four poolings), got {result.patch_size}")
         return result

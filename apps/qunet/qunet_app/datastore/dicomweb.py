@@ -11,7 +11,8 @@ keeps its records (quality, disagreement, served and annotated slices). On top o
   atomic update. A label with no foreground (all served slices negative) has no SEG (dcmqi cannot write
   one); it is kept in the cache only.
 - `get_label_uri(image, "final")` gives the newest label of the image ON THE IMAGE'S GRID (a SEG read back is
-  resampled onto the cached image: qunet_app/datastore/dicomweb_seg.py). The newest SEG on the server wins, so a SEG made
+  resampled onto the cached image: qunet_app/datastore/dicomweb_seg.py). The newest SEG on the server wins, so a SEG
+  made
   elsewhere (another server, a viewer) is picked up.
 - Image info is re-read from the JSON before each read, so the server sees what its scoring and training
   subprocesses wrote, and every write is a locked reload-change-replace (from `QUNetDatastore`).
@@ -60,7 +61,9 @@ class QUNetDICOMWebDatastore(DicomSegMixin, SeriesCacheMixin, DICOMWebDatastore,
         labels: dict[str, int] | None = None,
         list_seconds: float = 7200,
     ) -> None:
-        super().__init__(client, search_filter, cache_path=cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True)
+        super().__init__(
+            client, search_filter, cache_path=cache_path, fetch_by_frame=fetch_by_frame, convert_to_nifti=True
+        )
         self._names = {int(v): k for k, v in (labels or {}).items()}
         self._values = {k: int(v) for k, v in (labels or {}).items()}
         self._grid_dir = os.path.join(self._datastore_path, "qunet-grid")  # labels on the image grid, one per SEG
@@ -170,7 +173,8 @@ class QUNetDICOMWebDatastore(DicomSegMixin, SeriesCacheMixin, DICOMWebDatastore,
             converted = label_filename = binary_to_image(image_file, label_filename)
         try:
             if label_tag == FINAL:
-                # a merged label goes beside the submitted one: the request's upload folder (qunet_app.server.uploads), removed
+                # a merged label goes beside the submitted one: the request's upload folder (qunet_app.server.uploads),
+                # removed
                 # with it and swept after a crash (no datastore lock is held here to protect a shared folder)
                 source, image_update = prepare_submission(self, image_id, label_filename, label_info, scratch)
             else:

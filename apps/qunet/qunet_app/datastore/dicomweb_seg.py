@@ -57,7 +57,9 @@ def find_seg_tool() -> str | None:
         return found
     beside = os.path.join(os.path.dirname(sys.executable), SEG_TOOL)
     if os.access(beside, os.X_OK):
-        os.environ["PATH"] = os.path.dirname(beside) + os.pathsep + os.environ.get("PATH", "")  # MONAI Label runs it by name
+        os.environ["PATH"] = (
+            os.path.dirname(beside) + os.pathsep + os.environ.get("PATH", "")
+        )  # MONAI Label runs it by name
         return beside
     return None
 
@@ -172,7 +174,11 @@ class DicomSegMixin:
         segments = []
         for v in values:
             name = self._names.get(v) or sent.get(v, {}).get("name") or f"label {v}"
-            segment = {"name": name, "description": name, "model_name": "QU-net++ label"}  # model_name: SeriesDescription
+            segment = {
+                "name": name,
+                "description": name,
+                "model_name": "QU-net++ label",
+            }  # model_name: SeriesDescription
             if "color" in sent.get(v, {}):
                 segment["color"] = sent[v]["color"]
             segments.append(segment)

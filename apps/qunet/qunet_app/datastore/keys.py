@@ -1,4 +1,5 @@
-"""What the app keeps in the datastore's image and label info, under one key each, and which keys clients may not set."""
+"""What the app keeps in the datastore's image and label info, under one key each, and which keys clients may not "
+"set."""
 
 from collections.abc import Iterable
 from typing import Any
@@ -16,8 +17,22 @@ ERROR_SOURCE = "qunet_error_source"  # file signature the error in ERROR was fou
 # record, file bookkeeping, and what the DICOMweb datastore copies from the series (its labels' SEG uid picks the
 # label). A client setting one could break Next sample, scoring or a restart for everyone.
 OWN_PREFIX = "qunet_"
-OWN_KEYS = frozenset({"strategy", "ts", "name", "path", "SeriesInstanceUID", "StudyInstanceUID", "StudyDate", "StudyTime",
-                      "Modality", "SeriesDescription", "RetrieveURL", "DicomPatientID"})
+OWN_KEYS = frozenset(
+    {
+        "strategy",
+        "ts",
+        "name",
+        "path",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "Modality",
+        "SeriesDescription",
+        "RetrieveURL",
+        "DicomPatientID",
+    }
+)
 RECORDS_FILE = "qunet_records.sqlite"  # in the datastore's folder: the keys below, one transaction per change
 STRATEGY = "strategy"  # MONAI Label's record of the last Next sample, rewritten with every answer
 
@@ -53,8 +68,11 @@ def protected(keys: Iterable[Any]) -> list[str]:
 def pruned_served(served: dict[str, dict], now: float, hold_seconds: float, written: set[str]) -> dict[str, dict]:
     """The served-slice records to keep: those being written, every hold still running, and the newest
     MAX_SERVED_EXPIRED expired ones."""
-    expired = sorted((k for k, v in served.items() if k not in written and now - v.get("ts", 0) >= hold_seconds),
-                     key=lambda k: served[k].get("ts", 0), reverse=True)
+    expired = sorted(
+        (k for k, v in served.items() if k not in written and now - v.get("ts", 0) >= hold_seconds),
+        key=lambda k: served[k].get("ts", 0),
+        reverse=True,
+    )
     dropped = set(expired[MAX_SERVED_EXPIRED:])
     return {k: v for k, v in served.items() if k not in dropped}
 

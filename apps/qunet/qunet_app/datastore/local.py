@@ -90,11 +90,19 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
         return removed
 
     def _image_path(self, image_id: str, obj: ImageLabelModel | None) -> str:
-        return self._inside(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext))) if obj else ""
+        return (
+            self._inside(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
+            if obj
+            else ""
+        )
 
     def _label_path(self, label_id: str, label_tag: str) -> str:
         label = self._datastore.label(label_id, label_tag)
-        return self._inside(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext))) if label else ""
+        return (
+            self._inside(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
+            if label
+            else ""
+        )
 
     def get_image_uri(self, image_id: str) -> str:
         return self._image_path(image_id, self._datastore.objects.get(image_id))
@@ -161,8 +169,10 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
             raise BadRequest(f"label params must be a JSON object, got {type(label_info).__name__}")
         ext = file_suffix(label_filename)
         if not ext:
-            raise Unprocessable(f"label for {image_id!r}: file type {_suffixes(label_filename)!r} is not supported; "
-                                f"send one of {', '.join(FILE_SUFFIXES)}")
+            raise Unprocessable(
+                f"label for {image_id!r}: file type {_suffixes(label_filename)!r} is not supported; "
+                f"send one of {', '.join(FILE_SUFFIXES)}"
+            )
         with self._lock():  # the bookkeeping below is read and written as one step, whichever process writes
             self._reload()
             if image_id not in self._datastore.objects:
@@ -183,7 +193,9 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
         logger.info(f"saved label {image_id!r} ({label_tag}); image info update: {sorted(image_update)}")
         return image_id
 
-    def _store(self, image_id: str, source: str, label_tag: str, label_info: dict, ext: str, image_update: dict) -> None:
+    def _store(
+        self, image_id: str, source: str, label_tag: str, label_info: dict, ext: str, image_update: dict
+    ) -> None:
         name = self._filename(image_id, ext)
 
         def change() -> None:
@@ -252,15 +264,19 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
         """A new image (PUT /datastore/image): a safe id, a 3D stack we can read, never replacing a stored one."""
         ext = file_suffix(image_filename)
         if not ext:
-            raise Unprocessable(f"image file type {_suffixes(image_filename)!r} is not supported; "
-                                f"send one of {', '.join(FILE_SUFFIXES)}")
+            raise Unprocessable(
+                f"image file type {_suffixes(image_filename)!r} is not supported; "
+                f"send one of {', '.join(FILE_SUFFIXES)}"
+            )
         image_id = check_name(image_id or Path(image_filename).name[: -len(ext)], "image id")
         if image_info is not None and not isinstance(image_info, dict):
             raise BadRequest(f"image params must be a JSON object, got {type(image_info).__name__}")
         try:
             load_stack(image_filename)
         except StackError as e:
-            raise Unprocessable(f"image {image_id!r} rejected: {str(e).replace(image_filename, 'the uploaded file')}") from e
+            raise Unprocessable(
+                f"image {image_id!r} rejected: {str(e).replace(image_filename, 'the uploaded file')}"
+            ) from e
         name = self._filename(image_id, ext)
 
         def change() -> None:
@@ -280,5 +296,9 @@ class QUNetDatastore(RecoveryMixin, LockedJsonMixin, RecordsMixin, LocalDatastor
 
 def local_datastore(studies: str, auto_reload: bool) -> QUNetDatastore:
     """The app's datastore over a studies folder, with MONAI Label's settings (file types, read-only)."""
-    return QUNetDatastore(studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT, auto_reload=auto_reload,
-                          read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+    return QUNetDatastore(
+        studies,
+        extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+        auto_reload=auto_reload,
+        read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+    )

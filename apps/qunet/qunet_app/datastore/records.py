@@ -44,8 +44,10 @@ class RecordsMixin:
     def _migrate_records(self) -> None:
         """Records an earlier version kept in the JSON's image info move to the SQLite records (kept there if both
         have one: a migration interrupted after the first step runs again without undoing later changes)."""
-        moving = {i: {k: v for k, v in obj.image.info.items() if keys.in_records(k)}
-                  for i, obj in self._datastore.objects.items()}
+        moving = {
+            i: {k: v for k, v in obj.image.info.items() if keys.in_records(k)}
+            for i, obj in self._datastore.objects.items()
+        }
         moving = {i: found for i, found in moving.items() if found}
         if moving:
             self.records.add_missing(moving)
@@ -53,7 +55,9 @@ class RecordsMixin:
                 for key in found:
                     del self._datastore.objects[image_id].image.info[key]
             self._update_datastore_file(lock=False)
-            logger.warning(f"moved the records of {len(moving)} image(s) from the datastore JSON to {keys.RECORDS_FILE}")
+            logger.warning(
+                f"moved the records of {len(moving)} image(s) from the datastore JSON to {keys.RECORDS_FILE}"
+            )
 
     def _drop_stale_records(self) -> None:
         """Records of images no longer in the datastore, and annotated slices (with the Q computed without them)

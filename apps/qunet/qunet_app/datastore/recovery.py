@@ -41,8 +41,10 @@ class RecoveryMixin:
                 folder = self._datastore.label_path(tag)
                 found = self._pending_files(image_id, label.info[PENDING])
                 if found is None:
-                    logger.warning(f"ignored a pending save of label {image_id!r} ({tag}) the app did not write: "
-                                   f"{str(label.info[PENDING])[:200]}")
+                    logger.warning(
+                        f"ignored a pending save of label {image_id!r} ({tag}) the app did not write: "
+                        f"{str(label.info[PENDING])[:200]}"
+                    )
                 else:
                     tmp, stale, pending_records = found
                     self._set_records(image_id, pending_records)
@@ -73,7 +75,11 @@ class RecoveryMixin:
         """(temporary copy, stale file, records) of a pending save if the entry is one `_store` writes: a temporary
         name of ours, a stale file of this same image, the app's own keys. None for anything else (it would move
         or delete another file, or write other records)."""
-        if not isinstance(pending, dict) or not isinstance(pending.get("tmp"), str) or not TMP_NAME.fullmatch(pending["tmp"]):
+        if (
+            not isinstance(pending, dict)
+            or not isinstance(pending.get("tmp"), str)
+            or not TMP_NAME.fullmatch(pending["tmp"])
+        ):
             return None
         stale, pending_records = pending.get("stale"), pending.get("records", {})
         if stale is not None and stale not in {self._filename(image_id, ext) for ext in FILE_SUFFIXES}:

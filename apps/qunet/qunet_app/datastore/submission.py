@@ -51,7 +51,9 @@ def load_image(datastore: Datastore, image_id: str) -> Stack:
         raise InvalidFile(f"image {image_id!r} cannot be used: {e}") from e
 
 
-def check_label(datastore: Datastore, image_id: str, label_file: str, image: Stack | None = None) -> tuple[Stack, np.ndarray]:
+def check_label(
+    datastore: Datastore, image_id: str, label_file: str, image: Stack | None = None
+) -> tuple[Stack, np.ndarray]:
     """The image and the label as (X, Y, Z) uint8 on its grid; raises InvalidFile (HTTP 422) naming the problem."""
     image = image if image is not None else load_image(datastore, image_id)
 
@@ -79,8 +81,9 @@ def _declared(value: Any, depth: int) -> str | list[int] | None:
     return value
 
 
-def prepare_submission(datastore: Datastore, image_id: str, label_file: str, label_info: dict[str, Any],
-                       scratch: str | None = None) -> tuple[str, dict]:
+def prepare_submission(
+    datastore: Datastore, image_id: str, label_file: str, label_info: dict[str, Any], scratch: str | None = None
+) -> tuple[str, dict]:
     """Check a final label against its image; return (file to store, image-info update). A label merged with
     earlier slices is a new file in `scratch` (None: the system's temporary folder), which the caller removes; a
     store that sweeps our temporary names from a folder after a crash passes that folder.

@@ -85,8 +85,10 @@ def check_name(value: Any, what: str) -> str:
     except UnicodeEncodeError:  # a lone surrogate: no file name
         size = MAX_NAME_BYTES + 1
     if not isinstance(value, str) or size > MAX_NAME_BYTES or not NAME.fullmatch(value) or ".." in value:
-        raise BadRequest(f"{what} {str(value)[:80]!r} is not allowed: use letters, digits and . _ - + ( ) or space, "
-                         f"no path separators or '..', not starting with a dot, at most {MAX_NAME_BYTES} bytes in UTF-8")
+        raise BadRequest(
+            f"{what} {str(value)[:80]!r} is not allowed: use letters, digits and . _ - + ( ) or space, "
+            f"no path separators or '..', not starting with a dot, at most {MAX_NAME_BYTES} bytes in UTF-8"
+        )
     return value
 
 
@@ -143,7 +145,20 @@ def as_bool(value: Any, what: str) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f"):
+    if isinstance(value, str) and value.strip().lower() in (
+        "true",
+        "false",
+        "1",
+        "0",
+        "yes",
+        "no",
+        "on",
+        "off",
+        "y",
+        "n",
+        "t",
+        "f",
+    ):
         return value.strip().lower() in ("true", "1", "yes", "on", "y", "t")
     raise BadRequest(f"{what} must be true or false, got {value!r}")
 
@@ -162,8 +177,11 @@ def check_device(value: Any) -> str:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda") or parsed.type == "cuda" and (
-        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    if (
+        parsed is None
+        or parsed.type not in ("cpu", "cuda")
+        or parsed.type == "cuda"
+        and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count())
     ):
         raise BadRequest(f"device must be 'cpu' or an available 'cuda[:N]', got {value!r}")
     return device

@@ -6,7 +6,8 @@ MONAI Label has no exception handlers and parses client values in its endpoint c
 idempotently across app reloads:
 
 - the endpoint helpers (`monailabel.endpoints.datastore.save_label`, ...), which its routes look up at call time:
-  each is wrapped with a check raising a 4xx HTTPException; the upload helpers are replaced by `qunet_app.server.uploads`;
+  each is wrapped with a check raising a 4xx HTTPException; the upload helpers are replaced by
+  `qunet_app.server.uploads`;
 - every request, at the outermost layer (`Gate`): a body limit (413 above it: uploads what the voxel cap allows,
   anything else SMALL_BODY), and some checks made before the body is read: the endpoints the app does not use
   (batch and WSI infer, sessions, the dataset archive, the app reload) answer 404; model uploads and deletions 403
@@ -252,8 +253,19 @@ def _bad_id(query: bytes) -> Refusal:
 
 async def _validation_error(request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's own answer puts the request's bytes into JSON, and fails (500) on a body that is not UTF-8."""
-    return JSONResponse({"detail": [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "")),
-                                     "type": str(e.get("type", ""))} for e in error.errors()]}, status_code=422)
+    return JSONResponse(
+        {
+            "detail": [
+                {
+                    "loc": [str(part) for part in e.get("loc", ())],
+                    "msg": str(e.get("msg", "")),
+                    "type": str(e.get("type", "")),
+                }
+                for e in error.errors()
+            ]
+        },
+        status_code=422,
+    )
 
 
 class Gate:
@@ -267,7 +279,7 @@ class Gate:
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
         prefix = settings.MONAI_LABEL_API_STR
-        path = scope["path"][len(prefix):] if prefix and scope["path"].startswith(prefix) else scope["path"]
+        path = scope["path"][len(prefix) :] if prefix and scope["path"].startswith(prefix) else scope["path"]
         found = _refusal(scope["method"], path) or _bad_id(scope.get("query_string", b""))
         if found is not None:
             return await JSONResponse({"detail": found[1]}, status_code=found[0])(scope, receive, send)

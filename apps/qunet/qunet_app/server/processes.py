@@ -36,7 +36,9 @@ SERVER_PID = "QUNET_SERVER_PID"
 TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label runs training and scoring with
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LOCK_NAME = "qunet-train.lock"
-PARTIAL = re.compile(r"\.tmp-.*|tmp[a-z0-9_]{8}")  # qunet_app.datastore.local's temporary copies; ignite DiskSaver's temporaries
+PARTIAL = re.compile(
+    r"\.tmp-.*|tmp[a-z0-9_]{8}"
+)  # qunet_app.datastore.local's temporary copies; ignite DiskSaver's temporaries
 CACHE = re.compile(r"cache_\d{8}_\d{6}")  # MONAI Label's per-run dataset cache (removed when a run ends normally)
 
 

@@ -62,10 +62,17 @@ class LoopStatus:
     def _records_summary(self, snap: Snapshot) -> dict[str, Any]:
         pick, settings = snap.pick, self.strategy.settings
         return {
-            "phase": pick.phase, "pick": settings.pick, "training": snap.training,
+            "phase": pick.phase,
+            "pick": settings.pick,
+            "training": snap.training,
             "model": {"signature": snap.model, "modified": self.strategy.model_time(snap)} if snap.model else None,
-            "q0": pick.q0, "q0_configured": settings.q0, "below_q0": pick.below_q0, "volumes": snap.volume_count,
-            "annotated_slices": snap.annotated_slices, "held_slices": snap.held_slices, "pending_volumes": pick.pending,
+            "q0": pick.q0,
+            "q0_configured": settings.q0,
+            "below_q0": pick.below_q0,
+            "volumes": snap.volume_count,
+            "annotated_slices": snap.annotated_slices,
+            "held_slices": snap.held_slices,
+            "pending_volumes": pick.pending,
             "budget": {"budget": settings.budget, "remaining": pick.remaining} if pick.remaining is not None else None,
             "stop": {"reason": pick.stop.reason, "message": pick.stop.message} if pick.stop else None,
         }
@@ -78,16 +85,29 @@ class LoopStatus:
         model = summary["model"]
         values = {
             "refresh": REFRESH_SECONDS,
-            "phase": e(summary["phase"]), "pick": e(summary["pick"]),
-            "model": (f"{e(model['signature'])}, saved {_time(model['modified'])}" if model else "none yet") +
-                     (" (a training is running)" if snap.training else ""),
-            "q0": f"{summary['q0']:.3g}" + (f" (lowered from {summary['q0_configured']:.3g} by the budget)"
-                                            if summary["q0"] < summary["q0_configured"] else ""),
-            "annotated": summary["annotated_slices"], "held": summary["held_slices"], "below_q0": summary["below_q0"],
-            "budget": (f"{summary['budget']['remaining']} of {summary['budget']['budget']} slices left"
-                       if summary["budget"] else "none"),
-            "stop": (f'<p class="stop" id="stop">Stop: {e(summary["stop"]["reason"])}: {e(summary["stop"]["message"])}</p>'
-                     if summary["stop"] else ""),
+            "phase": e(summary["phase"]),
+            "pick": e(summary["pick"]),
+            "model": (f"{e(model['signature'])}, saved {_time(model['modified'])}" if model else "none yet")
+            + (" (a training is running)" if snap.training else ""),
+            "q0": f"{summary['q0']:.3g}"
+            + (
+                f" (lowered from {summary['q0_configured']:.3g} by the budget)"
+                if summary["q0"] < summary["q0_configured"]
+                else ""
+            ),
+            "annotated": summary["annotated_slices"],
+            "held": summary["held_slices"],
+            "below_q0": summary["below_q0"],
+            "budget": (
+                f"{summary['budget']['remaining']} of {summary['budget']['budget']} slices left"
+                if summary["budget"]
+                else "none"
+            ),
+            "stop": (
+                f'<p class="stop" id="stop">Stop: {e(summary["stop"]["reason"])}: {e(summary["stop"]["message"])}</p>'
+                if summary["stop"]
+                else ""
+            ),
             "scoring": "".join(_progress_row(p) for p in summary["scoring"].values() if p),
             "heldout": _heldout(history, snap.model),
             "volumes": "".join(_volume_row(v, summary["q0"], snap.loop.has_model) for v in snap.volumes),
@@ -108,9 +128,15 @@ def _time(ts: Any) -> str:
 def _progress_row(p: dict) -> str:
     e = _escape
     rate = f"{p['slices_per_second']} slices/s" if p.get("slices_per_second") else ""
-    eta = f"about {p['eta_seconds']:.0f} s left" if p.get("state") == "running" and p.get("eta_seconds") is not None else ""
-    return (f"<tr><td>{e(p.get('method', ''))}</td><td>{e(p.get('state', ''))}</td><td>{e(p.get('volumes_done', 0))} / "
-            f"{e(p.get('volumes_total', 0))}</td><td>{e(rate)}</td><td>{e(eta)}</td><td>{_time(p.get('updated'))}</td></tr>")
+    eta = (
+        f"about {p['eta_seconds']:.0f} s left"
+        if p.get("state") == "running" and p.get("eta_seconds") is not None
+        else ""
+    )
+    return (
+        f"<tr><td>{e(p.get('method', ''))}</td><td>{e(p.get('state', ''))}</td><td>{e(p.get('volumes_done', 0))} / "
+        f"{e(p.get('volumes_total', 0))}</td><td>{e(rate)}</td><td>{e(eta)}</td><td>{_time(p.get('updated'))}</td></tr>"
+    )
 
 
 def _volume_row(v: VolumeState, q0: float, has_model: bool) -> str:
@@ -122,8 +148,10 @@ def _volume_row(v: VolumeState, q0: float, has_model: bool) -> str:
     else:
         state = "pending" if has_model else "no model"
     lowest = f"{min(open_q):.3f}" if open_q else ""
-    return (f"<tr><td class=\"id\">{_escape(v.image_id)}</td><td>{len(v.annotated)}</td><td>{len(v.held - v.annotated)}</td>"
-            f"<td>{sum(q < q0 for q in open_q)}</td><td>{lowest}</td><td>{state}</td></tr>")
+    return (
+        f'<tr><td class="id">{_escape(v.image_id)}</td><td>{len(v.annotated)}</td><td>{len(v.held - v.annotated)}</td>'
+        f"<td>{sum(q < q0 for q in open_q)}</td><td>{lowest}</td><td>{state}</td></tr>"
+    )
 
 
 def _heldout(history: list[dict], model: str | None) -> str:
@@ -132,9 +160,12 @@ def _heldout(history: list[dict], model: str | None) -> str:
     last, e = history[-1], _escape
     held = last["heldout"]
     dice = held.get("dice")
-    text = (f"<p>Held-out Dice of the previous model on the {e(held.get('slices', 0))} slices annotated since it was trained "
-            f"({e(held.get('lesion_slices', 0))} with lesion): <b id=\"heldout\">"
-            f"{f'{dice:.3f}' if isinstance(dice, (int, float)) else 'not measured'}</b>.</p>")
+    text = (
+        f"<p>Held-out Dice of the previous model on the {e(held.get('slices', 0))} slices annotated since it was "
+        f"trained "
+        f'({e(held.get("lesion_slices", 0))} with lesion): <b id="heldout">'
+        f"{f'{dice:.3f}' if isinstance(dice, (int, float)) else 'not measured'}</b>.</p>"
+    )
     train = last.get("train_dice")
     if isinstance(train, (int, float)):
         which = "the current model" if last.get("model") == model else "the latest training"
@@ -152,21 +183,28 @@ def _histogram(values: list[float], q0: float, bins: int = 10, width: int = 420,
     top, bar = max(counts), (width - 40) / bins
     bars = "".join(
         f'<rect x="{30 + i * bar:.1f}" y="{height - 20 - c / top * (height - 40):.1f}" width="{bar - 2:.1f}" '
-        f'height="{c / top * (height - 40):.1f}" class="bar"><title>Q {i / bins:.1f}-{(i + 1) / bins:.1f}: {c}</title></rect>'
-        for i, c in enumerate(counts))
+        f'height="{c / top * (height - 40):.1f}" class="bar"><title>Q {i / bins:.1f}-{(i + 1) / bins:.1f}: '
+        f'{c}</title></rect>'
+        for i, c in enumerate(counts)
+    )
     x0 = 30 + min(max(q0, 0), 1) * (width - 40)
-    return (f'<svg id="histogram" width="{width}" height="{height}" role="img" aria-label="Q histogram">{bars}'
-            f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="10" y2="{height - 20}" class="q0"/>'
-            f'<text x="{x0 + 3:.1f}" y="20">q0</text><text x="30" y="{height - 4}">0</text>'
-            f'<text x="{width - 16}" y="{height - 4}">1</text><text x="0" y="20">{top}</text></svg>'
-            f"<p>{len(values)} unannotated slices scored by the current model.</p>")
+    return (
+        f'<svg id="histogram" width="{width}" height="{height}" role="img" aria-label="Q histogram">{bars}'
+        f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="10" y2="{height - 20}" class="q0"/>'
+        f'<text x="{x0 + 3:.1f}" y="20">q0</text><text x="30" y="{height - 4}">0</text>'
+        f'<text x="{width - 16}" y="{height - 4}">1</text><text x="0" y="20">{top}</text></svg>'
+        f"<p>{len(values)} unannotated slices scored by the current model.</p>"
+    )
 
 
 def _dice_plot(history: list[dict], width: int = 420, height: int = 200) -> str:
     """Inline SVG: held-out Dice of each model (x: the slices it was trained on) and training Dice, against annotated
     slices."""
-    heldout = [(prev["slices"], e["heldout"]["dice"]) for prev, e in zip(history, history[1:])
-               if isinstance(e["heldout"].get("dice"), (int, float))]
+    heldout = [
+        (prev["slices"], e["heldout"]["dice"])
+        for prev, e in zip(history, history[1:])
+        if isinstance(e["heldout"].get("dice"), (int, float))
+    ]
     train = [(e["slices"], e["train_dice"]) for e in history if isinstance(e.get("train_dice"), (int, float))]
     if not heldout and not train:
         return "<p>No training history yet.</p>"
@@ -178,13 +216,15 @@ def _dice_plot(history: list[dict], width: int = 420, height: int = 200) -> str:
         dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" class="{cls}"/>' for x, y in xy)
         return f'<polyline points="{line}" class="{cls}"/>{dots}' if xy else ""
 
-    return (f'<svg id="dice" width="{width}" height="{height}" role="img" aria-label="Dice against annotated slices">'
-            f'<line x1="30" x2="{width - 20}" y1="{height - 20}" y2="{height - 20}" class="axis"/>'
-            f'<line x1="30" x2="30" y1="20" y2="{height - 20}" class="axis"/>{points(train, "train")}'
-            f'{points(heldout, "heldout")}<text x="0" y="24">1</text><text x="0" y="{height - 20}">0</text>'
-            f'<text x="{width - 40}" y="{height - 4}">{xmax}</text></svg>'
-            f'<p><span class="heldout">&#9679;</span> held-out Dice ({len(heldout)} models) '
-            f'<span class="train">&#9679;</span> training Dice ({len(train)})</p>')
+    return (
+        f'<svg id="dice" width="{width}" height="{height}" role="img" aria-label="Dice against annotated slices">'
+        f'<line x1="30" x2="{width - 20}" y1="{height - 20}" y2="{height - 20}" class="axis"/>'
+        f'<line x1="30" x2="30" y1="20" y2="{height - 20}" class="axis"/>{points(train, "train")}'
+        f'{points(heldout, "heldout")}<text x="0" y="24">1</text><text x="0" y="{height - 20}">0</text>'
+        f'<text x="{width - 40}" y="{height - 4}">{xmax}</text></svg>'
+        f'<p><span class="heldout">&#9679;</span> held-out Dice ({len(heldout)} models) '
+        f'<span class="train">&#9679;</span> training Dice ({len(train)})</p>'
+    )
 
 
 def register_status_page() -> None:
@@ -198,4 +238,6 @@ def register_status_page() -> None:
         app = app_instance()
         return HTMLResponse(app.loop_status.page(app.datastore()), headers={"Content-Security-Policy": CSP})
 
-    server.app.add_api_route("/qunet/", status_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    server.app.add_api_route(
+        "/qunet/", status_page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False
+    )

@@ -1,4 +1,5 @@
-"""Uploads, as MONAI Label's endpoints receive them, made safe; these replace its endpoint helpers (qunet_app.server.gate).
+"""Uploads, as MONAI Label's endpoints receive them, made safe; these replace its endpoint helpers "
+"(qunet_app.server.gate).
 
 MONAI Label's helpers save an upload to the temporary folder under a name ending in the client's suffix (a long
 suffix is a file-system error), and remove it only after a successful answer (a refused upload stayed, and infer
@@ -95,8 +96,14 @@ def _image_id(filename: str | None) -> str:
     return name[: len(name) - len(suffix)]
 
 
-def save_label(background_tasks, image: str, params: str = "{}", tag: str = DefaultLabelTag.FINAL.value,
-               label: UploadFile | None = None, user: str | None = None) -> dict:
+def save_label(
+    background_tasks,
+    image: str,
+    params: str = "{}",
+    tag: str = DefaultLabelTag.FINAL.value,
+    label: UploadFile | None = None,
+    user: str | None = None,
+) -> dict:
     save_params = json_object(params, "params")
     if user:
         save_params["user"] = user
@@ -107,8 +114,13 @@ def save_label(background_tasks, image: str, params: str = "{}", tag: str = Defa
     return {**(instance.on_save_label(image, label_id, tag) or {}), "image": image, "label": label_id}
 
 
-def add_image(background_tasks, image: str | None = None, params: str = "{}", file: UploadFile | None = None,
-              user: str | None = None) -> dict:
+def add_image(
+    background_tasks,
+    image: str | None = None,
+    params: str = "{}",
+    file: UploadFile | None = None,
+    user: str | None = None,
+) -> dict:
     image_id = check_name(image or _image_id(file.filename), "image id")
     save_params = json_object(params, "params")
     if user:
@@ -117,8 +129,17 @@ def add_image(background_tasks, image: str | None = None, params: str = "{}", fi
         return {"image": app_instance().datastore().add_image(image_id, path, save_params)}
 
 
-def run_inference(original: Callable, background_tasks, model: str, image: str = "", session_id: str = "",
-                  params: str = "{}", file: UploadFile | None = None, label: UploadFile | None = None, output=None):
+def run_inference(
+    original: Callable,
+    background_tasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = "{}",
+    file: UploadFile | None = None,
+    label: UploadFile | None = None,
+    output=None,
+):
     if not file:
         return original(background_tasks, model, image, session_id, params, file, label, output)
     with received(file, "the uploaded image") as path:

@@ -45,7 +45,9 @@ class QUNetInfer(BasicInferTask):
         request["device"] = check_device(request.get("device", self._config.get("device")))
         request["logging"] = as_level(request.get("logging", "INFO"))
         if request.get("result_extension") not in (None, "", *EXTENSIONS):
-            raise BadRequest(f"result_extension must be one of {', '.join(EXTENSIONS)}, got {request['result_extension']!r}")
+            raise BadRequest(
+                f"result_extension must be one of {', '.join(EXTENSIONS)}, got {request['result_extension']!r}"
+            )
         if request.get("result_dtype") not in (None, *DTYPES):
             raise BadRequest(f"result_dtype must be one of {', '.join(DTYPES)}, got {request['result_dtype']!r}")
         for key in ("result_compress", "skip_writer"):
@@ -88,8 +90,9 @@ class QUNetInfer(BasicInferTask):
             stack = load_stack(data["image_path"])
         except StackError as e:
             raise InvalidFile(f"image cannot be segmented: {e}") from e
-        label = postprocess(segment(network, stack.array, self.conf.patch_size, device=torch.device(device)),
-                            self.conf.postprocess)
+        label = postprocess(
+            segment(network, stack.array, self.conf.patch_size, device=torch.device(device)), self.conf.postprocess
+        )
         data["image"] = MetaTensor(torch.from_numpy(stack.array), affine=torch.from_numpy(stack.affine))
         data["pred"] = MetaTensor(torch.from_numpy(label), affine=torch.from_numpy(stack.affine))
         return data

@@ -36,7 +36,8 @@ def read_json(path: str, default: Any) -> Any:
 
 def replace_json(path: str, value: Any) -> None:
     """Write `value` to `path` atomically (readers see the old or the new file); no fsync: losing it costs nothing.
-    Not qunet_app.datastore.files.atomic_write: its `.tmp-` names in the model folder are what the cleanup after a killed training
+    Not qunet_app.datastore.files.atomic_write: its `.tmp-` names in the model folder are what the cleanup after a
+    killed training
     removes, which would pull a live progress file's temporary from under a scoring run."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".progress-")
@@ -69,10 +70,26 @@ class ScoringProgress:
         self.path = progress_path(state_dir, method) if state_dir else None
         self.every, self.written = every, 0.0
         now = time.time()
-        self.state = {"method": method, "model": model, "pid": os.getpid(), "state": "running", "started": round(now, 3),
-                      "updated": round(now, 3), "volumes_total": 0, "volumes_done": 0, "scored": 0, "skipped": 0,
-                      "failed": 0, "slices_scored": 0, "slices_left": None, "seconds_scoring": 0.0,
-                      "slices_per_second": None, "eta_seconds": None, "current": None, "order": []}
+        self.state = {
+            "method": method,
+            "model": model,
+            "pid": os.getpid(),
+            "state": "running",
+            "started": round(now, 3),
+            "updated": round(now, 3),
+            "volumes_total": 0,
+            "volumes_done": 0,
+            "scored": 0,
+            "skipped": 0,
+            "failed": 0,
+            "slices_scored": 0,
+            "slices_left": None,
+            "seconds_scoring": 0.0,
+            "slices_per_second": None,
+            "eta_seconds": None,
+            "current": None,
+            "order": [],
+        }
 
     def start(self, order: list[str], costs: list[int | None]) -> None:
         """`costs`: the slices each volume in `order` should take to score, None where not known yet."""
@@ -110,9 +127,13 @@ class ScoringProgress:
         s = self.state
         s["updated"] = round(now, 3)
         rate = f", {s['slices_per_second']} slices/s" if s["slices_per_second"] else ""
-        eta = f", about {s['eta_seconds']:.0f} s left" if s["eta_seconds"] is not None and s["state"] == "running" else ""
-        logger.info(f"{s['method']}: {s['volumes_done']}/{s['volumes_total']} volumes ({s['scored']} scored, "
-                    f"{s['skipped']} unchanged, {s['failed']} failed){rate}{eta}")
+        eta = (
+            f", about {s['eta_seconds']:.0f} s left" if s["eta_seconds"] is not None and s["state"] == "running" else ""
+        )
+        logger.info(
+            f"{s['method']}: {s['volumes_done']}/{s['volumes_total']} volumes ({s['scored']} scored, "
+            f"{s['skipped']} unchanged, {s['failed']} failed){rate}{eta}"
+        )
         if self.path:
             try:
                 replace_json(self.path, s)
@@ -140,10 +161,12 @@ def read_history(state_dir: str) -> list[dict]:
     return sorted(entries, key=lambda e: e["ts"])
 
 
-def watch_model(signature: Callable[[], str | None], busy: Callable[[], bool], rescore: Callable[[], Any],
-                interval: float = 1.0) -> threading.Thread:
+def watch_model(
+    signature: Callable[[], str | None], busy: Callable[[], bool], rescore: Callable[[], Any], interval: float = 1.0
+) -> threading.Thread:
     """A daemon thread calling `rescore()` once a new model is in place: its signature changed and nothing is `busy`
     (a training publishes a model at every improving epoch: the one that counts is the one left when it ends)."""
+
     def loop() -> None:
         seen = signature()
         while True:

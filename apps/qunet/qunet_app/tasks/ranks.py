@@ -39,9 +39,15 @@ def run_ranks(command: list[str], ranks: int) -> dict:
     """Run an app command (the script and its arguments) on `ranks` local ranks with torchrun; the JSON its rank 0
     prints last. The ranks die with the calling process; RuntimeError with the end of their output if they fail."""
     with tempfile.TemporaryDirectory(prefix="qunet-ranks-") as tmp:  # torchrun leaves its rendezvous folders in TMPDIR
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(ranks), *command], capture_output=True, text=True, preexec_fn=die_with_parent,
-                              env={**os.environ, "TMPDIR": tmp})
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *command],
+            capture_output=True,
+            text=True,
+            preexec_fn=die_with_parent,
+            env={**os.environ, "TMPDIR": tmp},
+        )
     if done.returncode != 0:
-        raise RuntimeError(f"{os.path.basename(command[0])} over {ranks} ranks failed: {(done.stdout + done.stderr)[-2000:]}")
+        raise RuntimeError(
+            f"{os.path.basename(command[0])} over {ranks} ranks failed: {(done.stdout + done.stderr)[-2000:]}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])

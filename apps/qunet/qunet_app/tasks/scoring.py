@@ -47,8 +47,15 @@ def quality_record(path: str, conf: AppConf) -> dict[str, Any]:
     quality = slice_quality(stack.array, median_window=conf.median_window)
     initial = select_initial(quality, conf)
     metrics = {k: keys.rounded(getattr(quality, k)) for k in ("blurriness", "psnr_inv", "cov", "mean")}
-    return {"source": file_signature(path), "params": _quality_params(conf), "slices": stack.num_slices,
-            "valid": quality.valid.tolist(), "roi": quality.roi, "initial": initial, **metrics}
+    return {
+        "source": file_signature(path),
+        "params": _quality_params(conf),
+        "slices": stack.num_slices,
+        "valid": quality.valid.tolist(),
+        "roi": quality.roi,
+        "initial": initial,
+        **metrics,
+    }
 
 
 def _quality_params(conf: AppConf) -> list:
@@ -67,8 +74,15 @@ def signature_or_none(path: str) -> str | None:
         return None
 
 
-def _each_image(datastore: Datastore, done: Callable[[dict, str], bool], score: Callable[[str, str, dict], dict], key: str,
-                progress: ScoringProgress, order: list[str], cost: Callable[[dict], int | None]) -> dict:
+def _each_image(
+    datastore: Datastore,
+    done: Callable[[dict, str], bool],
+    score: Callable[[str, str, dict], dict],
+    key: str,
+    progress: ScoringProgress,
+    order: list[str],
+    cost: Callable[[dict], int | None],
+) -> dict:
     """Score the images in `order`, skipping those `done`; `cost(info)`: the slices an image's scoring takes (for the
     progress' time left)."""
     counts = {"scored": 0, "skipped": 0, "failed": 0}
@@ -166,10 +180,16 @@ class PendingImages:
         store = getattr(datastore, "records", None)
         with self._lock:
             ids = set(datastore.list_images())
-            if store is None or self._look is None or self._look[:2] != (model, ids) \
-                    or time.monotonic() - self._look[2] > self.FULL_LOOK_SECONDS:
+            if (
+                store is None
+                or self._look is None
+                or self._look[:2] != (model, ids)
+                or time.monotonic() - self._look[2] > self.FULL_LOOK_SECONDS
+            ):
                 self._version = store.version() if store is not None else 0  # first: later changes are seen next time
-                self._todo = {i for i, info in infos_read_only(datastore) if _has_work(datastore, i, info, done, self.key)}
+                self._todo = {
+                    i for i, info in infos_read_only(datastore) if _has_work(datastore, i, info, done, self.key)
+                }
                 self._look = (model, ids, time.monotonic())
                 return bool(self._todo)
             self._version, changed = store.changed_since(self._version)
@@ -181,8 +201,9 @@ class PendingImages:
             return bool(self._todo)
 
 
-def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | None, q0: float,
-                 held: Set[int] = frozenset()) -> VolumeState:
+def volume_state(
+    datastore: Datastore, image_id: str, info: dict, model: str | None, q0: float, held: Set[int] = frozenset()
+) -> VolumeState:
     """The policy's view of one volume's records; Q counts only if made by `model` (None: by whichever model). The
     record's `flagged` (slices below its q0, lowest Q first) spares the policy a sort when made for `q0`."""
     quality, rec = info.get(keys.QUALITY), info.get(keys.DISAGREEMENT)
@@ -191,9 +212,18 @@ def volume_state(datastore: Datastore, image_id: str, info: dict, model: str | N
     current = rec and (model is None or rec.get("model") == model)
     ranked = rec.get("flagged") if current and rec.get("q0") == q0 else None
     constant = frozenset(k for k, ok in enumerate(quality.get("valid") or ()) if not ok) if quality else frozenset()
-    return VolumeState(image_id, quality["initial"] if quality else None, rec["q"] if current else None,
-                       frozenset(annotated), held, bool(info.get(keys.ERROR)), ranked,
-                       rec.get("area") if current else None, depth, constant)
+    return VolumeState(
+        image_id,
+        quality["initial"] if quality else None,
+        rec["q"] if current else None,
+        frozenset(annotated),
+        held,
+        bool(info.get(keys.ERROR)),
+        ranked,
+        rec.get("area") if current else None,
+        depth,
+        constant,
+    )
 
 
 class QualityScoring(ScoringMethod):
@@ -201,7 +231,9 @@ class QualityScoring(ScoringMethod):
         super().__init__("Per-slice blurriness, PSNR-inv, ROI CoV and mean, and the model-free S0 pick")
         self.conf = conf
         self.state_dir = state_dir  # where the run's progress goes (the app's model folder)
-        self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
+        self.shard = (
+            shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
+        )
         self._pending = PendingImages(keys.QUALITY)
 
     def _done(self, info: dict, path: str) -> bool:
@@ -214,8 +246,15 @@ class QualityScoring(ScoringMethod):
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         progress = ScoringProgress(self.state_dir, keys.QUALITY, None)
         rank, ranks = self.shard
-        return _each_image(datastore, self._done, lambda _id, path, _info: quality_record(path, self.conf), keys.QUALITY,
-                           progress, sorted(datastore.list_images())[rank::ranks], _depth)
+        return _each_image(
+            datastore,
+            self._done,
+            lambda _id, path, _info: quality_record(path, self.conf),
+            keys.QUALITY,
+            progress,
+            sorted(datastore.list_images())[rank::ranks],
+            _depth,
+        )
 
 
 class DisagreementScoring(ScoringMethod):
@@ -223,13 +262,21 @@ class DisagreementScoring(ScoringMethod):
     to be asked for next first (qunet.policy.rescore_order), so Next sample can use them while the rest is scored.
     On a machine with two or more GPUs a whole run goes to score_cohort.py with one rank per GPU (`ranks_command`)."""
 
-    def __init__(self, conf: AppConf, model_path: Callable[[], str | None], state_dir: str | None = None,
-                 shard: tuple[int, int] = (0, 1), ranks_command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        conf: AppConf,
+        model_path: Callable[[], str | None],
+        state_dir: str | None = None,
+        shard: tuple[int, int] = (0, 1),
+        ranks_command: list[str] | None = None,
+    ) -> None:
         super().__init__("Per-slice Q = Jaccard(level 3 > 0.5, level 4 > 0.5) of the current U-net++")
         self.conf = conf
         self.model_path = model_path
         self.state_dir = state_dir  # where the run's progress and the agreement history go (the app's model folder)
-        self.shard = shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
+        self.shard = (
+            shard  # (rank, ranks): this process scores every ranks-th image of the run's order (score_cohort.py)
+        )
         self.ranks_command = ranks_command  # score_cohort.py with the server's studies and conf
         self._pending = PendingImages(keys.DISAGREEMENT)
 
@@ -259,10 +306,14 @@ class DisagreementScoring(ScoringMethod):
         gpus = torch.cuda.device_count()
         if gpus > 1 and self.ranks_command and self.shard == (0, 1):
             logger.info(f"disagreement scoring over {gpus} GPUs")
-            return run_ranks([*self.ranks_command, "--methods", "disagreement", "--model", path, "--progress"], gpus)["disagreement"]
+            return run_ranks([*self.ranks_command, "--methods", "disagreement", "--model", path, "--progress"], gpus)[
+                "disagreement"
+            ]
         device = default_device()
         try:
-            network = prepare(load_weights(build_network(self.conf.features, len(self.conf.labels)), path, device), device)
+            network = prepare(
+                load_weights(build_network(self.conf.features, len(self.conf.labels)), path, device), device
+            )
         except ValueError as e:  # corrupt, or trained with other features or labels
             raise Conflict(f"the model cannot be used for disagreement scoring: {e}") from e
 
@@ -271,14 +322,23 @@ class DisagreementScoring(ScoringMethod):
             skip = set(keys.annotated(datastore, image_id, info, stack.num_slices))
             todo = [k for k in range(stack.num_slices) if k not in skip]
             q, area = disagreement_and_area(network, stack.array, self.conf.patch_size, todo, device)
-            return {"model": model, "source": file_signature(image_path), "q0": self.conf.q0, "q": keys.rounded(q),
-                    "flagged": select_by_disagreement(q, self.conf.q0, skip), "area": keys.rounded(area)}
+            return {
+                "model": model,
+                "source": file_signature(image_path),
+                "q0": self.conf.q0,
+                "q": keys.rounded(q),
+                "flagged": select_by_disagreement(q, self.conf.q0, skip),
+                "area": keys.rounded(area),
+            }
 
-        order = rescore_order([volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)])
+        order = rescore_order(
+            [volume_state(datastore, i, info, None, self.conf.q0) for i, info in infos_read_only(datastore)]
+        )
         rank, ranks = self.shard
         progress = ScoringProgress(self.state_dir, keys.DISAGREEMENT, model)
-        counts = _each_image(datastore, self._done_for(model), score, keys.DISAGREEMENT, progress, order[rank::ranks],
-                             _open_slices)
+        counts = _each_image(
+            datastore, self._done_for(model), score, keys.DISAGREEMENT, progress, order[rank::ranks], _open_slices
+        )
         if self.state_dir and ranks == 1:  # a shard's share is not the model's agreement: score_cohort.py records it
             self.record_agreement(datastore, model)
         return counts
@@ -289,8 +349,13 @@ class DisagreementScoring(ScoringMethod):
         for image_id, info in infos_read_only(datastore):
             v = volume_state(datastore, image_id, info, model, self.conf.q0)
             open_q += [q for k, q in enumerate(v.q or ()) if q is not None and k not in v.annotated]
-        entry = {"model": model, "ts": int(time.time()), "agreement": agreement(open_q), "open_slices": len(open_q),
-                 "below_q0": sum(q < self.conf.q0 for q in open_q)}
+        entry = {
+            "model": model,
+            "ts": int(time.time()),
+            "agreement": agreement(open_q),
+            "open_slices": len(open_q),
+            "below_q0": sum(q < self.conf.q0 for q in open_q),
+        }
         try:
             record_agreement(self.state_dir, entry)
         except OSError as e:

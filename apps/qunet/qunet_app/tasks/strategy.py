@@ -103,11 +103,18 @@ class QUNetStrategy(Strategy):
         generation = datastore.generation() if callable(getattr(datastore, "generation", None)) else None
         store = getattr(datastore, "records", None)
         labelled = getattr(datastore, "final_labelled", None)
-        if self._ranking is None or store is None or generation is None or model != self._built_for[0] \
-                or not callable(labelled):
+        if (
+            self._ranking is None
+            or store is None
+            or generation is None
+            or model != self._built_for[0]
+            or not callable(labelled)
+        ):
             self._version = store.version() if store is not None else 0  # before reading: later changes are read again
             infos = list(infos_read_only(datastore))
-            self._ranking = Ranking(self.settings, (volume_state(datastore, i, info, model, self.conf.q0) for i, info in infos))
+            self._ranking = Ranking(
+                self.settings, (volume_state(datastore, i, info, model, self.conf.q0) for i, info in infos)
+            )
             self._ids, self._served, self._built_for = {i for i, _ in infos}, {}, (model, generation)
             self._labelled = labelled() if callable(labelled) else set()
             for image_id, info in infos:
@@ -127,8 +134,9 @@ class QUNetStrategy(Strategy):
             self._note_served(image_id, info)
         return self._ranking
 
-    def snapshot(self, datastore: Datastore, client_id: str | None = None, now: float | None = None,
-                 with_volumes: bool = False) -> Snapshot:
+    def snapshot(
+        self, datastore: Datastore, client_id: str | None = None, now: float | None = None, with_volumes: bool = False
+    ) -> Snapshot:
         now = time.time() if now is None else now
         path = self.model_path()
         signature = signature_or_none(path) if path else None
@@ -140,9 +148,22 @@ class QUNetStrategy(Strategy):
             self._served = {i: served for i, served in self._served.items() if self._holding(served, now)}
             held = {i: h for i, served in self._served.items() if (h := self._held(served, client_id, now))}
             pick = ranking.choose(loop, held)
-            volumes = [replace(v, held=held.get(v.image_id, frozenset())) for v in ranking.volumes()] if with_volumes else None
-            return Snapshot(loop, pick, signature, path, training, len(ranking), ranking.annotated_slices,
-                            sum(len(h - ranking.get(i).annotated) for i, h in held.items()), volumes)
+            volumes = (
+                [replace(v, held=held.get(v.image_id, frozenset())) for v in ranking.volumes()]
+                if with_volumes
+                else None
+            )
+            return Snapshot(
+                loop,
+                pick,
+                signature,
+                path,
+                training,
+                len(ranking),
+                ranking.annotated_slices,
+                sum(len(h - ranking.get(i).annotated) for i, h in held.items()),
+                volumes,
+            )
 
     def _snapshot_with_quality(self, datastore: Datastore, client_id: str, now: float) -> Snapshot:
         """The snapshot; when the S0 pick finds nothing but some volume has no quality record yet (background
@@ -171,8 +192,10 @@ class QUNetStrategy(Strategy):
             served = {**(info.get(keys.SERVED) or {}), client_id: {"slices": pick.slices, "ts": round(now, 3)}}
             # MONAI Label's endpoint then records {"strategy": {name: ts, client}}; writing the same here makes its
             # update a no-op, so Next sample rewrites the datastore file once, not twice
-            used = {**(info.get("strategy") or {}), request.get("strategy") or "qunet": {
-                "ts": int(time.time()), "client_id": request.get("client_id")}}
+            used = {
+                **(info.get("strategy") or {}),
+                request.get("strategy") or "qunet": {"ts": int(time.time()), "client_id": request.get("client_id")},
+            }
             datastore.update_image_info(pick.image_id, {keys.SERVED: served, "strategy": used})
             # per slice: Q and the predicted lesion pixels of the model, or the quality metrics before one
             # (a record removed since the snapshot, by a label deletion or a new file: no scores in the answer)

@@ -44,8 +44,12 @@ logger = logging.getLogger(__name__)
 
 NOTHING_TO_TRAIN = "no annotated slices to train on: submit a label first"
 REQUEST_KEYS = {  # request key -> TrainConfig field
-    "max_epochs": "max_epochs", "steps_per_epoch": "steps_per_epoch", "train_batch_size": "batch_size",
-    "learning_rate": "learning_rate", "foreground": "foreground", "augment": "augment",
+    "max_epochs": "max_epochs",
+    "steps_per_epoch": "steps_per_epoch",
+    "train_batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "foreground": "foreground",
+    "augment": "augment",
 }
 
 
@@ -74,7 +78,9 @@ def check_train_request(request: dict[str, Any]) -> dict[str, Any]:
 
 
 class QUNetTrain(TrainTask):
-    def __init__(self, model_dir: str, conf: AppConf, publish_path: str, ranks_command: list[str] | None = None) -> None:
+    def __init__(
+        self, model_dir: str, conf: AppConf, publish_path: str, ranks_command: list[str] | None = None
+    ) -> None:
         super().__init__("Train the U-net++ on the annotated slices (patches, Dice + CE on all four heads, AdamW)")
         self.ranks_command = ranks_command  # train_cohort.py with the server's studies and conf: what multi_gpu runs
         self.conf = conf
@@ -86,14 +92,24 @@ class QUNetTrain(TrainTask):
 
     def defaults(self) -> TrainConfig:
         """The recipe, with the training length the app's conf gives."""
-        return TrainConfig(max_epochs=self.conf.max_epochs, steps_per_epoch=self.conf.steps_per_epoch,
-                           neighbours=self.conf.neighbour_labels)
+        return TrainConfig(
+            max_epochs=self.conf.max_epochs,
+            steps_per_epoch=self.conf.steps_per_epoch,
+            neighbours=self.conf.neighbour_labels,
+        )
 
     def config(self) -> dict[str, Any]:
         d = self.defaults()
-        return {"max_epochs": d.max_epochs, "steps_per_epoch": d.steps_per_epoch, "train_batch_size": d.batch_size,
-                "learning_rate": d.learning_rate, "foreground": d.foreground, "augment": d.augment, "pretrained": True,
-                "multi_gpu": False}
+        return {
+            "max_epochs": d.max_epochs,
+            "steps_per_epoch": d.steps_per_epoch,
+            "train_batch_size": d.batch_size,
+            "learning_rate": d.learning_rate,
+            "foreground": d.foreground,
+            "augment": d.augment,
+            "pretrained": True,
+            "multi_gpu": False,
+        }
 
     def stats(self) -> dict[str, Any]:
         return read_json(self.stats_path, {})
@@ -118,11 +134,15 @@ class QUNetTrain(TrainTask):
         if not slices:
             raise Conflict(NOTHING_TO_TRAIN)
         network, start_from = self._start(bool(request.get("pretrained", True)))
-        heldout = self._heldout(network, annotated, datastore, device) if start_from == self.publish_path and leader else None
+        heldout = (
+            self._heldout(network, annotated, datastore, device) if start_from == self.publish_path and leader else None
+        )
         pseudo = self._neighbours(datastore, annotated, settings.neighbours, network if start_from else None, device)
-        logger.info(f"training on {len(slices)} annotated slices of {len(annotated)} volumes "
-                    f"({sum(s.has_foreground for s in slices)} with foreground) and {len(pseudo)} pseudo-labelled "
-                    f"neighbours, from {start_from or 'scratch'}")
+        logger.info(
+            f"training on {len(slices)} annotated slices of {len(annotated)} volumes "
+            f"({sum(s.has_foreground for s in slices)} with foreground) and {len(pseudo)} pseudo-labelled "
+            f"neighbours, from {start_from or 'scratch'}"
+        )
         started = time.time()
         seed = int(request.get("seed", 0))
         seed_everything(seed)
@@ -134,14 +154,29 @@ class QUNetTrain(TrainTask):
             self._publish(network)
             self._write_stats(epoch, started, heldout, len(slices))
 
-        history = train(network, slices + pseudo, settings, self.conf.patch_size, seed=seed, device=device,
-                        on_epoch=end_of_epoch if leader else None)
+        history = train(
+            network,
+            slices + pseudo,
+            settings,
+            self.conf.patch_size,
+            seed=seed,
+            device=device,
+            on_epoch=end_of_epoch if leader else None,
+        )
         last = history[-1]
-        entry = {"ts": int(time.time()), "model": file_signature(self.publish_path) if leader else None, "slices": len(slices),
-                 "volumes": len(annotated), "lesion_slices": sum(s.has_foreground for s in slices),
-                 "neighbour_slices": len(pseudo),
-                 "heldout": heldout, "train_dice": round(last.dice, 4), "loss": round(last.loss, 4),
-                 "steps": last.epoch * settings.steps_per_epoch, "seconds": round(time.time() - started, 1)}
+        entry = {
+            "ts": int(time.time()),
+            "model": file_signature(self.publish_path) if leader else None,
+            "slices": len(slices),
+            "volumes": len(annotated),
+            "lesion_slices": sum(s.has_foreground for s in slices),
+            "neighbour_slices": len(pseudo),
+            "heldout": heldout,
+            "train_dice": round(last.dice, 4),
+            "loss": round(last.loss, 4),
+            "steps": last.epoch * settings.steps_per_epoch,
+            "seconds": round(time.time() - started, 1),
+        }
         if leader:
             atomic_write(json.dumps(self.history() + [entry]), self.history_path)
         return entry
@@ -161,8 +196,14 @@ class QUNetTrain(TrainTask):
                 out[image_id] = (ks, training_slices(stack.array, label, ks, len(self.conf.labels), image_id))
         return out
 
-    def _neighbours(self, datastore: Datastore, annotated: dict[str, tuple[list[int], list[TrainingSlice]]], mode: str,
-                    network: torch.nn.Module | None, device: torch.device) -> list[TrainingSlice]:
+    def _neighbours(
+        self,
+        datastore: Datastore,
+        annotated: dict[str, tuple[list[int], list[TrainingSlice]]],
+        mode: str,
+        network: torch.nn.Module | None,
+        device: torch.device,
+    ) -> list[TrainingSlice]:
         """Pseudo-labelled neighbours of the annotated lesion slices (qunet.neighbours); in "model" mode labelled by
         the model training starts from (none from scratch). Each stack is read again, one at a time, rather than
         kept from `_annotated`: memory stays one stack, however many volumes are labelled."""
@@ -174,8 +215,9 @@ class QUNetTrain(TrainTask):
         for image_id, (ks, _) in annotated.items():
             stack = load_stack(datastore.get_image_uri(image_id))
             label = load_label(datastore.get_label_uri(image_id, "final"), stack)
-            out += neighbour_slices(stack.array, label, ks, len(self.conf.labels), image_id, mode, network,
-                                    self.conf.patch_size, device)
+            out += neighbour_slices(
+                stack.array, label, ks, len(self.conf.labels), image_id, mode, network, self.conf.patch_size, device
+            )
         return out
 
     def _start(self, pretrained: bool) -> tuple[torch.nn.Module, str | None]:
@@ -198,7 +240,9 @@ class QUNetTrain(TrainTask):
                 raise Conflict(f"--conf pretrained_path cannot be used: {e}") from e
         return network, None
 
-    def _heldout(self, network: torch.nn.Module, annotated: dict, datastore: Datastore, device: torch.device) -> dict | None:
+    def _heldout(
+        self, network: torch.nn.Module, annotated: dict, datastore: Datastore, device: torch.device
+    ) -> dict | None:
         """Dice of the published model on the slices annotated since it was trained: slices it never saw."""
         seen = read_json(self.trained_path, {})
         prepare(network, device)
@@ -218,8 +262,15 @@ class QUNetTrain(TrainTask):
 
     def _write_stats(self, epoch: EpochStats, started: float, heldout: dict | None, slices: int) -> None:
         logger.info(f"epoch {epoch.epoch}/{epoch.epochs}: loss {epoch.loss:.4f}, training Dice {epoch.dice:.3f}")
-        stats = {**asdict(epoch), "total_epochs": epoch.epochs, "best_metric": round(epoch.dice, 4),
-                 "total_time": f"{epoch.seconds:.0f} s", "start_ts": int(started), "slices": slices, "heldout": heldout}
+        stats = {
+            **asdict(epoch),
+            "total_epochs": epoch.epochs,
+            "best_metric": round(epoch.dice, 4),
+            "total_time": f"{epoch.seconds:.0f} s",
+            "start_ts": int(started),
+            "slices": slices,
+            "heldout": heldout,
+        }
         os.makedirs(self.model_dir, exist_ok=True)
         atomic_write(json.dumps(stats), self.stats_path)
 
