@@ -33,8 +33,9 @@ from qunet_app.server.status import LoopStatus, register_status_page
 from qunet_app.server.tempfolder import use_own_temp_folder
 from qunet_app.settings import MODEL, AppConf, model_dir, published_model
 from qunet_app.tasks.infer import QUNetInfer
+from qunet_app.tasks.pending import signature_or_none
 from qunet_app.tasks.progress import watch_model
-from qunet_app.tasks.scoring import DisagreementScoring, QualityScoring, signature_or_none, training_running
+from qunet_app.tasks.scoring import DisagreementScoring, QualityScoring, training_running
 from qunet_app.tasks.strategy import QUNetStrategy, quiet_empty_sample_warning
 from qunet_app.tasks.train import QUNetTrain
 

@@ -13,9 +13,8 @@ Each run logs its progress (volumes done / total, slices per second, time left) 
 """
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Set
 from dataclasses import fields
 from typing import Any
 
@@ -36,6 +35,7 @@ from qunet.stopping import agreement
 from qunet_app.datastore import keys
 from qunet_app.server.errors import Conflict
 from qunet_app.settings import AppConf
+from qunet_app.tasks.pending import PendingImages, infos_read_only, signature_or_none
 from qunet_app.tasks.progress import ScoringProgress, record_agreement
 from qunet_app.tasks.ranks import run_ranks
 
@@ -65,13 +65,6 @@ def _quality_params(conf: AppConf) -> list:
 def training_running() -> bool:
     """Whether this process (the server) runs a training subprocess."""
     return bool(processes("train"))
-
-
-def signature_or_none(path: str) -> str | None:
-    try:
-        return file_signature(path)
-    except OSError:
-        return None
 
 
 def _each_image(
@@ -135,70 +128,6 @@ def _depth(info: dict) -> int | None:
 def _open_slices(info: dict) -> int | None:
     depth = _depth(info)
     return None if depth is None else max(0, depth - len(info.get(keys.ANNOTATED) or ()))
-
-
-def infos_read_only(datastore: Datastore) -> Iterator[tuple[str, dict]]:
-    """(id, info) of every image, read-only, without LocalDatastore's deep copy of each info: with a thousand scored
-    volumes the copies cost more than the rest of Next sample. In id order; an image the datastore lists but has no
-    record of yet (a DICOMweb series not fetched) has info {}."""
-    image_ids = sorted(datastore.list_images())
-    if not callable(getattr(datastore, "image_infos", None)):
-        yield from ((i, datastore.get_image_info(i)) for i in image_ids)
-        return
-    infos = datastore.image_infos()
-    yield from ((i, infos.get(i, {})) for i in image_ids)
-
-
-def _has_work(datastore: Datastore, image_id: str, info: dict, done: Callable[[dict, str], bool], key: str) -> bool:
-    """Whether a run would score this image: no up-to-date record, and not known to be bad. No image is read."""
-    if not info.get(key) and not info.get(keys.ERROR):
-        return True
-    path = datastore.get_image_uri(image_id)
-    source = signature_or_none(path)
-    if source is None or info.get(keys.ERROR) and info.get(keys.ERROR_SOURCE) == source:
-        return False
-    return not done(info, path)
-
-
-class PendingImages:
-    """The images a scoring method has work on, kept from the records: MONAI Label asks after every Next sample.
-
-    Every image is looked at (a file signature each) when the model or the image list changes, and once every
-    FULL_LOOK_SECONDS (an image file replaced in place changes no record); between those, only the images whose
-    records changed since the last look, so an answer's question costs the same at 100 or 100,000 volumes."""
-
-    FULL_LOOK_SECONDS = 600.0
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self._lock = threading.Lock()
-        self._look: tuple | None = None  # (model, image ids, time) of the last full look
-        self._version = 0
-        self._todo: set[str] = set()
-
-    def any(self, datastore: Datastore, done: Callable[[dict, str], bool], model: str | None = None) -> bool:
-        store = getattr(datastore, "records", None)
-        with self._lock:
-            ids = set(datastore.list_images())
-            if (
-                store is None
-                or self._look is None
-                or self._look[:2] != (model, ids)
-                or time.monotonic() - self._look[2] > self.FULL_LOOK_SECONDS
-            ):
-                self._version = store.version() if store is not None else 0  # first: later changes are seen next time
-                self._todo = {
-                    i for i, info in infos_read_only(datastore) if _has_work(datastore, i, info, done, self.key)
-                }
-                self._look = (model, ids, time.monotonic())
-                return bool(self._todo)
-            self._version, changed = store.changed_since(self._version)
-            for image_id in changed & ids:
-                if _has_work(datastore, image_id, datastore.get_image_info(image_id), done, self.key):
-                    self._todo.add(image_id)
-                else:
-                    self._todo.discard(image_id)
-            return bool(self._todo)
 
 
 def volume_state(

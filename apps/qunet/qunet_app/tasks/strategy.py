@@ -27,8 +27,9 @@ from qunet.policy import DISAGREEMENT, LoopState, Pick, Ranking, VolumeState
 
 from qunet_app.datastore import keys
 from qunet_app.settings import AppConf
+from qunet_app.tasks.pending import infos_read_only, signature_or_none
 from qunet_app.tasks.progress import read_agreement, read_progress
-from qunet_app.tasks.scoring import infos_read_only, quality_record, signature_or_none, training_running, volume_state
+from qunet_app.tasks.scoring import quality_record, training_running, volume_state
 
 logger = logging.getLogger(__name__)
 
