@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-mkdir -p docs/scale
+mkdir -p docs/large-cohorts
 "$PY" -m qunet bench --only scale ranks --out docs/large-cohorts/bench.json | tee docs/large-cohorts/bench.txt
 for n in 1000 10000; do
     "$PY" -m qunet bench --only next_sample --volumes "$n" --out "docs/large-cohorts/next_sample_$n.json" | tee "docs/large-cohorts/next_sample_$n.txt"

@@ -31,3 +31,12 @@ def test_aubc_and_paired_differences():
     assert out["app_minus_interval"]["seeds"] == 1 and out["app_minus_interval"]["mean"] == pytest.approx(-0.1)
     assert math.isnan(out["app_minus_interval"]["interval95"])  # one seed: no interval
     json.dumps(out)  # written to --out as it goes
+
+
+def test_plot_writes_a_figure_of_every_method(tmp_path):
+    from qunet_bench.loop_plot import plot
+
+    rows = [{"method": m, "seed": s, "annotated": n, "dice": d}
+            for m, d in (("app", 0.5), ("random", 0.3)) for s in (0, 1) for n in (4, 8)]
+    plot(rows, tmp_path / "loop.png", "test")
+    assert (tmp_path / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,6 +31,7 @@ from qunet.postprocess import MODES, postprocess
 from qunet_bench.activelearning import LoopRun, pick_interval, pick_random
 from qunet_bench.cli import positive
 from qunet_bench.data import Case, find_pairs, load_cases, pooled_dice, test_counts
+from qunet_bench.loop_plot import plot
 from qunet_bench.server import Server
 
 METHODS = ("app", "random", "interval")
@@ -219,4 +220,7 @@ def main(args: argparse.Namespace) -> None:
                         indent=1,
                     )
                 )
+    if args.out:
+        title = f"{', '.join(c.name for c in cases)}: {args.per_round} slices a round, the app's defaults"
+        plot(results, Path(args.out).with_suffix(".png"), title)
     print(json.dumps(summary(results), indent=1))
