@@ -17,7 +17,22 @@ TINY = (4, 4, 8, 8, 16, 4)
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert (
-        main(["bench", "--quick", "--only", "matmul", "scoring", "quality", "memory", "scale", "--out", str(out)]) == 0
+        main(
+            [
+                "bench",
+                "--quick",
+                "--only",
+                "matmul",
+                "scoring",
+                "training",
+                "quality",
+                "memory",
+                "scale",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
     )
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["machine"]["cores"] >= 1
@@ -71,3 +86,10 @@ def test_quick_ranks_bench_leaves_nothing_in_the_temporary_folder(tmp_path, syst
     assert ranks["ranks"] == 2 and ranks["speedup"] > 0
     left = [p.name for p in system_tmp.iterdir() if not p.name.startswith("torchinductor_")]  # torch's shared cache
     assert not left, f"left in the temporary folder: {left}"
+
+
+def test_training_bench_counts_a_step_against_matmul():
+    t = bench.training_bench((4, 4, 8, 8, 16, 4), 32, batch=2, steps=1, rounds=1)
+    forward = bench.forward_flops(build_network((4, 4, 8, 8, 16, 4)), 32) * 2
+    assert t["gflop_per_update"] * 1e9 > 2 * forward  # backward costs more than the forward it follows
+    assert t["seconds_per_update"] > 0 and 0 < t["fraction_of_matmul"] < 1.5

@@ -141,6 +141,53 @@ def scoring_bench(
     }
 
 
+def training_bench(
+    features=None, patch_size: int | None = None, batch: int = 8, steps: int = 5, rounds: int = 3
+) -> dict:
+    """One training update of the recipe (forward and backward of a batch, the loss, AdamW) on random patches: its
+    time and its FLOPs (forward and backward, counted by FlopCounterMode) against the matmul rate of the same rounds.
+    Patch sampling and augmentation are left out: this is the network's share of an update."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qunet.config import DEFAULT_FEATURES, ModelConfig
+    from qunet.network import DeepSupervisionDiceCE, build_network, channels_last
+
+    features = tuple(features or DEFAULT_FEATURES)
+    patch_size = patch_size or ModelConfig.patch_size
+    torch.manual_seed(0)
+    network = channels_last(build_network(features), torch.device("cpu")).train()
+    optimiser, loss_fn = torch.optim.AdamW(network.parameters(), lr=3e-3), DeepSupervisionDiceCE()
+    x = torch.randn(batch, 1, patch_size, patch_size).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 1, patch_size, patch_size) > 0.9).float()
+
+    def update() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        loss_fn(network(x), y).backward()
+        optimiser.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        update()  # also the warm-up
+    flops = float(counter.get_total_flops())
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = {"matmul": float("inf"), "update": float("inf")}
+    for _ in range(rounds):
+        best["matmul"] = min(best["matmul"], _best(lambda: torch.mm(a, b), 2))
+        best["update"] = min(best["update"], _best(update, steps))
+    matmul = 2 * 2048**3 / best["matmul"] / 1e9
+    return {
+        "features": list(features),
+        "patch_size": patch_size,
+        "batch": batch,
+        "gflop_per_update": _sig(flops / 1e9),
+        "seconds_per_update": _sig(best["update"]),
+        "gflops": _sig(flops / best["update"] / 1e9),
+        "matmul_gflops_same_rounds": _sig(matmul),
+        "fraction_of_matmul": _sig(flops / best["update"] / 1e9 / matmul),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- quality
 
 
@@ -168,7 +215,7 @@ def quality_bench(shape=(512, 512, 48), repeats: int = 3) -> dict:
 
 # ----------------------------------------------------------------------------------------------- run
 
-SECTIONS = ("matmul", "scoring", "quality", "next_sample", "memory", "scale", "ranks")
+SECTIONS = ("matmul", "scoring", "training", "quality", "next_sample", "memory", "scale", "ranks")
 
 
 def run(
@@ -180,6 +227,8 @@ def run(
         result["matmul"] = matmul_gflops(256 if quick else 2048, 2 if quick else 5)
     if "scoring" in sections:
         result["scoring"] = scoring_bench((4, 4, 8, 8, 16, 4), 32, 48, slices=2, rounds=1) if quick else scoring_bench()
+    if "training" in sections:
+        result["training"] = training_bench((4, 4, 8, 8, 16, 4), 32, 2, 1, 1) if quick else training_bench()
     if "quality" in sections:
         result["quality"] = quality_bench((64, 64, 8), 1) if quick else quality_bench()
     if "next_sample" in sections:

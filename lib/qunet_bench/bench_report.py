@@ -71,6 +71,13 @@ def render(result: dict) -> str:
             f"GFLOP/s ({s['fraction_of_matmul'] * 100:.0f}% of the {s['matmul_gflops_same_rounds']} GFLOP/s matmul "
             f"of the same rounds)"
         )
+    if "training" in result:
+        t = result["training"]
+        lines.append(
+            f"training update ({t['batch']} patches of {t['patch_size']}px, features {t['features']}, "
+            f"{t['gflop_per_update']} GFLOP): {t['seconds_per_update']} s = {t['gflops']} GFLOP/s "
+            f"({t['fraction_of_matmul'] * 100:.0f}% of the {t['matmul_gflops_same_rounds']} GFLOP/s matmul)"
+        )
     if "quality" in result:
         q = result["quality"]
         lines.append(f"quality metrics {q['shape']}: {q['slices_per_s']} slices/s")
