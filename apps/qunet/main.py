@@ -70,8 +70,9 @@ class QUNetApp(MONAILabelApp):
         self._sample_lock = threading.Lock()
         self._scoring_lock = threading.Lock()
         self._training_here = threading.Event()  # a training run in this process (a request with run_sync)
-        if not processes.in_task_subprocess():  # (task subprocesses inherit the server's temporary folder)
-            use_own_temp_folder(self.model_dir, app_dir)
+        if not processes.in_task_subprocess():
+            if processes.launched_as_server():  # not a program that builds the app inside itself (tests); task
+                use_own_temp_folder(self.model_dir, app_dir)  # subprocesses inherit the server's folder
             processes.clean_after_training(self.model_dir)
             uploads.prepare_uploads(self.model_dir)
         gate.install(self)

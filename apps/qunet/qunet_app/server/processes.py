@@ -55,6 +55,12 @@ def alive(pid: object) -> bool:
     return True
 
 
+def launched_as_server() -> bool:
+    """Whether this process is `monailabel start_server` (its launcher or `python -m monailabel.main`), not a program
+    that builds the app inside itself: only a server may take over its process's temporary folder."""
+    return "start_server" in sys.argv[1:2]
+
+
 def in_task_subprocess() -> bool:
     return getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) == TASK_MODULE
 
