@@ -1,5 +1,5 @@
-"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through qunet_app.tasks.ranks.run_ranks as the "
-"server runs it
+"""Scoring a cohort over torchrun ranks (apps/qunet/score_cohort.py, through qunet_app.tasks.ranks.run_ranks as the
+server runs it
 on a multi-GPU machine): two CPU ranks joined by gloo on loopback score every volume exactly once, into the records
 the server reads, with the same results as one process."""
 

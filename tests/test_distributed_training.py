@@ -1,5 +1,5 @@
-"""Training over torch.distributed ranks (apps/qunet/train_cohort.py through qunet_app.tasks.ranks.run_ranks, what a "
-"`multi_gpu`
+"""Training over torch.distributed ranks (apps/qunet/train_cohort.py through qunet_app.tasks.ranks.run_ranks, what a
+`multi_gpu`
 training runs): two CPU ranks joined by gloo on loopback, each training its half of every batch, end with the
 model one process trains from the same start, up to floating-point rounding; rank 0 alone publishes and writes."""
 

@@ -1,5 +1,5 @@
-"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,proxies,bench,rescore} ...` (see "
-"README and docs/)."""
+"""Command line: `python -m qunet {quality,generate,upload,experiment,curve,rounds,proxies,bench,rescore} ...` (see
+README and docs/)."""
 
 import argparse
 import json

@@ -126,8 +126,8 @@ def _median_filter(unit: np.ndarray, window: int) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """scipy's binary_fill_holes with 4-connectivity, for one slice: background not 4-connected to the edge is "
-    "filled."""
+    """scipy's binary_fill_holes with 4-connectivity, for one slice: background not 4-connected to the edge is
+    filled."""
     count, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4)
     if count <= 1:
         return mask

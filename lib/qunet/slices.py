@@ -84,8 +84,8 @@ def training_slices(
 def labelled_slices(
     volume: np.ndarray, targets: list[tuple[int, np.ndarray]], num_labels: int, name: str = ""
 ) -> list[TrainingSlice]:
-    """Slices of one stack given as (slice index, (X, Y) label) pairs, normalised as the whole stack is for "
-    "inference."""
+    """Slices of one stack given as (slice index, (X, Y) label) pairs, normalised as the whole stack is for
+    inference."""
     intensity = Intensity.of(volume)
     return [
         TrainingSlice(

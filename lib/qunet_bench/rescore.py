@@ -1,5 +1,5 @@
-"""How soon after *Train* the annotator gets a disagreement-phase sample: `python -m qunet rescore [--out "
-"rescore.json]`.
+"""How soon after *Train* the annotator gets a disagreement-phase sample: `python -m qunet rescore [--out
+rescore.json]`.
 
 Against a real `monailabel start_server` over a copy of the stacks (default: the repository's sample-data, labels
 from its ground-truth/ folder), a simulated annotator runs R rounds of the app's loop: Next sample, a label drawn

@@ -1,5 +1,5 @@
-"""What the app keeps in the datastore's image and label info, under one key each, and which keys clients may not "
-"set."""
+"""What the app keeps in the datastore's image and label info, under one key each, and which keys clients may not
+set."""
 
 from collections.abc import Iterable
 from typing import Any

@@ -1,5 +1,5 @@
-"""Uploads, as MONAI Label's endpoints receive them, made safe; these replace its endpoint helpers "
-"(qunet_app.server.gate).
+"""Uploads, as MONAI Label's endpoints receive them, made safe; these replace its endpoint helpers
+(qunet_app.server.gate).
 
 MONAI Label's helpers save an upload to the temporary folder under a name ending in the client's suffix (a long
 suffix is a file-system error), and remove it only after a successful answer (a refused upload stayed, and infer
